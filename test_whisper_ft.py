@@ -6,6 +6,7 @@ corpora the tests write themselves. Run: python -m pytest -q
 import json
 import os
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -27,14 +28,26 @@ from whisper.tokenizer import get_tokenizer
 import whisper_ft as wf
 
 HERE = Path(__file__).parent
-SLOW = settings(max_examples=10, deadline=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+SLOW = settings(
+    max_examples=10,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 
 # Tiny dims: the real vocabulary (so the real tokenizers work) and the real 30-s audio
 # context (whisper's encoder insists on it), everything else small.
-TINY = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2,
-                       n_audio_layer=1, n_vocab=51865, n_text_ctx=64, n_text_state=32,
-                       n_text_head=2, n_text_layer=2)  # fmt: skip
+TINY = ModelDimensions(
+    n_mels=80,
+    n_audio_ctx=1500,
+    n_audio_state=32,
+    n_audio_head=2,
+    n_audio_layer=1,
+    n_vocab=51865,
+    n_text_ctx=64,
+    n_text_state=32,
+    n_text_head=2,
+    n_text_layer=2,
+)
 TOKENIZERS = {
     "multilingual": get_tokenizer(True, language="ja", task="transcribe"),
     "english": get_tokenizer(False),
@@ -231,8 +244,11 @@ def test_param_groups_hold_norms_biases_positions_without_decay(train_encoder):
     norm = re.compile(
         r"(^|\.)(attn_ln|cross_attn_ln|mlp_ln|ln|ln_post)\.(weight|bias)$"
     )
-    expected = {n for n in trainable if norm.search(n) or n.endswith(".bias")
-                or n.endswith("positional_embedding")}  # fmt: skip
+    expected = {
+        n
+        for n in trainable
+        if norm.search(n) or n.endswith(".bias") or n.endswith("positional_embedding")
+    }
     assert set(no_decay["names"]) == expected
     assert "decoder.positional_embedding" in no_decay["names"]
     assert "decoder.blocks.0.cross_attn_ln.weight" in no_decay["names"]
@@ -354,10 +370,19 @@ def test_batched_log_mel_matches_whisper_item_by_item():
 def test_reader_survives_jvs_quirks(tmp_path):
     tok = TOKENIZERS["multilingual"]
     root = tmp_path / "jvs_ver1"
-    write_jvs(root, {"jvs001": {"VOICEACTRESS100_001": "今日は晴れです。",
-                                "VOICEACTRESS100_002": "時刻は:十時です。"},  # colon in text
-                     "jvs002": {"VOICEACTRESS100_001": "今日は晴れです。",
-                                "VOICEACTRESS100_002": "雨が降る。"}})  # fmt: skip
+    write_jvs(
+        root,
+        {
+            "jvs001": {
+                "VOICEACTRESS100_001": "今日は晴れです。",
+                "VOICEACTRESS100_002": "時刻は:十時です。",
+            },  # colon in text
+            "jvs002": {
+                "VOICEACTRESS100_001": "今日は晴れです。",
+                "VOICEACTRESS100_002": "雨が降る。",
+            },
+        },
+    )
     p = root / "jvs003" / "parallel100"
     wavs = p / wf.JVS_WAV_DIR
     write_wav(wavs / "GOOD.wav")
@@ -388,9 +413,14 @@ def test_reader_survives_jvs_quirks(tmp_path):
 
     utts, report = wf.read_corpus(str(root), tok, subsets=["parallel100", "nonpara30"])
     ids = sorted(u.id for u in utts)
-    assert ids == ["jvs001/parallel100/VOICEACTRESS100_001", "jvs001/parallel100/VOICEACTRESS100_002",
-                   "jvs002/parallel100/VOICEACTRESS100_001", "jvs002/parallel100/VOICEACTRESS100_002",
-                   "jvs003/parallel100/DUP", "jvs003/parallel100/GOOD"]  # fmt: skip
+    assert ids == [
+        "jvs001/parallel100/VOICEACTRESS100_001",
+        "jvs001/parallel100/VOICEACTRESS100_002",
+        "jvs002/parallel100/VOICEACTRESS100_001",
+        "jvs002/parallel100/VOICEACTRESS100_002",
+        "jvs003/parallel100/DUP",
+        "jvs003/parallel100/GOOD",
+    ]
     by_id = {u.id: u for u in utts}
     assert by_id["jvs001/parallel100/VOICEACTRESS100_002"].text == "時刻は:十時です。"
     assert by_id["jvs003/parallel100/GOOD"].target == "ヤマノウエ。"
@@ -413,6 +443,10 @@ def test_reader_survives_jvs_quirks(tmp_path):
     assert len(too_long) == 1 and too_long[0].startswith(f"{t}:8 (")
     assert report.skipped == expected
     assert report.n_used == 6
+    # --allow-trim: audio over 30 s is read (and cut to 30 s when loaded)
+    utts, report = wf.read_corpus(str(root), tok, max_seconds=float("inf"))
+    assert "jvs003/parallel100/LONG" in {u.id for u in utts}
+    assert "longer than 30 s" not in report.skipped
 
 
 def test_reader_exclude_and_manifest(tmp_path):
@@ -483,10 +517,16 @@ def test_split_never_leaks_speakers_or_sentences(corpus):
 
 def test_split_of_jvs_like_corpus_keeps_most_parallel_sentences():
     # 10 speakers read the same 20 sentences and 3 of their own each
-    utts = [wf.Utterance(f"{s}/p{k}", "", "", f"jvs{s:03d}", "", target=f"パラ{k}")
-            for s in range(10) for k in range(20)]  # fmt: skip
-    utts += [wf.Utterance(f"{s}/n{k}", "", "", f"jvs{s:03d}", "", target=f"ノン{s}_{k}")
-             for s in range(10) for k in range(3)]  # fmt: skip
+    utts = [
+        wf.Utterance(f"{s}/p{k}", "", "", f"jvs{s:03d}", "", target=f"パラ{k}")
+        for s in range(10)
+        for k in range(20)
+    ]
+    utts += [
+        wf.Utterance(f"{s}/n{k}", "", "", f"jvs{s:03d}", "", target=f"ノン{s}_{k}")
+        for s in range(10)
+        for k in range(3)
+    ]
     train, evals, info = wf.split_corpus(utts, 0.1)
     assert info["eval_speakers"] == ["jvs009"]
     # eval: jvs009's 3 own sentences and 2 of the 20 shared ones (10%); train keeps 18
@@ -503,8 +543,15 @@ def test_split_of_jvs_like_corpus_keeps_most_parallel_sentences():
 def test_checkpoint_round_trip_through_whisper_load_model(
     tmp_path_factory, n_layer, n_state, en
 ):
-    dims = ModelDimensions(**{**TINY.__dict__, "n_text_layer": n_layer, "n_text_state": n_state,
-                              "n_audio_state": n_state, "n_vocab": 51864 if en else 51865})  # fmt: skip
+    dims = ModelDimensions(
+        **{
+            **TINY.__dict__,
+            "n_text_layer": n_layer,
+            "n_text_state": n_state,
+            "n_audio_state": n_state,
+            "n_vocab": 51864 if en else 51865,
+        }
+    )
     model = tiny_model(n_state, dims)
     path = tmp_path_factory.mktemp("ckpt") / "m.pt"
     wf.save_checkpoint(model, path, step=3)
@@ -635,8 +682,17 @@ def test_ct2_round_trip(tmp_path, dtype):
     for k in expected:
         assert got[k].dtype == torch.float32 and torch.equal(got[k], expected[k]), k
     # and `convert` writes it as a checkpoint that whisper loads
-    subprocess.run([sys.executable, str(HERE / "whisper_ft.py"), "convert", str(tmp_path / "ct2"),
-                    str(tmp_path / "m.pt")], check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "whisper_ft.py"),
+            "convert",
+            str(tmp_path / "ct2"),
+            str(tmp_path / "m.pt"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     assert whisper.load_model(str(tmp_path / "m.pt"), device="cpu").dims == dims
 
 
@@ -693,8 +749,11 @@ def test_cached_features_give_the_same_loss_as_the_encoder(tmp_path):
         plain = F.cross_entropy(
             model(mel, tokens).flatten(0, 1), labels.flatten(), ignore_index=-100
         )
-        cached = F.cross_entropy(model.decoder(tokens, features).flatten(0, 1), labels.flatten(),
-                                 ignore_index=-100)  # fmt: skip
+        cached = F.cross_entropy(
+            model.decoder(tokens, features).flatten(0, 1),
+            labels.flatten(),
+            ignore_index=-100,
+        )
     assert torch.allclose(plain, cached, atol=1e-5)
 
 
@@ -725,8 +784,10 @@ def test_batch_indices_are_a_pure_function_of_the_step(step, n, batch):
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     sentences = ["今日は晴れ。", "雨が降る。", "山に登る。", "海で泳ぐ。", "本を読む。"]
-    corpus = {f"jvs{s:03d}": {f"U{k}": sentences[k] for k in range(5) if (s + k) % 4}
-              for s in range(1, 5)}  # fmt: skip
+    corpus = {
+        f"jvs{s:03d}": {f"U{k}": sentences[k] for k in range(5) if (s + k) % 4}
+        for s in range(1, 5)
+    }
     write_jvs(root / "jvs", corpus)
     wf.save_checkpoint(tiny_model(0), root / "tiny.pt")
     return root
@@ -744,9 +805,31 @@ def run_cli(*args, check=True):
 
 def test_cli_train_eval_transcribe(tiny_run):
     out = tiny_run / "run"
-    run_cli("train", "--data", tiny_run / "jvs", "--model", tiny_run / "tiny.pt", "--out", out,
-            "--max-steps", 4, "--batch-size", 2, "--eval-every", 2, "--eval-speakers", 0.25,
-            "--device", "cpu", "--num-workers", 0, "--warmup-steps", 1, "--lr", 1e-3)  # fmt: skip
+    run_cli(
+        "train",
+        "--data",
+        tiny_run / "jvs",
+        "--model",
+        tiny_run / "tiny.pt",
+        "--out",
+        out,
+        "--max-steps",
+        4,
+        "--batch-size",
+        2,
+        "--eval-every",
+        2,
+        "--eval-speakers",
+        0.25,
+        "--device",
+        "cpu",
+        "--num-workers",
+        0,
+        "--warmup-steps",
+        1,
+        "--lr",
+        1e-3,
+    )
     for name in (
         "best.pt",
         "last.pt",
@@ -764,13 +847,27 @@ def test_cli_train_eval_transcribe(tiny_run):
         4
     ]  # log_every 10: the last step
     last = whisper.load_model(str(out / "last.pt"), device="cpu")
-    assert not torch.equal(last.decoder.token_embedding.weight,
-                           whisper.load_model(str(tiny_run / "tiny.pt"), device="cpu").decoder.token_embedding.weight)  # fmt: skip
+    assert not torch.equal(
+        last.decoder.token_embedding.weight,
+        whisper.load_model(
+            str(tiny_run / "tiny.pt"), device="cpu"
+        ).decoder.token_embedding.weight,
+    )
     # the encoder was frozen
     assert torch.equal(last.encoder.conv1.weight, tiny_model(0).encoder.conv1.weight)
 
-    proc = run_cli("eval", out / "best.pt", "--data", tiny_run / "jvs", "--device", "cpu",
-                   "--num-workers", 0, "--out", tiny_run / "eval.tsv")  # fmt: skip
+    proc = run_cli(
+        "eval",
+        out / "best.pt",
+        "--data",
+        tiny_run / "jvs",
+        "--device",
+        "cpu",
+        "--num-workers",
+        0,
+        "--out",
+        tiny_run / "eval.tsv",
+    )
     m = re.fullmatch(
         r"cer=([\d.]+) wer=([\d.]+) n=(\d+)", proc.stdout.strip().splitlines()[-1]
     )
@@ -791,9 +888,30 @@ def test_cli_train_eval_transcribe(tiny_run):
 
 def test_cli_train_encoder_path_and_bad_input(tiny_run):
     out = tiny_run / "run_enc"
-    run_cli("train", "--data", tiny_run / "jvs", "--model", tiny_run / "tiny.pt", "--out", out,
-            "--max-steps", 2, "--batch-size", 2, "--grad-accum", 2, "--train-encoder",
-            "--eval-every", 10, "--max-eval", 2, "--device", "cpu", "--num-workers", 0)  # fmt: skip
+    run_cli(
+        "train",
+        "--data",
+        tiny_run / "jvs",
+        "--model",
+        tiny_run / "tiny.pt",
+        "--out",
+        out,
+        "--max-steps",
+        2,
+        "--batch-size",
+        2,
+        "--grad-accum",
+        2,
+        "--train-encoder",
+        "--eval-every",
+        10,
+        "--max-eval",
+        2,
+        "--device",
+        "cpu",
+        "--num-workers",
+        0,
+    )
     last = whisper.load_model(str(out / "last.pt"), device="cpu")
     assert not torch.equal(
         last.encoder.conv1.weight, tiny_model(0).encoder.conv1.weight
@@ -810,9 +928,30 @@ def test_cli_train_encoder_path_and_bad_input(tiny_run):
 
 
 def test_cli_resume_after_kill_is_bitwise_identical(tiny_run):
-    common = ["--data", tiny_run / "jvs", "--model", tiny_run / "tiny.pt", "--max-steps", 12,
-              "--batch-size", 2, "--eval-every", 100, "--save-every", 1, "--max-eval", 1,
-              "--device", "cpu", "--num-workers", 0, "--lr", 1e-3, "--warmup-steps", 2]  # fmt: skip
+    common = [
+        "--data",
+        tiny_run / "jvs",
+        "--model",
+        tiny_run / "tiny.pt",
+        "--max-steps",
+        12,
+        "--batch-size",
+        2,
+        "--eval-every",
+        100,
+        "--save-every",
+        1,
+        "--max-eval",
+        1,
+        "--device",
+        "cpu",
+        "--num-workers",
+        0,
+        "--lr",
+        1e-3,
+        "--warmup-steps",
+        2,
+    ]
     run_cli("train", *common, "--out", tiny_run / "full")
 
     killed = tiny_run / "killed"
@@ -838,3 +977,245 @@ def test_cli_resume_after_kill_is_bitwise_identical(tiny_run):
     a = torch.load(tiny_run / "full" / "last.pt", weights_only=True)["model_state_dict"]
     b = torch.load(killed / "last.pt", weights_only=True)["model_state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_sigint_saves_and_resumes(tiny_run):
+    common = [
+        "--data",
+        tiny_run / "jvs",
+        "--model",
+        tiny_run / "tiny.pt",
+        "--max-steps",
+        12,
+        "--batch-size",
+        2,
+        "--eval-every",
+        100,
+        "--save-every",
+        100,
+        "--max-eval",
+        1,
+        "--device",
+        "cpu",
+        "--num-workers",
+        0,
+        "--lr",
+        1e-3,
+        "--warmup-steps",
+        2,
+    ]
+    if not (tiny_run / "full" / "last.pt").exists():
+        run_cli("train", *common, "--out", tiny_run / "full")
+    out = tiny_run / "interrupted"
+    cmd = [
+        sys.executable,
+        str(HERE / "whisper_ft.py"),
+        "train",
+        *map(str, common),
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    while proc.poll() is None and not (out / "metrics.jsonl").exists():
+        time.sleep(0.02)  # metrics.jsonl appears once the loop (and its handler) is on
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr
+    step = torch.load(out / "state.pt", weights_only=True)["step"]
+    assert step < 12 and f"--resume {out}" in stderr
+    run_cli("train", "--resume", out, "--device", "cpu")
+    a = torch.load(tiny_run / "full" / "last.pt", weights_only=True)["model_state_dict"]
+    b = torch.load(out / "last.pt", weights_only=True)["model_state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _final_weights(run: Path) -> dict:
+    return torch.load(run / "last.pt", weights_only=True)["model_state_dict"]
+
+
+def test_grad_accumulation_and_two_process_ddp_match_one_batch(tiny_run):
+    shared = ["今日は晴れ。", "雨が降る。", "山に登る。"]
+    corpus = {
+        f"jvs{s:03d}": {
+            **{f"P{k}": t for k, t in enumerate(shared)},
+            **{f"N{k}": f"{'春夏秋冬'[s - 1]}の{'山海'[k]}。" for k in range(2)},
+        }
+        for s in range(1, 5)
+    }
+    write_jvs(tiny_run / "jvs4", corpus)
+    common = [
+        "--data",
+        tiny_run / "jvs4",
+        "--model",
+        tiny_run / "tiny.pt",
+        "--max-steps",
+        3,
+        "--batch-size",
+        4,
+        "--eval-every",
+        100,
+        "--max-eval",
+        3,
+        "--eval-speakers",
+        0.5,
+        "--num-workers",
+        0,
+        "--lr",
+        1e-3,
+        "--warmup-steps",
+        1,
+        "--weight-decay",
+        0.1,
+        "--device",
+        "cpu",
+    ]
+    run_cli("train", *common, "--out", tiny_run / "one")
+    run_cli("train", *common, "--out", tiny_run / "accum", "--grad-accum", 2)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(HERE / "whisper_ft.py"),
+        "train",
+        *map(str, common),
+        "--out",
+        str(tiny_run / "ddp"),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, init = _final_weights(tiny_run / "one"), tiny_model(0).state_dict()
+    update = max((one[k] - init[k]).abs().max().item() for k in one)
+    assert update > 1e-3  # 3 AdamW steps of lr 1e-3 did move the weights
+    # Float rounding differs with the batch split, and Adam turns the rounding of
+    # near-zero gradients into whole updates: the bound is a small part of one update.
+    # (A wrong split, say no averaging across ranks, misses it by far: ~1e-3.)
+    for other in ("accum", "ddp"):
+        weights = _final_weights(tiny_run / other)
+        for k in one:
+            assert (one[k] - weights[k]).abs().max() < 0.02 * update, (other, k)
+    # rank 0 alone wrote, and the eval was gathered from both ranks
+    records = [
+        json.loads(s)
+        for s in (tiny_run / "ddp" / "metrics.jsonl").read_text().splitlines()
+    ]
+    n_eval = min(3, json.loads((tiny_run / "one" / "split.json").read_text())["n_eval"])
+    assert n_eval == 3 and [r["n"] for r in records if "cer" in r] == [n_eval, n_eval]
+    one_cer = [
+        json.loads(s)["cer"]
+        for s in (tiny_run / "one" / "metrics.jsonl").read_text().splitlines()
+        if "cer" in s
+    ]
+    assert [r["cer"] for r in records if "cer" in r] == one_cer
+
+
+def test_cli_non_finite_steps_are_skipped_then_stop(tiny_run):
+    model = tiny_model(0)
+    with torch.no_grad():
+        model.decoder.ln.weight.fill_(float("nan"))
+    wf.save_checkpoint(model, tiny_run / "nan.pt")
+    out = tiny_run / "nan"
+    proc = run_cli(
+        "train",
+        "--data",
+        tiny_run / "jvs",
+        "--model",
+        tiny_run / "nan.pt",
+        "--out",
+        out,
+        "--max-steps",
+        10,
+        "--batch-size",
+        2,
+        "--max-bad-steps",
+        3,
+        "--max-eval",
+        1,
+        "--device",
+        "cpu",
+        "--num-workers",
+        0,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "3 non-finite steps in a row, stopping at step 3" in proc.stderr
+    assert re.search(r"last batch: jvs00\d/parallel100/U\d", proc.stderr)
+    skipped = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in skipped if r.get("skipped")] == [1, 2, 3]
+
+
+# -----------------------------------------------------------------------------
+# fuzzed corpora: a named error or a counted skip, never a crash
+
+fuzz_lines = st.one_of(
+    st.builds(lambda i, t: f"U{i}:{t}", st.integers(0, 6), st.text(max_size=12)),
+    st.text(max_size=20),
+    st.binary(max_size=20).map(lambda b: b.decode("latin-1")),
+)
+fuzz_audio = st.sampled_from(
+    [
+        "good",
+        "stereo8k",
+        "float48k",
+        "u8",
+        "empty",
+        "junk",
+        "truncated",
+        "missing",
+        "long",
+    ]
+)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    lines=st.lists(fuzz_lines, max_size=8),
+    audio=st.lists(fuzz_audio, min_size=7, max_size=7),
+    bom=st.booleans(),
+    crlf=st.booleans(),
+)
+def test_fuzzed_corpus_never_crashes_the_reader(
+    tmp_path_factory, lines, audio, bom, crlf
+):
+    root = tmp_path_factory.mktemp("fuzz")
+    wavs = root / "jvs001" / "parallel100" / wf.JVS_WAV_DIR
+    wavs.mkdir(parents=True)
+    for i, kind in enumerate(audio):
+        path = wavs / f"U{i}.wav"
+        if kind == "good":
+            write_wav(path)
+        elif kind == "stereo8k":
+            write_wav(path, rate=8000, channels=2)
+        elif kind == "float48k":
+            write_wav(path, rate=48000, subtype="FLOAT")
+        elif kind == "u8":
+            write_wav(path, subtype="PCM_U8")
+        elif kind == "empty":
+            soundfile.write(path, np.zeros((0, 1)), 24000)
+        elif kind == "junk":
+            path.write_bytes(os.urandom(64))
+        elif kind == "truncated":
+            write_wav(path)
+            path.write_bytes(path.read_bytes()[:100])
+        elif kind == "long":
+            write_wav(path, seconds=31, rate=8000)
+    text = ("\r\n" if crlf else "\n").join(lines).encode("utf-8", "surrogateescape")
+    (wavs.parent / wf.JVS_TRANSCRIPT).write_bytes(
+        (b"\xef\xbb\xbf" if bom else b"") + text
+    )
+
+    utts, report = wf.read_corpus(str(root), TOKENIZERS["multilingual"])
+    for u in utts:  # whatever got through loads
+        assert (
+            wf.load_wave(u.path).ndim == 1
+            and u.tokens[-1] == TOKENIZERS["multilingual"].eot
+        )
+    assert report.n_used == len(utts)
+    assert len({u.id for u in utts}) == len(utts)
+    wav_lines = sum(
+        len(v) for k, v in report.skipped.items() if k != "wav without transcript line"
+    )
+    assert report.n_used + wav_lines <= len(lines) + 1  # each line used or skipped once

