@@ -361,6 +361,14 @@ def test_batched_log_mel_matches_whisper_item_by_item():
     assert mel.shape == (3, 80, 3000)
     for i in range(3):
         assert torch.allclose(mel[i], whisper.log_mel_spectrogram(audio[i]), atol=1e-5)
+    # given only the speech, the STFT skips the silence: the same numbers
+    short = audio[:, :100_000].clone()
+    short[1:, 60_000:] = 0  # zeros inside the batch (padding) too
+    mel = wf.log_mel_spectrogram(short)
+    for i in range(3):
+        expected = whisper.log_mel_spectrogram(whisper.pad_or_trim(short[i]))
+        assert torch.allclose(mel[i], expected, atol=1e-5)
+    assert wf.log_mel_spectrogram(torch.randn(2, 700_000)).shape == (2, 80, 3000)
 
 
 # -----------------------------------------------------------------------------
@@ -743,7 +751,7 @@ def test_cached_features_give_the_same_loss_as_the_encoder(tmp_path):
     )
     tokens, labels = wf.collate_tokens([u.tokens for u in utts], tok.eot, 3)
     mel = wf.log_mel_spectrogram(
-        torch.stack([wf.AudioDataset(utts)[i] for i in range(3)])
+        wf.pad_waves([wf.AudioDataset(utts)[i] for i in range(3)])
     )
     with torch.no_grad():
         plain = F.cross_entropy(
@@ -757,23 +765,40 @@ def test_cached_features_give_the_same_loss_as_the_encoder(tmp_path):
     assert torch.allclose(plain, cached, atol=1e-5)
 
 
-@given(step=st.integers(0, 500), n=st.integers(1, 50), batch=st.integers(1, 16))
-def test_batch_indices_are_a_pure_function_of_the_step(step, n, batch):
-    idx = wf.batch_indices(step, n, batch, seed=1)
-    assert idx == wf.batch_indices(step, n, batch, seed=1)
-    assert (
-        len(idx) == min(n, batch)
-        and len(set(idx)) == len(idx)
-        and all(0 <= i < n for i in idx)
-    )
-    # an epoch visits each item at most once
+@given(
+    step=st.integers(0, 500),
+    lengths=st.lists(st.integers(5, 60), min_size=1, max_size=80),
+    batch=st.integers(1, 16),
+)
+def test_batch_indices_are_a_pure_function_of_the_step(step, lengths, batch):
+    n = len(lengths)
+    idx = wf.batch_indices(step, lengths, batch, seed=1)
+    assert idx == wf.batch_indices(step, list(lengths), batch, seed=1)
+    assert len(idx) == min(n, batch) and len(set(idx)) == len(idx)
+    assert all(0 <= i < n for i in idx)
+    # an epoch visits each item at most once, and every item when batch divides n
     per_epoch = max(1, n // batch)
+    first = step // per_epoch * per_epoch
     epoch = [
         i
         for k in range(per_epoch)
-        for i in wf.batch_indices(step // per_epoch * per_epoch + k, n, batch, 1)
+        for i in wf.batch_indices(first + k, lengths, batch, 1)
     ]
-    assert len(set(epoch)) == len(epoch)
+    assert len(set(epoch)) == len(epoch) == per_epoch * min(n, batch)
+
+
+def test_batches_are_length_bucketed():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 200, (640,), generator=g).tolist()
+    batches = [wf.batch_indices(s, lengths, 8, seed=3) for s in range(80)]
+    padded = sum(8 * max(lengths[i] for i in b) for b in batches)
+    real = sum(lengths)
+    assert padded < 1.1 * real  # random batches of these lengths pad about 1.6x
+    order = torch.randperm(640, generator=g).tolist()
+    unsorted = sum(
+        8 * max(lengths[i] for i in order[k : k + 8]) for k in range(0, 640, 8)
+    )
+    assert unsorted > 1.4 * real
 
 
 # -----------------------------------------------------------------------------
@@ -1219,3 +1244,22 @@ def test_fuzzed_corpus_never_crashes_the_reader(
         len(v) for k, v in report.skipped.items() if k != "wav without transcript line"
     )
     assert report.n_used + wav_lines <= len(lines) + 1  # each line used or skipped once
+
+
+def test_bench_runs_all_three_paths_and_reports_ratios(tmp_path):
+    proc = run_cli(
+        "bench", "--n-utts", 16, "--epochs", 1, "--device", "cpu", "--out", tmp_path
+    )
+    last = proc.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(
+        r"frozen_speedup=([\d.]+) full_speedup=([\d.]+) data_speedup=([\d.]+)", last
+    )
+    assert m, proc.stdout
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert set(report["rows"]) == {"a_seed", "b_frozen", "c_full"}
+    a, b = report["rows"]["a_seed"], report["rows"]["b_frozen"]
+    assert report["frozen_speedup"] == pytest.approx(b["utt_per_s"] / a["utt_per_s"])
+    assert float(m[1]) == pytest.approx(report["frozen_speedup"], abs=0.01)
+    assert b["cache_gib"] > 0 and report["rows"]["c_full"]["utt_per_s"] > 0
+    d = report["data_ms_per_utt"]
+    assert report["data_speedup"] == pytest.approx(d["seed"] / d["ours"])

@@ -46,7 +46,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import torchaudio
 import whisper
-from whisper.audio import CHUNK_LENGTH, HOP_LENGTH, N_FFT, N_SAMPLES, SAMPLE_RATE
+from whisper.audio import (
+    CHUNK_LENGTH,
+    HOP_LENGTH,
+    N_FFT,
+    N_FRAMES,
+    N_SAMPLES,
+    SAMPLE_RATE,
+)
 from whisper.audio import mel_filters
 from whisper.model import ModelDimensions, Whisper
 from whisper.tokenizer import Tokenizer, get_tokenizer
@@ -143,22 +150,34 @@ def probe_audio(path: Path, max_seconds: float = CHUNK_LENGTH) -> Optional[str]:
     return None
 
 
-def log_mel_spectrogram(audio: torch.Tensor, n_mels: int = 80) -> torch.Tensor:
+def log_mel_spectrogram(
+    audio: torch.Tensor, n_mels: int = 80, n_frames: int = N_FRAMES
+) -> torch.Tensor:
     """
-    whisper.log_mel_spectrogram for a batch: the same numbers item by item, computed in
-    one STFT on whatever device `audio` is on.
+    whisper.log_mel_spectrogram(pad_or_trim(audio)) for a batch: the same numbers item
+    by item, in one STFT on whatever device `audio` is on, over the samples given.
 
-    audio: torch.Tensor, shape = (*, n_samples) at 16 kHz
+    audio: torch.Tensor, shape = (*, n_samples) at 16 kHz; what follows is silence
 
     Returns
     -------
-    torch.Tensor, shape = (*, n_mels, n_samples // 160)
+    torch.Tensor, shape = (*, n_mels, n_frames)
     """
+    n_samples = n_frames * HOP_LENGTH
+    if audio.shape[-1] + N_FFT < n_samples:
+        # Silence gives all-zero STFT frames, so the STFT need not run over the 30 s
+        # that pad_or_trim would add: a margin of N_FFT zeros makes the frames that see
+        # audio exact (the end's reflect padding mirrors zeros), the rest are zeros.
+        audio = F.pad(audio, (0, N_FFT))
+    else:
+        audio = whisper.pad_or_trim(audio, n_samples)
     window = torch.hann_window(N_FFT, device=audio.device)
     stft = torch.stft(audio, N_FFT, HOP_LENGTH, window=window, return_complex=True)
     magnitudes = stft[..., :-1].abs() ** 2
     mel = mel_filters(audio.device, n_mels) @ magnitudes
     log_spec = torch.clamp(mel, min=1e-10).log10()
+    # the silent frames: log10 of the clamp's floor
+    log_spec = F.pad(log_spec, (0, n_frames - log_spec.shape[-1]), value=-10.0)
     # whisper clamps to 8 (80 dB) below the loudest bin of *its* input: per item here,
     # since one max over the batch would make an utterance depend on its neighbours
     peak = log_spec.amax(dim=(-2, -1), keepdim=True)
@@ -462,7 +481,7 @@ def collate_tokens(
 
 
 class AudioDataset(torch.utils.data.Dataset):
-    """Utterance audio padded or cut to 30 s; the mel is made batched on the device."""
+    """Utterance audio, cut at 30 s; pad_waves batches it, the mel is made on device."""
 
     def __init__(self, utts: Sequence[Utterance]):
         self.paths = [u.path for u in utts]
@@ -471,28 +490,50 @@ class AudioDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return whisper.pad_or_trim(load_wave(self.paths[i]))  # (N_SAMPLES,)
+        return load_wave(self.paths[i])[:N_SAMPLES]  # (n_samples,)
 
 
-def batch_indices(step: int, n_items: int, batch_size: int, seed: int) -> list[int]:
+def pad_waves(waves: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Waves zero-padded to the longest: (n_batch, n_samples); log-mel pads the rest."""
+    return torch.nn.utils.rnn.pad_sequence(list(waves), batch_first=True)
+
+
+def batch_indices(
+    step: int, lengths: Sequence[int], batch_size: int, seed: int
+) -> list[int]:
     """
-    Items of the `step`-th batch: epochs of seeded shuffles cut into full batches. A
-    pure function of the step, so a resumed run sees the batches it would have seen.
+    Items of the `step`-th batch. Each epoch is a seeded shuffle cut into full batches
+    of similar lengths (sorted within windows of 32 batches, so the decoder pads
+    little), taken in a shuffled order. A pure function of the step: a resumed run sees
+    the batches it would have seen.
+
+    lengths: the items' token counts
     """
-    n_per_epoch = max(1, n_items // batch_size)
-    epoch, k = divmod(step, n_per_epoch)
+    n_per_epoch = max(1, len(lengths) // batch_size)
+    plan = _epoch_plan(step // n_per_epoch, tuple(lengths), batch_size, seed)
+    return plan[step % n_per_epoch]
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_plan(epoch: int, lengths: tuple, batch_size: int, seed: int) -> list:
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(n_items, generator=g)
-    return order[k * batch_size : (k + 1) * batch_size].tolist()
+    n_batches = max(1, len(lengths) // batch_size)
+    order = torch.randperm(len(lengths), generator=g).tolist()[: n_batches * batch_size]
+    window = 32 * batch_size
+    for w in range(0, len(order), window):
+        order[w : w + window] = sorted(order[w : w + window], key=lengths.__getitem__)
+    batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
 
 def audio_batches(
     utts: Sequence[Utterance], batch_size: int, num_workers: int
 ) -> torch.utils.data.DataLoader:
-    """The utterances' 30-s waves in order, (n_batch, N_SAMPLES) at a time."""
+    """The utterances' waves in order, padded batches of (n_batch, n_samples)."""
     return torch.utils.data.DataLoader(
         AudioDataset(utts),
         batch_size=batch_size,
+        collate_fn=pad_waves,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
     )
@@ -848,8 +889,8 @@ class TrainConfig:
     # run
     out: str = "runs/ft"  # run dir: best.pt last.pt state.pt metrics.jsonl split.json
     resume: str = ""  # run dir to continue (its config.json is used)
-    eval_every: int = 200  # updates between evaluations (also at start and end)
-    save_every: int = 200  # updates between saves of last.pt and state.pt
+    eval_every: int = 200  # updates between evals (also at start and end; 0: none)
+    save_every: int = 200  # updates between saves of last.pt and state.pt (0: at end)
     log_every: int = 10  # updates between log lines
     seed: int = 1337  # shuffling and random init
 
@@ -1051,17 +1092,24 @@ def train(cfg: TrainConfig) -> dict:
     if cached:
         # each rank encodes every world-th utterance, then all ranks share the rows
         model.eval()
-        t0, everything = time.time(), train_utts + evals
+        everything = train_utts + (evals if cfg.eval_every > 0 else [])
+        t0 = time.time()
         local = encode_audio(
             model, everything[rank::world], cfg.eval_batch_size, cfg.num_workers, ctx
         )
         features = _gather_rows(local, len(everything), world, device)
+        if (
+            device.type == "cuda"
+            and features.nbytes < torch.cuda.mem_get_info()[0] // 3
+        ):
+            features = features.to(device)  # no host-to-device copy per step
         train_x, eval_x = features[: len(train_utts)], features[len(train_utts) :]
         gib = features.numel() * features.element_size() / 2**30
-        dt = time.time() - t0
-        log(f"encoder features: {len(features)} utterances, {dt:.1f} s, {gib:.2f} GiB")
+        feature_seconds = time.time() - t0
+        dt = feature_seconds
+        log(f"encoder features: {len(features)} in {dt:.1f} s, {gib:.2f} GiB")
     else:
-        train_x, eval_x = AudioDataset(train_utts), None
+        train_x, eval_x, feature_seconds, gib = AudioDataset(train_utts), None, 0.0, 0.0
     # what one step runs: the decoder on cached features, or the whole model on mel
     net = model.decoder if cached else model
     if world > 1:
@@ -1120,23 +1168,41 @@ def train(cfg: TrainConfig) -> dict:
         best_cer = min(best_cer, result["cer"])
         return result
 
-    def micro_batches(step: int):
-        """This rank's micro-batches of an update, and the update's label count."""
-        idx = batch_indices(step, len(train_utts), cfg.batch_size, cfg.seed)
-        n_labels = sum(len(train_utts[i].tokens) - 1 - n_prefix for i in idx)
+    lengths = [len(u.tokens) for u in train_utts]
+
+    def plan(step: int) -> tuple[list[list[int]], int]:
+        """This rank's micro-batches of update `step` (from 0); its label count."""
+        idx = batch_indices(step, lengths, cfg.batch_size, cfg.seed)
+        n_labels = sum(lengths[i] - 1 - n_prefix for i in idx)
         mine = idx[rank::world]
-        micro = len(mine) // cfg.grad_accum
-        for k in range(cfg.grad_accum):
-            part = mine[k * micro : (k + 1) * micro]
+        n = len(mine) // cfg.grad_accum
+        return [mine[k * n : (k + 1) * n] for k in range(cfg.grad_accum)], n_labels
+
+    if not cached:
+        # audio read every step: worker processes load, resample and pin it ahead
+        parts = [part for step in range(start, cfg.max_steps) for part in plan(step)[0]]
+        audio_loader = iter(
+            torch.utils.data.DataLoader(
+                AudioDataset(train_utts),
+                batch_sampler=parts,
+                collate_fn=pad_waves,
+                num_workers=cfg.num_workers,
+                pin_memory=device.type == "cuda",
+                prefetch_factor=4 if cfg.num_workers else None,
+            )
+        )
+
+    def micro_batches(step: int):
+        """(audio_features or mel, tokens, labels, items, n_labels) per micro-batch."""
+        parts, n_labels = plan(step)
+        for part in parts:
             tokens, labels = collate_tokens(
                 [train_utts[i].tokens for i in part], tokenizer.eot, n_prefix
             )
             if cached:
                 x = train_x[part].to(device, non_blocking=True)
             else:
-                audio = torch.stack([train_x[i] for i in part]).to(
-                    device, non_blocking=True
-                )
+                audio = next(audio_loader).to(device, non_blocking=True)
                 x = log_mel_spectrogram(audio, model.dims.n_mels)
             yield x, tokens.to(device), labels.to(device), part, n_labels
 
@@ -1153,7 +1219,7 @@ def train(cfg: TrainConfig) -> dict:
     metrics = open(out / "metrics.jsonl", "a") if master else None
     result, n_bad = {}, 0
     try:
-        if start == 0:
+        if start == 0 and cfg.eval_every > 0:
             result = run_eval(0)
             _log_metrics(metrics, {"step": 0, **_summary(result)})
             log(f"step 0 | eval cer {result['cer']:.4f} wer {result['wer']:.4f}")
@@ -1166,6 +1232,7 @@ def train(cfg: TrainConfig) -> dict:
             disable=not master,
         )
         loss_sum, n_logged, t_log = torch.zeros((), device=device), 0, time.time()
+        step_seconds = 0.0  # training steps alone: no eval, no saving
         for step in bar:
             model.train()
             lr = get_lr(step, cfg.max_steps, cfg.warmup_steps, cfg.lr)
@@ -1229,6 +1296,7 @@ def train(cfg: TrainConfig) -> dict:
                 if world > 1:
                     dist.all_reduce(loss_sum)  # each rank holds its share of the mean
                 loss_mean = loss_sum.item() / n_logged  # a sync point: only at log time
+                step_seconds += time.time() - t_log
                 dt = (time.time() - t_log) / n_logged
                 log(
                     f"step {step}/{cfg.max_steps} | loss {loss_mean:.4f} | lr {lr:.2e} "
@@ -1239,19 +1307,20 @@ def train(cfg: TrainConfig) -> dict:
                 )
                 loss_sum.zero_()
                 n_logged, t_log = 0, time.time()
-            if step % cfg.eval_every == 0 or last_step:
+            t_pause = time.time()
+            evaluating = cfg.eval_every > 0 and (
+                step % cfg.eval_every == 0 or last_step
+            )
+            if evaluating:
                 result = run_eval(step)
                 _log_metrics(metrics, {"step": step, **_summary(result)})
                 cer, wer = result["cer"], result["wer"]
                 log(f"step {step} | eval cer {cer:.4f} wer {wer:.4f}")
             stopping = sync_flag(bool(stop.signum))
-            if (
-                step % cfg.eval_every == 0
-                or step % cfg.save_every == 0
-                or last_step
-                or stopping
-            ):
+            saving = cfg.save_every > 0 and step % cfg.save_every == 0
+            if evaluating or saving or last_step or stopping:
                 save(step)
+            t_log += time.time() - t_pause  # log lines time the steps alone
             if stopping:
                 log(
                     f"stopped at step {step}; continue with: "
@@ -1266,7 +1335,8 @@ def train(cfg: TrainConfig) -> dict:
             signal.signal(s, h)
         if world > 1:
             dist.destroy_process_group()
-    return {"best_cer": best_cer, **_summary(result)}
+    timing = {"feature_seconds": feature_seconds, "step_seconds": step_seconds}
+    return {"best_cer": best_cer, "feature_gib": gib, **timing, **_summary(result)}
 
 
 def _summary(result: dict) -> dict:
@@ -1373,6 +1443,201 @@ def write_eval(result: dict, tsv: str | os.PathLike) -> None:
     ]
     atomic_write(tsv, lambda f: f.write(("\n".join(lines) + "\n").encode()))
     save_json(Path(tsv).with_suffix(".json"), _summary(result))
+
+
+# -----------------------------------------------------------------------------
+# benchmark: the seed recipe against whisper_ft's paths, side by side in one process
+
+BENCH_DIMS = {  # tiny dims for a CPU run in minutes; official names for real ones
+    "test": ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=64,
+                            n_audio_head=2, n_audio_layer=2, n_vocab=51865,
+                            n_text_ctx=448, n_text_state=64, n_text_head=2,
+                            n_text_layer=2),
+}  # fmt: skip
+
+
+def write_bench_corpus(root: Path, n_utts: int, seed: int = 0) -> Path:
+    """n_utts 24 kHz 16-bit wavs of 2-6 s of noise in the JVS layout, 4 speakers."""
+    g = np.random.default_rng(seed)
+    kana = list(
+        "アイウエオカキクケコサシスセソタチツテトナニヌネノマミムメモラリルレロン"
+    )
+    for i in range(n_utts):
+        wav_dir = root / f"jvs{i % 4 + 1:03d}" / "parallel100" / JVS_WAV_DIR
+        wav_dir.mkdir(parents=True, exist_ok=True)
+        n = int(g.uniform(2, 6) * 24000)
+        pcm = (g.standard_normal(n) * 3000).clip(-32768, 32767).astype(np.int16)
+        soundfile.write(wav_dir / f"U{i:04d}.wav", pcm, 24000, subtype="PCM_16")
+        text = "".join(g.choice(kana, size=int(g.integers(10, 60))))
+        with open(wav_dir.parent / JVS_TRANSCRIPT, "a", encoding="utf-8") as f:
+            f.write(f"U{i:04d}:{text}\n")
+    return root
+
+
+class _SeedDataset(torch.utils.data.Dataset):
+    """The seed recipe's data path: per item, read, a new Resample, CPU log-mel."""
+
+    def __init__(self, utts: Sequence[Utterance], n_mels: int):
+        self.utts, self.n_mels = utts, n_mels
+
+    def __len__(self) -> int:
+        return len(self.utts)
+
+    def __getitem__(self, i: int):
+        audio, rate = soundfile.read(self.utts[i].path, dtype="float32")
+        audio = torchaudio.transforms.Resample(rate, SAMPLE_RATE)(
+            torch.from_numpy(audio)
+        )
+        mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(audio), self.n_mels)
+        return mel, self.utts[i].tokens
+
+
+def _seed_collate(batch):
+    mels, seqs = zip(*batch)
+    tokens, labels = collate_tokens(seqs, pad_token=seqs[0][-1])  # the recipe pads eot
+    return torch.stack(mels), tokens, labels
+
+
+def seed_recipe(
+    model: Whisper, utts: Sequence[Utterance], batch_size: int, n_epochs: int, lr: float
+) -> float:
+    """
+    A faithful replica of the recipe whisper_ft replaces (openai/whisper discussion
+    #64): a 2-worker DataLoader of per-item features, fp16 autocast + GradScaler on a
+    GPU, the frozen encoder recomputed every step, AdamW over all parameters.
+    Returns the seconds its n_epochs took.
+    """
+    device = model.device
+    fp16 = device.type == "cuda"
+    loader = torch.utils.data.DataLoader(_SeedDataset(utts, model.dims.n_mels),
+                                         batch_size=batch_size, shuffle=True,
+                                         num_workers=2, collate_fn=_seed_collate,
+                                         drop_last=True)  # fmt: skip
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+    ctx = torch.autocast(device.type, torch.float16) if fp16 else nullcontext()
+    model.train()
+    t0 = time.time()
+    for _ in range(n_epochs):
+        for mel, tokens, labels in loader:
+            mel, tokens, labels = mel.to(device), tokens.to(device), labels.to(device)
+            with ctx:
+                with torch.no_grad():
+                    audio_features = model.encoder(mel)
+                logits = model.decoder(tokens, audio_features)
+                loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                       ignore_index=IGNORE_INDEX)  # fmt: skip
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+        loss.item()  # wait for the device
+    return time.time() - t0
+
+
+def data_costs(
+    utts: Sequence[Utterance], n_mels: int, device: torch.device, batch_size: int
+):
+    """Seconds an utterance for load + resample + log-mel: the seed's way, then ours."""
+    t0 = time.time()
+    for item in _SeedDataset(utts, n_mels):
+        pass
+    seed = (time.time() - t0) / len(utts)
+    t0 = time.time()
+    for audio in audio_batches(utts, batch_size, num_workers=0):
+        log_mel_spectrogram(audio.to(device), n_mels).sum().item()
+    return seed, (time.time() - t0) / len(utts)
+
+
+def bench(args) -> dict:
+    """Run (a) the seed recipe, (b) frozen-encoder and (c) full whisper_ft, report."""
+    out = Path(args.out)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    device = pick_device(args.device)
+    dims = BENCH_DIMS.get(args.dims) or model_dims(args.dims)
+    torch.manual_seed(0)
+    model = Whisper(dims)
+    torch.nn.init.normal_(model.decoder.positional_embedding, std=0.01)
+    save_checkpoint(model, out / "model.pt")
+    corpus = write_bench_corpus(out / "corpus", args.n_utts)
+    tokenizer = model_tokenizer(dims, "ja")
+    utts, _ = read_corpus(str(corpus), tokenizer, subsets=["parallel100"])
+    n_steps = args.epochs * (len(utts) // args.batch_size)
+    n_trained = n_steps * args.batch_size
+    lr = 1e-5
+
+    def peak_reset():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gib():
+        return (
+            torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        )
+
+    rows = {}
+    peak_reset()
+    seconds = seed_recipe(model.to(device), utts, args.batch_size, args.epochs, lr)
+    rows["a_seed"] = {
+        "utt_per_s": n_trained / seconds,
+        "seconds": seconds,
+        "peak_gib": peak_gib(),
+    }
+    del model
+    for name, train_encoder in (("b_frozen", False), ("c_full", True)):
+        peak_reset()
+        cfg = TrainConfig(
+            data=str(corpus), model=str(out / "model.pt"), out=str(out / name),
+            subsets="parallel100", eval_speakers=0.25, eval_every=0, save_every=0,
+            max_steps=n_steps, batch_size=args.batch_size, lr=lr, warmup_steps=1,
+            train_encoder=train_encoder, device=str(device), num_workers=2,
+            log_every=max(1, n_steps // 4),
+        )  # fmt: skip
+        r = train(cfg)
+        n = n_steps * args.batch_size
+        seconds = r["feature_seconds"] + r["step_seconds"]
+        rows[name] = {
+            "utt_per_s": n / seconds,  # the cache build amortised over the epochs
+            "seconds": seconds,
+            "peak_gib": peak_gib(),
+            "cache_seconds": r["feature_seconds"],
+            "cache_gib": r["feature_gib"],
+            "step_utt_per_s": n / r["step_seconds"],
+        }
+    seed_s, ours_s = data_costs(utts, dims.n_mels, device, args.batch_size)
+    report = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
+        "dims": args.dims, "n_utts": len(utts), "epochs": args.epochs,
+        "batch_size": args.batch_size, "rows": rows,
+        "data_ms_per_utt": {"seed": seed_s * 1e3, "ours": ours_s * 1e3},
+        "frozen_speedup": rows["b_frozen"]["utt_per_s"] / rows["a_seed"]["utt_per_s"],
+        "full_speedup": rows["c_full"]["utt_per_s"] / rows["a_seed"]["utt_per_s"],
+        "data_speedup": seed_s / ours_s,
+    }  # fmt: skip
+    save_json(out / "bench.json", report)
+    return report
+
+
+def print_bench(report: dict) -> None:
+    print(f"device {report['device']}, dims {report['dims']}, {report['n_utts']} utts, "
+          f"{report['epochs']} epochs, batch {report['batch_size']}")  # fmt: skip
+    base = report["rows"]["a_seed"]["utt_per_s"]
+    for name, r in report["rows"].items():
+        peak = "" if r["peak_gib"] is None else f" | peak {r['peak_gib']:.2f} GiB"
+        cache = (f" | cache {r['cache_seconds']:.1f} s, {r['cache_gib']:.3f} GiB"
+                 if r.get("cache_gib") else "")  # fmt: skip
+        print(f"{name:9s} {r['utt_per_s']:8.1f} utt/s ({r['utt_per_s'] / base:5.2f}x)"
+              f"{peak}{cache}")  # fmt: skip
+    d = report["data_ms_per_utt"]
+    print(f"data: seed {d['seed']:.2f} ms/utt, ours {d['ours']:.2f} ms/utt")
+    print(f"frozen_speedup={report['frozen_speedup']:.2f} "
+          f"full_speedup={report['full_speedup']:.2f} "
+          f"data_speedup={report['data_speedup']:.2f}")  # fmt: skip
 
 
 # -----------------------------------------------------------------------------
@@ -1628,6 +1893,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "--model", default="base", help="whose tokenizer and context to check against"
     )
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("bench", help="time the seed recipe against whisper_ft's paths")
+    p.add_argument("--dims", default="test", help="test (tiny) or a whisper model name")
+    p.add_argument("--n-utts", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="runs/bench", help="corpus, runs and bench.json")
+    p.set_defaults(func=lambda a: print_bench(bench(a)))
 
     p = sub.add_parser(
         "convert", help="write a CTranslate2 dir (or any model) as openai .pt"
