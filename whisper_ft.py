@@ -113,7 +113,7 @@ class CorpusError(ValueError):
 
 @functools.lru_cache(maxsize=None)
 def _resampler(orig_freq: int, new_freq: int):
-    # Building the sinc kernel costs more than applying it: one per rate pair, reused.
+    # the sinc kernel is built once per rate pair, not once per file
     return torchaudio.transforms.Resample(orig_freq, new_freq)
 
 
