@@ -757,6 +757,34 @@ def test_cached_features_give_the_same_loss_as_the_encoder(tmp_path):
     assert torch.allclose(plain, cached, atol=1e-5)
 
 
+def test_feature_cache_is_reused_and_never_stale(tmp_path):
+    tok = TOKENIZERS["multilingual"]
+    write_jvs(tmp_path / "c", {"jvs001": {"A": "一。", "B": "二つ。", "C": "三つめ。"}})
+    utts, _ = wf.read_corpus(str(tmp_path / "c"), tok)
+    cache = tmp_path / "cache"
+    model, calls = tiny_model(), []
+    model.encoder.register_forward_hook(lambda m, i, o: calls.append(len(o)))
+
+    def encode(model):
+        calls.clear()
+        return wf.encode_audio(model, utts, 2, 0, torch.no_grad(), cache)
+
+    first = encode(model)
+    assert calls == [2, 1] and len(list(cache.rglob("*.npy"))) == 3
+    assert torch.equal(first, wf.encode_audio(model, utts, 2, 0, torch.no_grad()))
+    assert torch.equal(encode(model), first) and calls == []  # all read back
+    # new audio in one file: that one alone is encoded again
+    write_wav(utts[1].path, seconds=0.7, freq=300.0)
+    os.utime(utts[1].path, ns=(1, 1))  # and a different mtime, whatever the clock
+    again = encode(model)
+    assert calls == [1] and torch.equal(again[0], first[0])
+    assert not torch.equal(again[1], first[1])
+    # other encoder weights: nothing is reused
+    other = tiny_model(seed=5)
+    other.encoder.register_forward_hook(lambda m, i, o: calls.append(len(o)))
+    assert not torch.equal(encode(other), again) and calls == [2, 1]
+
+
 @given(
     step=st.integers(0, 500),
     lengths=st.lists(st.integers(5, 60), min_size=1, max_size=80),
@@ -920,10 +948,18 @@ def test_cli_train_encoder_path_and_bad_input(tiny_run):
 
 
 def test_cli_resume_after_kill_is_bitwise_identical(tiny_run):
+    # the runs share a feature cache: the first writes it, the others read it back
     options = tiny_train(
-        tiny_run, max_steps=12, eval_every=100, max_eval=1, save_every=1, warmup_steps=2
+        tiny_run,
+        max_steps=12,
+        eval_every=100,
+        max_eval=1,
+        save_every=1,
+        warmup_steps=2,
+        feature_cache=tiny_run / "fc",
     )
     run_cli("train", **options, out=tiny_run / "full")
+    assert len(list((tiny_run / "fc").rglob("*.npy"))) == 11  # 10 train + 1 eval
 
     killed = tiny_run / "killed"
     proc = subprocess.Popen(

@@ -541,13 +541,27 @@ def audio_batches(
     )
 
 
+FEATURE_VERSION = (
+    1  # bump when log_mel_spectrogram's numbers change: old caches go stale
+)
+
+
 @torch.no_grad()
 def encode_audio(
-    model: Whisper, utts: Sequence[Utterance], batch_size: int, num_workers: int, ctx
+    model: Whisper,
+    utts: Sequence[Utterance],
+    batch_size: int,
+    num_workers: int,
+    ctx,
+    cache_dir: Optional[Path] = None,
 ) -> torch.Tensor:
     """
     Encoder output of every utterance, kept on the host. With a frozen encoder (and no
     audio augmentation) it never changes, so computing it once saves most of each step.
+    With `cache_dir`, each utterance's output is also kept there as .npy and reused by
+    later runs and resumes, under keys that change with the encoder's weights, the
+    storage dtype and the mel code (FEATURE_VERSION), and the audio file's path, size
+    and modification time: a stale feature is never read.
 
     Returns
     -------
@@ -557,15 +571,48 @@ def encode_audio(
     device, dims = model.device, model.dims
     dtype = torch.float32 if device.type == "cpu" else torch.float16
     features = torch.empty(len(utts), dims.n_audio_ctx, dims.n_audio_state, dtype=dtype)
-    loader = audio_batches(utts, batch_size, num_workers)
+    paths = [None] * len(utts)
+    if cache_dir is not None:
+        key = _encoder_key(model, dtype)
+        (Path(cache_dir) / key).mkdir(parents=True, exist_ok=True)
+        paths = [Path(cache_dir) / key / f"{_audio_key(u.path)}.npy" for u in utts]
+    todo = []
+    for i, path in enumerate(paths):
+        if path is not None and path.is_file():
+            features[i] = torch.from_numpy(np.load(path))
+        else:
+            todo.append(i)
+    loader = audio_batches([utts[i] for i in todo], batch_size, num_workers)
     done = 0
     for audio in tqdm(loader, desc="encoder features", unit="batch", leave=False):
         mel = log_mel_spectrogram(audio.to(device), dims.n_mels)
         with ctx:
-            out = model.encoder(mel)
-        features[done : done + len(out)] = out.to("cpu", dtype)
-        done += len(out)
+            out = model.encoder(mel).to("cpu", dtype)
+        for row in out:
+            i = todo[done]
+            features[i] = row
+            if paths[i] is not None:
+                # a cache needs no fsync: a file lost in a crash is computed again
+                tmp = paths[i].with_name(f".{paths[i].name}.{os.getpid()}.tmp")
+                with open(tmp, "wb") as f:
+                    np.save(f, row.numpy())
+                os.replace(tmp, paths[i])
+            done += 1
     return features
+
+
+def _encoder_key(model: Whisper, dtype: torch.dtype) -> str:
+    h = hashlib.sha256(f"{model.dims}|{dtype}|{FEATURE_VERSION}".encode())
+    for name, t in model.encoder.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()[:24]
+
+
+def _audio_key(path: str) -> str:
+    st = os.stat(path)
+    ident = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    return hashlib.sha1(ident.encode()).hexdigest()
 
 
 # -----------------------------------------------------------------------------
@@ -886,6 +933,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cuda | mps | cpu
     dtype: str = "auto"  # auto | bf16 | fp16 (+GradScaler) | fp32; always fp32 on CPU
     cache_features: bool = True  # frozen encoder: compute its output once per utterance
+    feature_cache: str = ""  # dir that keeps those outputs across runs and resumes
     num_workers: int = 2  # audio loading processes
     eval_batch_size: int = 16  # utterances per greedy-decoding batch
     # run
@@ -1097,7 +1145,12 @@ def train(cfg: TrainConfig) -> dict:
         everything = train_utts + (evals if cfg.eval_every > 0 else [])
         t0 = time.time()
         local = encode_audio(
-            model, everything[rank::world], cfg.eval_batch_size, cfg.num_workers, ctx
+            model,
+            everything[rank::world],
+            cfg.eval_batch_size,
+            cfg.num_workers,
+            ctx,
+            Path(cfg.feature_cache) if cfg.feature_cache else None,
         )
         features = _gather_rows(local, len(everything), world, device)
         if (
@@ -1900,6 +1953,7 @@ def cmd_demo(args) -> None:
         eval_every=args.max_steps,
         log_every=10,
         device=args.device,
+        feature_cache=str(Path("runs") / "features"),  # a second demo starts faster
     )
     train(cfg)
     records = [json.loads(s) for s in open(out / "metrics.jsonl")]
