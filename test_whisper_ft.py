@@ -733,6 +733,36 @@ def test_greedy_decoding_is_whispers_own_batched_and_cached():
     assert wf.decode_batch(model, features, tok) == batched  # the cached-feature path
 
 
+@pytest.mark.parametrize("kind", sorted(TOKENIZERS))
+def test_greedy_decode_is_token_for_token_whisper_decode(kind):
+    tok = TOKENIZERS[kind]
+    dims = ModelDimensions(
+        **{**TINY.__dict__, "n_vocab": {"english": 51864}.get(kind, 51865)}
+    )
+    lengths = set()
+    symbol = tok.non_speech_tokens[5]  # suppressed by whisper.decode
+    for seed, toward, bias in [
+        (0, tok.eot, 0.0),
+        (1, tok.eot, 3.5),
+        (2, tok.eot, 3.5),
+        (3, symbol, 6.0),
+        (4, tok.sot_prev, 6.0),
+    ]:
+        model = tiny_model(seed, dims)
+        with torch.no_grad():  # pull the output toward eot (rows end at other steps),
+            # or toward tokens that must never be written
+            e = model.decoder.token_embedding.weight[toward]
+            model.decoder.ln.bias += bias * e / e.norm()
+        g = torch.Generator().manual_seed(seed)
+        features = torch.randn(8, TINY.n_audio_ctx, TINY.n_audio_state, generator=g)
+        ours = wf.greedy_decode(model, features, tok)
+        options = wf.decode_options(model, tok, fp16=False)
+        assert ours == [r.tokens for r in whisper.decode(model, features, options)]
+        lengths |= {len(t) for t in ours}
+    if kind == "multilingual":  # rows that end at once next to rows that never end
+        assert 1 in lengths and TINY.n_text_ctx // 2 in lengths
+
+
 def test_cached_features_give_the_same_loss_as_the_encoder(tmp_path):
     tok = TOKENIZERS["multilingual"]
     write_jvs(tmp_path, {"jvs001": {"A": "一。", "B": "二つ。", "C": "三つめ。"}})
@@ -1168,3 +1198,5 @@ def test_bench_runs_all_three_paths_and_reports_ratios(tmp_path):
     assert b["cache_gib"] > 0 and report["rows"]["c_full"]["utt_per_s"] > 0
     d = report["data_ms_per_utt"]
     assert report["data_speedup"] == pytest.approx(d["seed"] / d["ours"])
+    assert report["decode"]["identical"] and report["decode"]["batch"] == 16
+    assert "identical tokens: True" in proc.stdout

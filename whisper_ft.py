@@ -1409,24 +1409,134 @@ def _log_metrics(f, record: dict) -> None:
 
 
 @torch.no_grad()
-def decode_batch(model: Whisper, x: torch.Tensor, tokenizer: Tokenizer) -> list[str]:
-    """
-    Greedy transcripts of a batch through whisper's own decoder (KV cache, its
-    suppression of non-speech tokens and blank starts, max n_text_ctx // 2 new tokens).
-
-    x: torch.Tensor, shape = (n_batch, n_mels, 3000) log-mel, or (n_batch, n_audio_ctx,
-       n_audio_state) encoder output (whisper.decode skips the encoder for those)
-    """
-    fp16 = x.device.type == "cuda"
-    options = whisper.DecodingOptions(
+def decode_options(model: Whisper, tokenizer: Tokenizer, fp16: bool):
+    """whisper.DecodingOptions of the greedy decoding that eval scores."""
+    return whisper.DecodingOptions(
         task="transcribe",
-        language=tokenizer.language if model.is_multilingual else None,
+        language=tokenizer.language if model.is_multilingual else "en",
         without_timestamps=True,
         temperature=0.0,
         fp16=fp16,
     )
-    x = x.to(torch.float16 if fp16 else torch.float32)
-    return [r.text for r in whisper.decode(model, x, options)]
+
+
+def suppressed_tokens(tokenizer: Tokenizer) -> list[int]:
+    """What whisper.decode never samples with its default suppress_tokens="-1"."""
+    special = [
+        tokenizer.transcribe,
+        tokenizer.translate,
+        tokenizer.sot,
+        tokenizer.sot_prev,
+        tokenizer.sot_lm,
+        tokenizer.no_speech,
+    ]
+    return sorted(
+        {*tokenizer.non_speech_tokens, *(t for t in special if t is not None)}
+    )
+
+
+@torch.no_grad()
+def greedy_decode(
+    model: Whisper, audio_features: torch.Tensor, tokenizer: Tokenizer
+) -> list[list[int]]:
+    """
+    Batched greedy decoding, token for token what whisper.decode(model, audio_features,
+    decode_options(...)) writes (a test checks it), without its per-step costs: the
+    self-attention keys and values go into buffers allocated once instead of being
+    concatenated by forward hooks at every step, the cross-attention ones are computed
+    once, the suppression is one precomputed mask, and no log-probabilities are kept.
+
+    audio_features: torch.Tensor, shape = (n_batch, n_audio_ctx, n_audio_state)
+
+    Returns
+    -------
+    the tokens written after the prefix, up to eot, for each item
+    """
+    decoder, eot = model.decoder, tokenizer.eot
+    prefix = list(tokenizer.sot_sequence_including_notimestamps)
+    n_batch, dtype, device = (
+        len(audio_features),
+        audio_features.dtype,
+        audio_features.device,
+    )
+    n_ctx = len(prefix) + model.dims.n_text_ctx // 2  # whisper's sample_len
+    suppress = torch.zeros(model.dims.n_vocab, dtype=torch.bool, device=device)
+    suppress[suppressed_tokens(tokenizer)] = True
+    blank = suppress.clone()  # whisper's SuppressBlank: no space nor eot first
+    blank[tokenizer.encode(" ") + [eot]] = True
+
+    cross = [
+        (b.cross_attn.key(audio_features), b.cross_attn.value(audio_features))
+        for b in decoder.blocks
+    ]
+    shape = (n_batch, n_ctx, model.dims.n_text_state)
+    cache = [
+        (
+            torch.empty(shape, dtype=dtype, device=device),
+            torch.empty(shape, dtype=dtype, device=device),
+        )
+        for _ in decoder.blocks
+    ]
+
+    tokens = torch.tensor([prefix] * n_batch, device=device)  # (n_batch, n_prefix)
+    x_tokens, done = tokens, torch.zeros(n_batch, dtype=torch.bool, device=device)
+    sync_every = 1 if device.type == "cpu" else 8
+    for step in range(n_ctx - len(prefix)):
+        offset, n = tokens.shape[1] - len(x_tokens[0]), len(x_tokens[0])
+        x = (
+            decoder.token_embedding(x_tokens)
+            + decoder.positional_embedding[offset : offset + n]
+        )
+        x = x.to(dtype)
+        for block, (k_cross, v_cross), (k_self, v_self) in zip(
+            decoder.blocks, cross, cache
+        ):
+            attn, h = block.attn, block.attn_ln(x)
+            k_self[:, offset : offset + n] = attn.key(h)
+            v_self[:, offset : offset + n] = attn.value(h)
+            wv, _ = attn.qkv_attention(
+                attn.query(h),
+                k_self[:, : offset + n],
+                v_self[:, : offset + n],
+                decoder.mask,
+            )
+            x = x + attn.out(wv)
+            h = block.cross_attn_ln(x)
+            wv, _ = block.cross_attn.qkv_attention(
+                block.cross_attn.query(h), k_cross, v_cross
+            )
+            x = x + block.cross_attn.out(wv)
+            x = x + block.mlp(block.mlp_ln(x))
+        # (all positions, as whisper does: the same matmul shapes, the same numbers)
+        x = decoder.ln(x)
+        logits = (x @ decoder.token_embedding.weight.to(x.dtype).T).float()[:, -1]
+        logits.masked_fill_(blank if step == 0 else suppress, -math.inf)
+        next_tokens = torch.where(done, eot, logits.argmax(dim=-1))
+        tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
+        done |= next_tokens == eot
+        x_tokens = next_tokens[:, None]
+        # on a GPU, the check is a host sync: made every 8 steps (the extra steps write
+        # eot after eot, which is cut off below)
+        if step % sync_every == sync_every - 1 and bool(done.all()):
+            break
+    rows = tokens[:, len(prefix) :].tolist()
+    return [row[: row.index(eot)] if eot in row else row for row in rows]
+
+
+@torch.no_grad()
+def decode_batch(model: Whisper, x: torch.Tensor, tokenizer: Tokenizer) -> list[str]:
+    """
+    Greedy transcripts of a batch (greedy_decode: whisper's decoding, with its
+    suppression of non-speech tokens and blank starts, at most n_text_ctx // 2 tokens).
+
+    x: torch.Tensor, shape = (n_batch, n_mels, 3000) log-mel, or (n_batch, n_audio_ctx,
+       n_audio_state) encoder output
+    """
+    dtype = torch.float16 if x.device.type == "cuda" else torch.float32  # as whisper's
+    x = x.to(dtype)
+    if x.shape[-2:] != (model.dims.n_audio_ctx, model.dims.n_audio_state):
+        x = model.encoder(x)
+    return [tokenizer.decode(t).strip() for t in greedy_decode(model, x, tokenizer)]
 
 
 def transcribe_utts(
@@ -1628,6 +1738,39 @@ def data_costs(
     return min(times[seed]) / len(utts), min(times[ours]) / len(utts)
 
 
+@torch.no_grad()
+def decode_costs(
+    checkpoint: Path, utts: Sequence[Utterance], tokenizer: Tokenizer, device
+) -> dict:
+    """whisper.decode against greedy_decode on one batch of encoder features."""
+    model = load_model(str(checkpoint)).to(device).eval()
+    fp16 = device.type == "cuda"
+    audio = pad_waves([load_wave(u.path) for u in utts]).to(device)
+    mel = log_mel_spectrogram(audio, model.dims.n_mels)
+    features = model.encoder(mel.to(torch.float16 if fp16 else torch.float32))
+    options = decode_options(model, tokenizer, fp16)
+
+    def timed(run):
+        run()  # warm up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        result = run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return result, time.perf_counter() - t0
+
+    theirs, t_theirs = timed(lambda: whisper.decode(model, features, options))
+    ours, t_ours = timed(lambda: greedy_decode(model, features, tokenizer))
+    return {
+        "batch": len(utts),
+        "whisper_utt_per_s": len(utts) / t_theirs,
+        "ours_utt_per_s": len(utts) / t_ours,
+        "speedup": t_theirs / t_ours,
+        "identical": [r.tokens for r in theirs] == ours,
+    }
+
+
 def bench(args) -> dict:
     """Run (a) the seed recipe, (b) frozen-encoder and (c) full whisper_ft, report."""
     out = Path(args.out)
@@ -1699,6 +1842,9 @@ def bench(args) -> dict:
             "step_utt_per_s": n / r["step_seconds"],
         }
     seed_s, ours_s = data_costs(utts, dims.n_mels, device, args.batch_size)
+    decode = decode_costs(
+        out / "model.pt", utts[: 2 * args.batch_size], tokenizer, device
+    )
     report = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
         "dims": args.dims,
@@ -1710,6 +1856,7 @@ def bench(args) -> dict:
         "frozen_speedup": rows["b_frozen"]["utt_per_s"] / rows["a_seed"]["utt_per_s"],
         "full_speedup": rows["c_full"]["utt_per_s"] / rows["a_seed"]["utt_per_s"],
         "data_speedup": seed_s / ours_s,
+        "decode": decode,
     }
     save_json(out / "bench.json", report)
     return report
@@ -1734,6 +1881,12 @@ def print_bench(report: dict) -> None:
         )
     d = report["data_ms_per_utt"]
     print(f"data: seed {d['seed']:.2f} ms/utt, ours {d['ours']:.2f} ms/utt")
+    d = report["decode"]
+    print(
+        f"decode: whisper.decode {d['whisper_utt_per_s']:.1f} utt/s, greedy_decode "
+        f"{d['ours_utt_per_s']:.1f} utt/s ({d['speedup']:.2f}x), "
+        f"identical tokens: {d['identical']}"
+    )
     print(
         f"frozen_speedup={report['frozen_speedup']:.2f} "
         f"full_speedup={report['full_speedup']:.2f} "
