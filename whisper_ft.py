@@ -1454,11 +1454,8 @@ def greedy_decode(
     """
     decoder, eot = model.decoder, tokenizer.eot
     prefix = list(tokenizer.sot_sequence_including_notimestamps)
-    n_batch, dtype, device = (
-        len(audio_features),
-        audio_features.dtype,
-        audio_features.device,
-    )
+    n_batch, device = len(audio_features), audio_features.device
+    dtype = audio_features.dtype
     n_ctx = len(prefix) + model.dims.n_text_ctx // 2  # whisper's sample_len
     suppress = torch.zeros(model.dims.n_vocab, dtype=torch.bool, device=device)
     suppress[suppressed_tokens(tokenizer)] = True
@@ -1482,7 +1479,8 @@ def greedy_decode(
     x_tokens, done = tokens, torch.zeros(n_batch, dtype=torch.bool, device=device)
     sync_every = 1 if device.type == "cpu" else 8
     for step in range(n_ctx - len(prefix)):
-        offset, n = tokens.shape[1] - len(x_tokens[0]), len(x_tokens[0])
+        n = x_tokens.shape[1]  # the prefix at the first step, then one token
+        offset = tokens.shape[1] - n
         x = (
             decoder.token_embedding(x_tokens)
             + decoder.positional_embedding[offset : offset + n]
