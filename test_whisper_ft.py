@@ -3,6 +3,7 @@ Tests for whisper_ft.py: properties where one exists (hypothesis), on tiny rando
 and corpora the tests write themselves. Run: python -m pytest -q
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -256,6 +257,43 @@ def test_param_groups_hold_norms_biases_positions_without_decay(train_encoder):
     torch.optim.AdamW(
         [decay, no_decay], lr=1e-3
     )  # torch accepts the groups as they are
+
+
+def test_activation_checkpointing_same_gradients_less_memory():
+    g = torch.Generator().manual_seed(0)
+    mel = torch.randn(2, TINY.n_mels, 2 * TINY.n_audio_ctx, generator=g)
+    tokens = torch.randint(0, 50000, (2, 20), generator=g)
+
+    def run(model):
+        n_bytes = []  # what autograd keeps for backward
+
+        def pack(t):
+            n_bytes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(mel, tokens).logsumexp(-1).mean()
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        return loss, grads, sum(n_bytes)
+
+    dims = dataclasses.replace(TINY, n_audio_layer=4, n_text_layer=4)
+    plain, checkpointed = tiny_model(3, dims), tiny_model(3, dims)
+    wf.checkpoint_blocks(checkpointed)
+    assert checkpointed.state_dict().keys() == plain.state_dict().keys()
+    loss, grads, kept = run(plain)
+    loss_c, grads_c, kept_c = run(checkpointed)
+    assert torch.equal(loss, loss_c)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, grads_c[name], rtol=1e-5, atol=1e-7), name
+    assert kept_c < kept / 2, (kept_c, kept)
+    # decoding (no grad) runs the blocks as they are
+    features = torch.randn(2, TINY.n_audio_ctx, TINY.n_audio_state, generator=g)
+    tok = TOKENIZERS["multilingual"]
+    with torch.no_grad():
+        assert wf.greedy_decode(checkpointed, features, tok) == wf.greedy_decode(
+            plain, features, tok
+        )
 
 
 # -----------------------------------------------------------------------------
@@ -803,6 +841,12 @@ def test_feature_cache_is_reused_and_never_stale(tmp_path):
     assert calls == [2, 1] and len(list(cache.rglob("*.npy"))) == 3
     assert torch.equal(first, wf.encode_audio(model, utts, 2, 0, torch.no_grad()))
     assert torch.equal(encode(model), first) and calls == []  # all read back
+    # kept out of RAM: read back a batch at a time, indexed as the tensor is
+    disk = wf.encode_audio(model, utts, 2, 0, torch.no_grad(), cache, in_ram=False)
+    assert isinstance(disk, wf.DiskFeatures) and len(disk) == 3 and calls == []
+    assert torch.equal(disk[[2, 0]], first[[2, 0]])
+    assert torch.equal(disk[1:][[1]], first[1:][[1]])
+    assert torch.equal(torch.cat(list(disk.split(2))), first)
     # new audio in one file: that one alone is encoded again
     write_wav(utts[1].path, seconds=0.7, freq=300.0)
     os.utime(utts[1].path, ns=(1, 1))  # and a different mtime, whatever the clock
@@ -991,9 +1035,11 @@ def test_cli_resume_after_kill_is_bitwise_identical(tiny_run):
     run_cli("train", **options, out=tiny_run / "full")
     assert len(list((tiny_run / "fc").rglob("*.npy"))) == 11  # 10 train + 1 eval
 
+    # this run reads its features from the cache a batch at a time, as a corpus too
+    # big for RAM would: the same numbers, so the same weights
     killed = tiny_run / "killed"
     proc = subprocess.Popen(
-        cli("train", **options, out=killed),
+        cli("train", **options, out=killed, feature_ram_gib=1e-6),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -1005,7 +1051,8 @@ def test_cli_resume_after_kill_is_bitwise_identical(tiny_run):
         time.sleep(0.02)
     proc.wait()
     assert 3 <= torch.load(state, weights_only=True)["step"] < 12, "ended before kill"
-    run_cli("train", resume=killed, device="cpu")
+    proc = run_cli("train", resume=killed, device="cpu")
+    assert f"kept in {tiny_run / 'fc'}, read a batch at a time" in proc.stderr
     assert_same_weights(tiny_run / "full", killed)
 
 
@@ -1060,10 +1107,15 @@ def test_grad_accumulation_and_two_process_ddp_match_one_batch(tiny_run):
     )
     run_cli("train", **options, out=tiny_run / "one")
     run_cli("train", **options, out=tiny_run / "accum", grad_accum=2)
-    ddp = cli("train", **options, out=tiny_run / "ddp")
+    # the 2 ranks also share features through the disk, each encoding half
+    ddp = cli("train", **options, out=tiny_run / "ddp", feature_ram_gib=1e-6)
     ddp[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     proc = subprocess.run(ddp, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "read a batch at a time" in proc.stderr
+    split = json.loads((tiny_run / "ddp" / "split.json").read_text())
+    n_features = len(list((tiny_run / "ddp" / "features").rglob("*.npy")))
+    assert n_features == split["n_train"] + 3  # and max_eval's 3
 
     one, init = final_weights(tiny_run / "one"), tiny_model(0).state_dict()
     update = max((one[k] - init[k]).abs().max().item() for k in one)
@@ -1084,6 +1136,32 @@ def test_grad_accumulation_and_two_process_ddp_match_one_batch(tiny_run):
     assert [n for n, _ in evals("ddp")] == [3, 3] and evals("ddp") == evals("one")
 
 
+def test_cli_compile_and_grad_checkpoint_train_as_eager(tiny_run):
+    options = tiny_train(
+        tiny_run, max_steps=3, eval_every=100, max_eval=1, log_every=1, grad_clip=0
+    )
+    run_cli("train", **options, out=tiny_run / "eager")
+    inductor = tiny_run / "inductor"  # where torch.compile leaves its kernels
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor)}
+    cmd = cli(
+        "train", "--compile", "--grad-checkpoint", **options, out=tiny_run / "compiled"
+    )
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert any(inductor.rglob("*.py")), "nothing was compiled"
+
+    def losses(run):
+        lines = (tiny_run / run / "metrics.jsonl").read_text().splitlines()
+        return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+
+    assert losses("compiled") == pytest.approx(losses("eager"), rel=1e-5)
+    eager, compiled = final_weights(tiny_run / "eager"), final_weights(
+        tiny_run / "compiled"
+    )
+    for k in eager:
+        assert torch.allclose(eager[k], compiled[k], atol=2e-5), k  # 2% of a step
+
+
 def test_cli_non_finite_steps_are_skipped_then_stop(tiny_run):
     model = tiny_model(0)
     with torch.no_grad():
@@ -1099,14 +1177,25 @@ def test_cli_non_finite_steps_are_skipped_then_stop(tiny_run):
             max_steps=10,
             max_bad_steps=3,
             max_eval=1,
+            log_every=5,  # the steps are checked at each log line
+            save_every=1,
         ),
         check=False,
     )
     assert proc.returncode == 1
-    assert "3 non-finite steps in a row, stopping at step 3" in proc.stderr
-    assert re.search(r"last batch: jvs00\d/parallel100/U\d", proc.stderr)
+    msg = "3 non-finite steps in a row (the last at step 3), stopping at step 5"
+    assert msg in proc.stderr
+    assert re.search(r"last bad batch: jvs00\d/parallel100/U\d", proc.stderr)
     skipped = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in skipped if r.get("skipped")] == [1, 2, 3]
+    # skipped on the device: no weight and no optimizer state moved in 4 steps
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert saved["step"] == 4
+    before = model.state_dict()
+    for k, v in saved["model_state_dict"].items():
+        assert torch.equal(v, before[k]) or k == "decoder.ln.weight", k
+    state = torch.load(out / "state.pt", weights_only=True)["optimizer"]["state"]
+    assert state and all(s["step"] == 0 for s in state.values())
 
 
 # -----------------------------------------------------------------------------
@@ -1184,7 +1273,9 @@ def test_fuzzed_corpus_never_crashes_the_reader(
 
 
 def test_bench_runs_all_three_paths_and_reports_ratios(tmp_path):
-    proc = run_cli("bench", n_utts=16, epochs=1, device="cpu", out=tmp_path)
+    proc = run_cli(
+        "bench", "--grad-checkpoint", n_utts=16, epochs=1, device="cpu", out=tmp_path
+    )
     last = proc.stdout.strip().splitlines()[-1]
     m = re.fullmatch(
         r"frozen_speedup=([\d.]+) full_speedup=([\d.]+) data_speedup=([\d.]+)", last
@@ -1192,6 +1283,7 @@ def test_bench_runs_all_three_paths_and_reports_ratios(tmp_path):
     assert m, proc.stdout
     report = json.loads((tmp_path / "bench.json").read_text())
     assert set(report["rows"]) == {"a_seed", "b_frozen", "c_full"}
+    assert report["grad_checkpoint"] and not report["compile"]
     a, b = report["rows"]["a_seed"], report["rows"]["b_frozen"]
     assert report["frozen_speedup"] == pytest.approx(b["utt_per_s"] / a["utt_per_s"])
     assert float(m[1]) == pytest.approx(report["frozen_speedup"], abs=0.01)
