@@ -1372,8 +1372,10 @@ def train(cfg: TrainConfig) -> dict:
     result, n_bad, pending = {}, 0, []  # pending: (step, bad, ids) not yet checked
 
     def check_bad_steps(step: int) -> int:
-        """Log the pending steps that were skipped; stop after max_bad_steps in a row.
-        Returns how many were applied."""
+        """
+        Log the pending steps that were skipped, and stop after max_bad_steps in a row.
+        Returns how many were applied.
+        """
         nonlocal n_bad
         flags = torch.stack([bad for _, bad, _ in pending]).tolist()  # one sync
         for (s, _, ids), flag in zip(pending, flags):
@@ -1460,13 +1462,15 @@ def train(cfg: TrainConfig) -> dict:
             last_step = step == cfg.max_steps
             if step % cfg.log_every == 0 or last_step:
                 # the host reads the device only here, once per log line
-                n_good = check_bad_steps(step)
+                n_steps = len(pending)
+                n_good = check_bad_steps(step)  # waits for the device: true timings
+                elapsed = time.time() - t_log
+                step_seconds += elapsed
+                dt = elapsed / n_steps
                 if world > 1:
                     dist.all_reduce(loss_sum)  # each rank holds its share of the mean
                 if n_good:
                     loss_mean = loss_sum.item() / n_good
-                    step_seconds += time.time() - t_log
-                    dt = (time.time() - t_log) / n_good
                     log(
                         f"step {step}/{cfg.max_steps} | loss {loss_mean:.4f} | "
                         f"lr {lr:.2e} | {dt * 1000:.0f} ms | "
