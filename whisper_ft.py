@@ -1492,6 +1492,8 @@ def train(cfg: TrainConfig) -> dict:
                 cer, wer = result["cer"], result["wer"]
                 log(f"step {step} | eval cer {cer:.4f} wer {wer:.4f}")
             stopping = sync_flag(bool(stop.signum))
+            if stopping and pending:
+                check_bad_steps(step)  # so the skipped steps are on record
             saving = cfg.save_every > 0 and step % cfg.save_every == 0
             if evaluating or saving or last_step or stopping:
                 save(step)
