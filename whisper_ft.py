@@ -127,12 +127,14 @@ def load_wave(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch.
     torch.Tensor, shape = (n_samples,), at `sample_rate`, values in [-1, 1]
     """
     try:
-        audio, rate = soundfile.read(path, dtype="float32", always_2d=True)
+        audio, rate = soundfile.read(path, dtype="float32")
     except Exception as e:  # soundfile raises LibsndfileError, TypeError, RuntimeError
         raise CorpusError(f"{path}: cannot read audio ({e})") from None
     if audio.shape[0] == 0:
         raise CorpusError(f"{path}: empty audio (0 samples)")
-    wave = torch.from_numpy(audio.mean(axis=1))  # channels mixed down to mono
+    if audio.ndim == 2:
+        audio = audio.mean(axis=1)  # channels mixed down to mono
+    wave = torch.from_numpy(audio)
     if rate != sample_rate:
         wave = _resampler(rate, sample_rate)(wave)
     return wave
