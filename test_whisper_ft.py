@@ -1105,10 +1105,16 @@ def test_grad_accumulation_and_two_process_ddp_match_one_batch(tiny_run):
         eval_speakers=0.5,
         weight_decay=0.1,
     )
-    run_cli("train", **options, out=tiny_run / "one")
+    # RAM for the features of one process, not of two: one holds them...
+    dims = tiny_model(0).dims
+    n_utts = 6 + 3  # the split's train utterances, and max_eval's
+    gib = 1.5 * n_utts * dims.n_audio_ctx * dims.n_audio_state * 4 / 2**30
+    proc = run_cli("train", **options, out=tiny_run / "one", feature_ram_gib=gib)
+    assert "read a batch at a time" not in proc.stderr
+    assert json.loads((tiny_run / "one" / "split.json").read_text())["n_train"] == 6
     run_cli("train", **options, out=tiny_run / "accum", grad_accum=2)
-    # the 2 ranks also share features through the disk, each encoding half
-    ddp = cli("train", **options, out=tiny_run / "ddp", feature_ram_gib=1e-6)
+    # ... and the 2 ranks share them through the disk instead, each encoding half
+    ddp = cli("train", **options, out=tiny_run / "ddp", feature_ram_gib=gib)
     ddp[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     proc = subprocess.run(ddp, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -1159,17 +1165,46 @@ def test_cli_compile_and_grad_checkpoint_train_as_eager(tiny_run):
         assert torch.allclose(eager[k], compiled[k], atol=2e-5), k  # 2% of a step
 
 
-def test_cli_non_finite_steps_are_skipped_then_stop(tiny_run):
+def test_cli_mixed_precision_trains_as_fp32(tiny_run):
+    # the GPU's paths, autocast on the CPU: bf16, and fp16 with its GradScaler
+    options = tiny_train(tiny_run, max_steps=4, eval_every=100, max_eval=1, log_every=1)
+    records, stderr = {}, {}
+    for dtype in ("fp32", "bf16", "fp16"):
+        out = tiny_run / f"amp_{dtype}"
+        stderr[dtype] = run_cli("train", **options, dtype=dtype, out=out).stderr
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        records[dtype] = [r for r in map(json.loads, lines) if "lr" in r]
+    losses = {k: [r["loss"] for r in v] for k, v in records.items()}
+    assert len(losses["fp32"]) == 4 and losses["fp32"][-1] < losses["fp32"][0]
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=5e-3)
+    assert losses["fp16"][0] == pytest.approx(losses["fp32"][0], rel=1e-3)
+    assert losses["fp16"][-1] < losses["fp16"][0]
+    # this model's first fp16 gradients overflow at the initial scale 2**16: the
+    # GradScaler skips that update and halves the scale, and the log says so
+    scales = [r["loss_scale"] for r in records["fp16"]]
+    assert scales == sorted(scales, reverse=True) and scales[-1] < 2.0**16
+    for step, (before, after) in enumerate(zip([2.0**16] + scales, scales), start=1):
+        said = f"step {step}: fp16 loss scale {before:g} -> {after:g}" in stderr["fp16"]
+        assert said == (after < before), step
+    saved = torch.load(tiny_run / "amp_fp16" / "state.pt", weights_only=True)
+    assert saved["scaler"]["scale"] == scales[-1]
+    assert not torch.load(tiny_run / "amp_bf16" / "state.pt")["scaler"]  # none in bf16
+    assert "loss scale" not in stderr["bf16"] + stderr["fp32"]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_cli_non_finite_steps_are_skipped_then_stop(tiny_run, dtype):
     model = tiny_model(0)
     with torch.no_grad():
         model.decoder.ln.weight.fill_(float("nan"))
     wf.save_checkpoint(model, tiny_run / "nan.pt")
-    out = tiny_run / "nan"
+    out = tiny_run / f"nan_{dtype}"
     proc = run_cli(
         "train",
         **tiny_train(
             tiny_run,
             model=tiny_run / "nan.pt",
+            dtype=dtype,
             out=out,
             max_steps=10,
             max_bad_steps=3,

@@ -1004,10 +1004,10 @@ class TrainConfig:
     max_bad_steps: int = 10  # stop after this many non-finite steps in a row
     # system
     device: str = "auto"  # auto | cuda | mps | cpu
-    dtype: str = "auto"  # auto | bf16 | fp16 (+GradScaler) | fp32; always fp32 on CPU
+    dtype: str = "auto"  # auto (fp32 off GPUs) | bf16 | fp16 (+GradScaler) | fp32
     cache_features: bool = True  # frozen encoder: compute its output once per utterance
     feature_cache: str = ""  # dir that keeps those outputs across runs and resumes
-    feature_ram_gib: float = 0.0  # GiB of RAM for them (0: half the free); more: disk
+    feature_ram_gib: float = 0.0  # GiB of RAM for them, all ranks (0: half the free)
     num_workers: int = 2  # audio loading processes
     eval_batch_size: int = 16  # utterances per greedy-decoding batch
     # run
@@ -1030,11 +1030,12 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_dtype(device: torch.device, name: str) -> torch.dtype:
-    if device.type != "cuda" or name == "fp32":
-        return torch.float32
     if name == "auto":
+        if device.type != "cuda":
+            return torch.float32  # CPU autocast is rarely faster, and less exact
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    # asked for by name: on any device (so the GPU's paths can be tested on a CPU)
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
 def model_tokenizer(dims: ModelDimensions, language: str) -> Tokenizer:
@@ -1095,6 +1096,15 @@ def _dist_setup(device_name: str) -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world, device
+
+
+def _any_rank(flag: bool, device: torch.device, world: int) -> bool:
+    """True on every rank if it is on any (a host sync under torchrun)."""
+    if world == 1:
+        return flag
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t)
 
 
 def _gather_rows(
@@ -1229,12 +1239,17 @@ def train(cfg: TrainConfig) -> dict:
         dims, itemsize = model.dims, feature_dtype(device).itemsize
         n_bytes = len(everything) * dims.n_audio_ctx * dims.n_audio_state * itemsize
         ram = cfg.feature_ram_gib * 2**30 or available_ram() / 2
-        in_ram, gib = n_bytes <= ram, n_bytes / 2**30
+        # every rank on this machine holds them all; and all ranks must choose alike,
+        # or they would wait on each other's different gathers
+        n_local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        in_ram = not _any_rank(n_bytes * n_local > ram, device, world)
+        gib = n_bytes / 2**30
         cache_dir = cfg.feature_cache or ("" if in_ram else str(out / "features"))
         if not in_ram:
             log(
-                f"encoder features: {gib:.2f} GiB, over the {ram / 2**30:.2f} GiB "
-                f"for them in RAM: kept in {cache_dir}, read a batch at a time"
+                f"encoder features: {gib:.2f} GiB x {n_local} processes, over the "
+                f"{ram / 2**30:.2f} GiB for them in RAM: kept in {cache_dir}, read a "
+                "batch at a time"
             )
         t0 = time.time()
         local = encode_audio(
@@ -1360,14 +1375,6 @@ def train(cfg: TrainConfig) -> dict:
                 x = log_mel_spectrogram(audio, model.dims.n_mels)
             yield x, tokens.to(device), labels.to(device), part, n_labels
 
-    def sync_flag(flag: bool) -> bool:
-        """True on every rank if it is on any: all must stop at the same step."""
-        if world == 1:
-            return flag
-        t = torch.tensor(float(flag), device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t)
-
     stop = _StopFlag()
     handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     metrics = open(out / "metrics.jsonl", "a") if master else None
@@ -1411,6 +1418,7 @@ def train(cfg: TrainConfig) -> dict:
             disable=not master,
         )
         loss_sum, t_log = torch.zeros((), device=device), time.time()
+        last_scale = scaler.get_scale() if scaler.is_enabled() else 0.0
         step_seconds = 0.0  # training steps alone: no eval, no saving
         for step in bar:
             model.train()
@@ -1471,6 +1479,16 @@ def train(cfg: TrainConfig) -> dict:
                 dt = elapsed / n_steps
                 if world > 1:
                     dist.all_reduce(loss_sum)  # each rank holds its share of the mean
+                record = {"step": step}
+                if scaler.is_enabled():
+                    # an fp16 overflow skips its update and halves the scale: say so
+                    scale = record["loss_scale"] = scaler.get_scale()
+                    if scale < last_scale:
+                        log(
+                            f"step {step}: fp16 loss scale {last_scale:g} -> {scale:g} "
+                            "since the last line (an overflow skips its update)"
+                        )
+                    last_scale = scale
                 if n_good:
                     loss_mean = loss_sum.item() / n_good
                     log(
@@ -1478,10 +1496,9 @@ def train(cfg: TrainConfig) -> dict:
                         f"lr {lr:.2e} | {dt * 1000:.0f} ms | "
                         f"{cfg.batch_size / dt:.1f} utt/s"
                     )
-                    _log_metrics(
-                        metrics,
-                        {"step": step, "loss": loss_mean, "lr": lr, "ms": dt * 1e3},
-                    )
+                    record |= {"loss": loss_mean, "lr": lr, "ms": dt * 1e3}
+                if len(record) > 1:
+                    _log_metrics(metrics, record)
                 loss_sum.zero_()
                 t_log = time.time()
             t_pause = time.time()
@@ -1493,7 +1510,8 @@ def train(cfg: TrainConfig) -> dict:
                 _log_metrics(metrics, {"step": step, **_summary(result)})
                 cer, wer = result["cer"], result["wer"]
                 log(f"step {step} | eval cer {cer:.4f} wer {wer:.4f}")
-            stopping = sync_flag(bool(stop.signum))
+            # all ranks stop at the same step
+            stopping = _any_rank(bool(stop.signum), device, world)
             if stopping and pending:
                 check_bad_steps(step)  # so the skipped steps are on record
             saving = cfg.save_every > 0 and step % cfg.save_every == 0
