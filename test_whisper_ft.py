@@ -836,8 +836,9 @@ def test_greedy_decoding_is_whispers_own_batched_and_cached():
     assert wf.decode_batch(model, features, tok) == batched  # the cached-feature path
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # fp16: a GPU's
 @pytest.mark.parametrize("kind", sorted(TOKENIZERS))
-def test_greedy_decode_is_token_for_token_whisper_decode(kind):
+def test_greedy_decode_is_token_for_token_whisper_decode(kind, dtype):
     tok = TOKENIZERS[kind]
     dims = ModelDimensions(
         **{**TINY.__dict__, "n_vocab": {"english": 51864}.get(kind, 51865)}
@@ -858,8 +859,9 @@ def test_greedy_decode_is_token_for_token_whisper_decode(kind):
             model.decoder.ln.bias += bias * e / e.norm()
         g = torch.Generator().manual_seed(seed)
         features = torch.randn(8, TINY.n_audio_ctx, TINY.n_audio_state, generator=g)
+        features = features.to(dtype)
         ours = wf.greedy_decode(model, features, tok)
-        options = wf.decode_options(model, tok, fp16=False)
+        options = wf.decode_options(model, tok, fp16=dtype == torch.float16)
         assert ours == [r.tokens for r in whisper.decode(model, features, options)]
         lengths |= {len(t) for t in ours}
     if kind == "multilingual":  # rows that end at once next to rows that never end
