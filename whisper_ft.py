@@ -123,9 +123,9 @@ def _sinc_kernel(orig_freq: int, new_freq: int) -> tuple[torch.Tensor, int, int,
 def resample(wave: torch.Tensor, orig_freq: int, new_freq: int) -> torch.Tensor:
     """
     torchaudio.transforms.Resample(orig_freq, new_freq)(wave), to float rounding: its
-    filter, applied as one matmul over strided frames (every o-th input sample gives
-    n output samples) rather than as its conv1d of one channel, which on a CPU costs
-    about twice as much.
+    filter, applied as a matmul over overlapping frames (each o input samples give n
+    output samples; o:n is the rates' ratio in lowest terms) rather than as its conv1d
+    of one channel, which on a CPU costs about twice as much.
 
     wave: torch.Tensor, shape = (n_samples,)
     """
