@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import unicodedata
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -1227,6 +1228,36 @@ def test_cli_compile_and_grad_checkpoint_train_as_eager(tiny_run):
     compiled = final_weights(tiny_run / "compiled")
     for k in eager:
         assert torch.allclose(eager[k], compiled[k], atol=2e-5), k  # 2% of a step
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("cached", [True, False])
+def test_cuda_training_steps_make_no_host_sync(tiny_run, cached):
+    # what syncs the host with the GPU is counted: twice the steps, no more syncs
+    # (those at the end, the log line and the save, are the same in both runs)
+    def n_syncs(n_steps: int) -> int:
+        options = tiny_train(
+            tiny_run,
+            max_steps=n_steps,
+            eval_every=0,
+            save_every=0,
+            log_every=1000,
+            device="cuda",
+            train_encoder=not cached,
+            out=tiny_run / f"sync_{cached}_{n_steps}",
+        )
+        paths = {k: str(v) for k, v in options.items() if isinstance(v, Path)}
+        cfg = wf.TrainConfig(**options | paths)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                wf.train(cfg)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    assert n_syncs(8) == n_syncs(4)
 
 
 def test_cli_mixed_precision_trains_as_fp32(tiny_run):

@@ -1133,6 +1133,42 @@ def _dist_setup(device_name: str) -> tuple[int, int, torch.device]:
     return dist.get_rank(), world, device
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """
+    A host tensor on `device`. To a GPU through pinned memory, as an asynchronous copy:
+    a plain .to() from pageable memory waits for the GPU to finish all it was given.
+    """
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def take_rows(
+    features: torch.Tensor | DiskFeatures, idx: list[int], device: torch.device
+) -> torch.Tensor:
+    """
+    features[idx] on `device`, without a host sync on a GPU: the index travels as an
+    asynchronous copy (a Python list would be copied with a sync), and rows held in
+    host RAM are gathered straight into pinned memory.
+
+    Returns
+    -------
+    torch.Tensor, shape = (len(idx), *features.shape[1:])
+    """
+    if device.type != "cuda":
+        return features[idx].to(device)
+    if isinstance(features, DiskFeatures):
+        return to_device(features[idx], device)
+    index = torch.tensor(idx)
+    if features.device.type == "cuda":
+        return features.index_select(0, to_device(index, features.device))
+    rows = torch.empty(
+        (len(idx), *features.shape[1:]), dtype=features.dtype, pin_memory=True
+    )
+    torch.index_select(features, 0, index, out=rows)
+    return rows.to(device, non_blocking=True)
+
+
 def _any_rank(flag: bool, device: torch.device, world: int) -> bool:
     """True on every rank if it is on any (a host sync under torchrun)."""
     if world == 1:
@@ -1404,11 +1440,12 @@ def train(cfg: TrainConfig) -> dict:
                 )
             tokens, labels = collate_tokens(seqs, tokenizer.eot, n_prefix, n_pad_to)
             if cached:
-                x = train_x[part].to(device, non_blocking=True)
+                x = take_rows(train_x, part, device)
             else:
-                audio = next(audio_loader).to(device, non_blocking=True)
+                audio = next(audio_loader).to(device, non_blocking=True)  # pinned
                 x = log_mel_spectrogram(audio, model.dims.n_mels)
-            yield x, tokens.to(device), labels.to(device), part, n_labels
+            tokens, labels = to_device(tokens, device), to_device(labels, device)
+            yield x, tokens, labels, part, n_labels
 
     stop = _StopFlag()
     handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
