@@ -2028,19 +2028,23 @@ def bench(args) -> dict:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     device = pick_device(args.device)
+    # on a GPU, more utterances and larger batches by default: with 64 the start-up
+    # (worker processes, CUDA libraries) would be much of what is timed
+    n_utts = args.n_utts or (1024 if device.type == "cuda" else 64)
+    batch_size = args.batch_size or (16 if device.type == "cuda" else 8)
     dims = BENCH_DIMS.get(args.dims) or model_dims(args.dims)
     torch.manual_seed(0)
     model = Whisper(dims)
     torch.nn.init.normal_(model.decoder.positional_embedding, std=0.01)
     save_checkpoint(model, out / "model.pt")
-    corpus = write_bench_corpus(out / "corpus", args.n_utts)
+    corpus = write_bench_corpus(out / "corpus", n_utts)
     tokenizer = model_tokenizer(dims, "ja")
     # its transcripts are katakana already: read as written, without pyopenjtalk
     utts, _ = read_corpus(
         str(corpus), tokenizer, target="text", subsets=["parallel100"]
     )
-    n_steps = args.epochs * (len(utts) // args.batch_size)
-    n_trained = n_steps * args.batch_size
+    n_steps = args.epochs * (len(utts) // batch_size)
+    n_trained = n_steps * batch_size
     lr = 1e-5
 
     def peak_reset():
@@ -2055,7 +2059,7 @@ def bench(args) -> dict:
 
     rows = {}
     peak_reset()
-    seconds = seed_recipe(model.to(device), utts, args.batch_size, args.epochs, lr)
+    seconds = seed_recipe(model.to(device), utts, batch_size, args.epochs, lr)
     rows["a_seed"] = {
         "utt_per_s": n_trained / seconds,
         "seconds": seconds,
@@ -2074,7 +2078,7 @@ def bench(args) -> dict:
             eval_every=0,
             save_every=0,
             max_steps=n_steps,
-            batch_size=args.batch_size,
+            batch_size=batch_size,
             lr=lr,
             warmup_steps=1,
             train_encoder=train_encoder,
@@ -2085,7 +2089,7 @@ def bench(args) -> dict:
             log_every=max(1, n_steps // 4),
         )
         r = train(cfg)
-        n = n_steps * args.batch_size
+        n = n_steps * batch_size
         seconds = r["feature_seconds"] + r["step_seconds"]
         rows[name] = {
             "utt_per_s": n / seconds,  # the cache build amortised over the epochs
@@ -2095,16 +2099,14 @@ def bench(args) -> dict:
             "cache_gib": r["feature_gib"],
             "step_utt_per_s": n / r["step_seconds"],
         }
-    seed_s, ours_s = data_costs(utts, dims.n_mels, device, args.batch_size)
-    decode = decode_costs(
-        out / "model.pt", utts[: 2 * args.batch_size], tokenizer, device
-    )
+    seed_s, ours_s = data_costs(utts, dims.n_mels, device, batch_size)
+    decode = decode_costs(out / "model.pt", utts[: 2 * batch_size], tokenizer, device)
     report = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
         "dims": args.dims,
         "n_utts": len(utts),
         "epochs": args.epochs,
-        "batch_size": args.batch_size,
+        "batch_size": batch_size,
         "compile": args.compile,
         "grad_checkpoint": args.grad_checkpoint,
         "rows": rows,
@@ -2423,9 +2425,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     p = sub.add_parser("bench", help="time the seed recipe against whisper_ft's paths")
     p.add_argument("--dims", default="test", help="test (tiny) or a whisper model name")
-    p.add_argument("--n-utts", type=int, default=64)
+    p.add_argument("--n-utts", type=int, default=0, help="default: 64, GPU 1024")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=0, help="default: 8, GPU 16")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/bench", help="corpus, runs and bench.json")
     p.add_argument(
