@@ -13,6 +13,7 @@ with one hand-written training loop, and score it by real greedy decoding (CER).
     python whisper_ft.py convert faster-whisper-base/ base.pt  # CTranslate2 -> .pt
     whisper --model runs/jvs/best.pt --language ja a.wav  # whisper's own format
     torchrun --nproc_per_node=8 whisper_ft.py train --data jvs_ver1/ --batch-size 64
+    python whisper_ft.py bench --dims base  # the seed recipe against ours, timed
 
 Any other corpus: `--data list.tsv` with lines `path<TAB>text[<TAB>speaker]`.
 """
