@@ -36,6 +36,7 @@ SLOW = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 # Tiny dims: the real vocabulary (so the real tokenizers work) and the real 30-s audio
 # context (whisper's encoder insists on it), everything else small.
@@ -837,9 +838,10 @@ def test_greedy_decoding_is_whispers_own_batched_and_cached():
     assert wf.decode_batch(model, features, tok) == batched  # the cached-feature path
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # fp16: a GPU's
 @pytest.mark.parametrize("kind", sorted(TOKENIZERS))
-def test_greedy_decode_is_token_for_token_whisper_decode(kind, dtype):
+def test_greedy_decode_is_token_for_token_whisper_decode(kind, dtype, device):
     tok = TOKENIZERS[kind]
     dims = ModelDimensions(
         **{**TINY.__dict__, "n_vocab": {"english": 51864}.get(kind, 51865)}
@@ -858,9 +860,10 @@ def test_greedy_decode_is_token_for_token_whisper_decode(kind, dtype):
             # or toward tokens that must never be written
             e = model.decoder.token_embedding.weight[toward]
             model.decoder.ln.bias += bias * e / e.norm()
+        model.to(device)
         g = torch.Generator().manual_seed(seed)
         features = torch.randn(8, TINY.n_audio_ctx, TINY.n_audio_state, generator=g)
-        features = features.to(dtype)
+        features = features.to(device, dtype)
         ours = wf.greedy_decode(model, features, tok)
         options = wf.decode_options(model, tok, fp16=dtype == torch.float16)
         assert ours == [r.tokens for r in whisper.decode(model, features, options)]
@@ -1230,7 +1233,7 @@ def test_cli_compile_and_grad_checkpoint_train_as_eager(tiny_run):
         assert torch.allclose(eager[k], compiled[k], atol=2e-5), k  # 2% of a step
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@GPU
 @pytest.mark.parametrize("cached", [True, False])
 def test_cuda_training_steps_make_no_host_sync(tiny_run, cached):
     # what syncs the host with the GPU is counted: twice the steps, no more syncs
