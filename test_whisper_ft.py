@@ -1315,9 +1315,45 @@ def test_cli_non_finite_steps_are_skipped_then_stop(tiny_run, dtype):
         check=False,
     )
     assert proc.returncode == 1
+    assert_skipped_then_stopped(proc.stderr, out, model, changed="decoder.ln.weight")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_non_finite_loss_with_finite_gradients_is_skipped(tiny_run, dtype, monkeypatch):
+    # an infinite loss whose gradients are finite (as from a -inf label logit): the
+    # GradScaler alone would apply the update, which the log says was skipped
+    cross_entropy, inf = F.cross_entropy, float("inf")
+    monkeypatch.setattr(
+        F, "cross_entropy", lambda *a, **k: cross_entropy(*a, **k) + inf
+    )
+    out = tiny_run / f"inf_loss_{dtype}"
+    argv = cli(
+        "train",
+        **tiny_train(
+            tiny_run,
+            dtype=dtype,
+            out=out,
+            max_steps=10,
+            max_bad_steps=3,
+            max_eval=1,
+            eval_every=0,
+            log_every=5,
+            save_every=1,
+        ),
+    )[2:]
+    with pytest.raises(SystemExit) as stop:
+        wf.main(argv)
+    model = wf.load_model(str(tiny_run / "tiny.pt"))
+    assert_skipped_then_stopped(str(stop.value), out, model)
+
+
+def assert_skipped_then_stopped(
+    stderr: str, out: Path, model: Whisper, changed: str = ""
+) -> None:
+    """steps 1-3 were skipped on the device and logged, and the run stopped at 5."""
     msg = "3 non-finite steps in a row (the last at step 3), stopping at step 5"
-    assert msg in proc.stderr
-    assert re.search(r"last bad batch: jvs00\d/parallel100/U\d", proc.stderr)
+    assert msg in stderr
+    assert re.search(r"last bad batch: jvs00\d/parallel100/U\d", stderr)
     skipped = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in skipped if r.get("skipped")] == [1, 2, 3]
     # skipped on the device: no weight and no optimizer state moved in 4 steps
@@ -1325,7 +1361,7 @@ def test_cli_non_finite_steps_are_skipped_then_stop(tiny_run, dtype):
     assert saved["step"] == 4
     before = model.state_dict()
     for k, v in saved["model_state_dict"].items():
-        assert torch.equal(v, before[k]) or k == "decoder.ln.weight", k
+        assert torch.equal(v, before[k]) or k == changed, k
     state = torch.load(out / "state.pt", weights_only=True)["optimizer"]["state"]
     assert state and all(s["step"] == 0 for s in state.values())
 

@@ -1518,6 +1518,11 @@ def train(cfg: TrainConfig) -> dict:
                     # every rank: the same loss, whatever the batch is split into (DDP
                     # averages over ranks, hence the * world)
                     loss = loss / n_labels
+                    if scaler.is_enabled():
+                        # GradScaler.step skips on non-finite gradients alone, and a
+                        # non-finite loss can have finite ones (a -inf label logit):
+                        # make them NaN, so that it skips this update too
+                        loss = loss * torch.where(loss.isfinite(), 1.0, math.nan)
                     scaler.scale(loss * world).backward()
                 step_loss += loss.detach()
                 ids += [train_utts[i].id for i in part]
