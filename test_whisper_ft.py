@@ -1119,9 +1119,21 @@ def test_cli_resume_after_kill_is_bitwise_identical(tiny_run):
         time.sleep(0.02)
     proc.wait()
     assert 3 <= torch.load(state, weights_only=True)["step"] < 12, "ended before kill"
+    # as if killed after logging a step it did not save, in the middle of the next line
+    with open(killed / "metrics.jsonl", "a") as f:
+        f.write('{"step": 12, "loss": 0.5, "time": 0}\n{"step": 12, "lo')
     proc = run_cli("train", resume=killed, device="cpu")
     assert f"kept in {tiny_run / 'fc'}, read a batch at a time" in proc.stderr
     assert_same_weights(tiny_run / "full", killed)
+
+    def on_record(run: Path) -> list:  # each step once, with the same fields
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [
+            (r["step"], sorted(r.keys() - {"ms", "time"}))
+            for r in map(json.loads, lines)
+        ]
+
+    assert on_record(killed) == on_record(tiny_run / "full")
 
 
 def test_cli_sigint_saves_and_resumes(tiny_run):

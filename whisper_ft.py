@@ -1450,6 +1450,10 @@ def train(cfg: TrainConfig) -> dict:
 
     stop = _StopFlag()
     handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    if master and start:
+        # a crash leaves the records of steps after the last save (and perhaps a torn
+        # line): drop them, so that each step is on record once
+        _keep_metrics_until(out / "metrics.jsonl", start)
     metrics = open(out / "metrics.jsonl", "a") if master else None
     result, n_bad, pending = {}, 0, []  # pending: (step, bad, ids) not yet checked
 
@@ -1616,6 +1620,18 @@ def train(cfg: TrainConfig) -> dict:
 
 def _summary(result: dict) -> dict:
     return {k: result[k] for k in ("cer", "wer", "n") if k in result}
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """Rewrite metrics.jsonl with its whole records of steps up to `step` alone."""
+    kept = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass  # the line a crash cut short
+    atomic_write(path, lambda f: f.write("".join(kept).encode()))
 
 
 def _log_metrics(f, record: dict) -> None:
