@@ -1450,7 +1450,7 @@ def train(cfg: TrainConfig) -> dict:
 
     stop = _StopFlag()
     handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    if master and start:
+    if master and cfg.resume:
         # a crash leaves the records of steps after the last save (and perhaps a torn
         # line): drop them, so that each step is on record once
         _keep_metrics_until(out / "metrics.jsonl", start)
