@@ -1010,6 +1010,13 @@ def tiny_train(tiny_run: Path, **options) -> dict:
     )
 
 
+def train_config(options: dict) -> wf.TrainConfig:
+    """The TrainConfig that `train` with these options builds, to run in this process."""
+    return wf.TrainConfig(
+        **{k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+    )
+
+
 def final_weights(run: Path) -> dict:
     return torch.load(run / "last.pt", weights_only=True)["model_state_dict"]
 
@@ -1262,13 +1269,11 @@ def test_cuda_training_steps_make_no_host_sync(tiny_run, cached):
             train_encoder=not cached,
             out=tiny_run / f"sync_{cached}_{n_steps}",
         )
-        paths = {k: str(v) for k, v in options.items() if isinstance(v, Path)}
-        cfg = wf.TrainConfig(**options | paths)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                wf.train(cfg)
+                wf.train(train_config(options))
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         return sum("synchroniz" in str(w.message) for w in caught)
@@ -1339,22 +1344,19 @@ def test_non_finite_loss_with_finite_gradients_is_skipped(tiny_run, dtype, monke
         F, "cross_entropy", lambda *a, **k: cross_entropy(*a, **k) + inf
     )
     out = tiny_run / f"inf_loss_{dtype}"
-    argv = cli(
-        "train",
-        **tiny_train(
-            tiny_run,
-            dtype=dtype,
-            out=out,
-            max_steps=10,
-            max_bad_steps=3,
-            max_eval=1,
-            eval_every=0,
-            log_every=5,
-            save_every=1,
-        ),
-    )[2:]
+    options = tiny_train(
+        tiny_run,
+        dtype=dtype,
+        out=out,
+        max_steps=10,
+        max_bad_steps=3,
+        max_eval=1,
+        eval_every=0,
+        log_every=5,
+        save_every=1,
+    )
     with pytest.raises(SystemExit) as stop:
-        wf.main(argv)
+        wf.train(train_config(options))
     model = wf.load_model(str(tiny_run / "tiny.pt"))
     assert_skipped_then_stopped(str(stop.value), out, model)
 
