@@ -883,7 +883,7 @@ def test_eval_decodes_longest_first_and_answers_in_order(
         utts.append(wf.Utterance(f"u{k}", str(path), "", "s", f"{path}:1"))
     batches = []
 
-    def decode_batch(model, x, tokenizer, dtype=None):
+    def decode_batch(model, x, tokenizer, dtype=None, graphs=None):
         # which utterance a row is: cached, its feature holds its index; else (the
         # mel skipped below) its wave's length does
         if cached:
@@ -1156,16 +1156,19 @@ def test_long_form_joins_test_audio_and_scores_whisper_transcribe(tiny_run):
     utts, _ = wf.read_corpus(str(tiny_run / "jvs"), tok)
     # a random model rambles for 224 tokens a window, at every temperature: capped
     result = wf.long_form_eval(tiny_model(0), utts, "ja", sample_len=6)
+    # joined in speaker order (19 utterances of 0.5 s: one recording)
     ordered = sorted(utts, key=lambda u: (u.speaker, u.id))
     seconds = [soundfile.info(u.path).duration for u in ordered]
-    groups = wf.join_recordings(seconds)
-    assert result["n"] == len(groups) == len(result["rows"])
+    groups = [[ordered[i] for i in g] for g in wf.join_recordings(seconds)]
+    assert result["n"] == len(groups) == len(result["rows"]) == 1
     for row, group in zip(result["rows"], groups):
-        assert row["ref"] == "".join(ordered[i].target for i in group)
-        n_gaps = len(group) - 1
-        want = sum(seconds[i] for i in group) + wf.LONG_FORM_GAP * n_gaps
+        assert row["ref"] == "".join(u.target for u in group)
+        seconds = sum(soundfile.info(u.path).duration for u in group)
+        want = seconds + wf.LONG_FORM_GAP * (len(group) - 1)
         assert row["seconds"] == pytest.approx(want, abs=1e-3)
-        assert 0 <= row["coverage"] <= 1 and row["timestamped"] in (True, False)
+        assert 0 <= row["coverage"] <= 1
+    timestamped = [r["timestamped"] for r in result["rows"]]
+    assert result["timestamped"] == pytest.approx(sum(timestamped) / len(timestamped))
     refs = [wf.normalize_text(r["ref"]) for r in result["rows"]]
     hyps = [wf.normalize_text(r["hyp"]) for r in result["rows"]]
     assert result["cer"] == pytest.approx(jiwer.cer(refs, hyps))
@@ -1306,7 +1309,7 @@ def tiny_train(tiny_run: Path, **options) -> dict:
 
 
 def train_config(options: dict) -> wf.TrainConfig:
-    """The TrainConfig that `train` with these options builds, to run in this process."""
+    """The TrainConfig that `train` with these options builds, to run in-process."""
     return wf.TrainConfig(
         **{k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
     )
@@ -1385,13 +1388,20 @@ def test_cli_train_eval_transcribe(tiny_run):
     got = eval_line(run_cli("eval", out / "best.pt", part="dev", **common))
     assert got["n"] == split["n_dev"]
     # eval of the training corpus: what the run trained on is not scored...
+    # ... nor dev (which picked best.pt), nor what a training voice or sentence made:
+    # of this corpus, only the test part is left
     proc = run_cli("eval", out / "best.pt", data=tiny_run / "jvs", **common)
-    n_trained = split["n_train"]
-    assert f"{n_trained} of its 19 utterances were trained on" in proc.stderr
-    got = eval_line(proc)
-    assert split["n_dev"] + split["n_test"] <= got["n"] < 19 - n_trained
-    ids = [r.split("\t")[0] for r in (tiny_run / "eval.tsv").read_text().splitlines()]
-    assert not set(ids) & set(split["train"])
+    n_train, n_dev = split["n_train"], split["n_dev"]
+    for said in (
+        "of its 19 utterances, ",
+        f"{n_train} trained on",
+        f"{n_dev} picked best.pt (dev)",
+        "read a training sentence",
+        f"scoring the other {split['n_test']}",
+    ):
+        assert said in proc.stderr, said
+    rows = (tiny_run / "eval.tsv").read_text().splitlines()[1:]
+    assert sorted(r.split("\t")[0] for r in rows) == sorted(split["test"])
     # ... unless asked for
     proc = run_cli("eval", "--include-train", out / "best.pt", data=tiny_run / "jvs")
     assert eval_line(proc)["n"] == 19
@@ -1615,16 +1625,34 @@ def test_bucketed_batches_meet_few_shapes_and_the_same_loss():
         assert torch.allclose(grads[k], padded_grads[k], atol=1e-6), k
 
 
+@pytest.fixture(scope="module")
+def buckets_corpus(tiny_run) -> Path:
+    """Transcripts as written (no pyopenjtalk, which a GPU machine may lack) whose
+    token counts fall into three buckets (16, 32, 48): three graphs, replayed in any
+    order, sharing one memory pool."""
+    words = ["あめ", "かぜ", "やま", "うみ", "そら", "ほし"]
+    corpus = {
+        f"jvs{s:03d}": {
+            f"L{k}": "".join(words[(s + k + i) % 6] for i in range(n))
+            for k, n in enumerate((2, 9, 15, 3, 10, 16))
+        }
+        for s in range(1, 5)
+    }
+    write_jvs(tiny_run / "buckets", corpus)
+    return tiny_run / "buckets"
+
+
 @GPU
-def test_cuda_graphed_steps_are_eager_steps_replayed(tiny_run):
+def test_cuda_graphed_steps_are_eager_steps_replayed(tiny_run, buckets_corpus):
     options = tiny_train(
         tiny_run,
+        data=buckets_corpus,
         max_steps=20,
         eval_every=0,
         log_every=1,
         device="cuda",
         dtype="bf16",
-        target="text",  # no pyopenjtalk needed, which a GPU machine may lack
+        target="text",
     )
     runs = {}
     for graphs in (True, False):
@@ -1632,11 +1660,62 @@ def test_cuda_graphed_steps_are_eager_steps_replayed(tiny_run):
         result = wf.train(train_config({**options, "cuda_graphs": graphs, "out": out}))
         losses = [r["loss"] for r in read_records(out) if "loss" in r]
         runs[graphs] = (result, losses, final_weights(out))
-    assert runs[True][0]["cuda_graphs"] > 0 and not runs[True][0]["graph_failure"]
+    assert runs[True][0]["cuda_graphs"] >= 2 and not runs[True][0]["graph_failure"]
     assert runs[False][0]["cuda_graphs"] == 0
     assert runs[True][1] == pytest.approx(runs[False][1], rel=2e-2)  # bf16
     for k, v in runs[False][2].items():
         assert torch.allclose(runs[True][2][k], v, atol=1e-2), k
+
+
+@GPU
+def test_cuda_graphed_run_resumes_exactly(tiny_run, buckets_corpus, monkeypatch):
+    # killed right after its save of step 6, then resumed (its graphs captured again,
+    # its lr the device tensor): the weights of an uninterrupted graphed run
+    options = tiny_train(
+        tiny_run,
+        data=buckets_corpus,
+        max_steps=12,
+        eval_every=0,
+        save_every=1,
+        device="cuda",
+        dtype="bf16",
+        target="text",
+    )
+    wf.train(train_config({**options, "out": tiny_run / "graphed_full"}))
+    save_state = wf.save_state
+
+    def killed_after_6(run, step):
+        save_state(run, step)
+        if step == 6:
+            raise KeyboardInterrupt  # as a kill: no chance to do anything more
+
+    monkeypatch.setattr(wf, "save_state", killed_after_6)
+    out = tiny_run / "graphed_cut"
+    with pytest.raises(KeyboardInterrupt):
+        wf.train(train_config({**options, "out": out}))
+    monkeypatch.setattr(wf, "save_state", save_state)
+    result = wf.train(train_config({"resume": out, "device": "cuda"}))
+    assert result["cuda_graphs"] >= 2
+    assert_same_weights(tiny_run / "graphed_full", out)
+
+
+@GPU
+@pytest.mark.parametrize("kind", sorted(TOKENIZERS))
+def test_cuda_graphed_decoding_is_whisper_decode(kind):
+    # the same batch three times (eager warm-up, capture, replay) and a smaller one
+    # (padded to the same size): token for token whisper.decode's
+    tok = TOKENIZERS[kind]
+    dims = TINY if kind == "multilingual" else dataclasses.replace(TINY, n_vocab=51864)
+    model = tiny_model(3, dims).cuda()
+    audio = torch.randn(12, 16000 * 2, device="cuda") * 0.1
+    mel = wf.log_mel_spectrogram(audio).half()
+    features = model.encoder(mel)
+    options = wf.decode_options(model, tok, fp16=True)
+    graphs = wf.DecodeGraphs()
+    for batch in (features, features, features, features[:5]):
+        theirs = [r.tokens for r in whisper.decode(model, batch, options)]
+        assert wf.greedy_decode(model, batch, tok, graphs) == theirs
+    assert graphs.graphs and not graphs.failed
 
 
 @GPU
@@ -1877,16 +1956,39 @@ def test_damaged_saves_are_never_trained_on(tiny_run):
         (["--subsets", "parallel100,nonpara3"], "has a 'nonpara3' (there are: "),
         (["--device", "gpu"], "--device gpu: not auto, cpu, mps, cuda or cuda:N"),
         (["--dtype", "fp8"], "invalid choice: 'fp8'"),
+        (["--lr", "inf"], "--lr inf: must be > 0"),
+        (["--language", "xx"], "--language xx: not a whisper language code"),
     ],
 )
 def test_bad_options_are_refused_before_any_work(tiny_run, flags, said, capsys):
     argv = ["train", "--data", str(tiny_run / "jvs"), "--out", str(tiny_run / "x")]
-    t0 = time.time()
+    t0 = time.process_time()  # (CPU time: what the wall clock adds is the machine's)
     with pytest.raises(SystemExit) as exit:
         wf.main(argv + ["--model", str(tiny_run / "tiny.pt"), *flags])
-    assert time.time() - t0 < 1.0  # no corpus read, no model loaded
+    assert time.process_time() - t0 < 1.0  # no corpus read, no model loaded
     assert exit.value.code == 2 and said in capsys.readouterr().err
     assert not (tiny_run / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (["eval", "x.pt", "--batch-size", "0"], "0: must be >= 1"),
+        (["eval", "x.pt", "--num-workers", "-1"], "-1: must be >= 0"),
+        (["eval", "x.pt", "--device", "gpu"], "not auto, cpu, mps, cuda or cuda:N"),
+        (["eval", "x.pt", "--data", "d", "--part", "dev"], "not with --data"),
+        (["transcribe", "x.pt", "a.wav", "--language", "zz"], "zz: not a whisper"),
+        (["bench", "--dims", "huge"], "invalid choice: 'huge'"),
+        (["bench", "--n-utts", "4", "--batch-size", "8"], "at least 2 batches of 8"),
+        (["demo", "--lr", "-1"], "-1: must be >= 1e-12"),
+    ],
+)
+def test_other_commands_refuse_bad_options_too(argv, said, capsys):
+    t0 = time.process_time()
+    with pytest.raises(SystemExit) as exit:
+        wf.main(argv)
+    assert exit.value.code == 2 and said in capsys.readouterr().err
+    assert time.process_time() - t0 < 1.0
 
 
 def test_audio_content_checked_up_front(tmp_path):
@@ -1911,7 +2013,7 @@ def test_audio_content_checked_up_front(tmp_path):
         assert said in proc.stdout, said
 
 
-def test_resume_extends_relocates_and_keeps_its_split(tiny_run, tmp_path):
+def test_resume_extends_relocates_and_keeps_its_split(tiny_run, tmp_path, monkeypatch):
     corpus = tmp_path / "jvs"
     shutil.copytree(tiny_run / "jvs", corpus)
     run = tmp_path / "run"
@@ -1921,16 +2023,28 @@ def test_resume_extends_relocates_and_keeps_its_split(tiny_run, tmp_path):
     run_cli("train", **options, out=run)
     config = json.loads((run / "config.json").read_text())
     assert all(Path(config[k]).is_absolute() for k in ("data", "model", "out"))
+    assert config["dtype"] == "fp32"  # "auto" resolved: a resume elsewhere keeps it
+    # a config of an older whisper_ft, with an option it no longer has
+    (run / "config.json").write_text(json.dumps({**config, "compile": False}))
     split = (run / "split.json").read_text()
     # a finished run: nothing to do, and how to go further
     proc = run_cli("train", resume=run)
     assert "finished at step 3: --max-steps N (> 3) extends it" in proc.stderr
+    assert "options no longer known, left out: ['compile']" in proc.stderr
+    # best.pt lost: the next eval picks it anew; and a run is one process's at a time
+    (run / "best.pt").unlink()
+    lock = wf.lock_run(run)
+    proc = run_cli("train", resume=run, max_steps=5, check=False)
+    assert (
+        proc.returncode == 1 and "in use by another whisper_ft process" in proc.stderr
+    )
+    lock.close()
     # the corpus moves, and gains a speaker who would be held out if split again
     moved = tmp_path / "moved"
     corpus.rename(moved)
     write_jvs(moved, {"jvs009": {"X1": "山に登る。", "X2": "空が青い。"}})
-    proc = subprocess.run(
-        cli("train", resume=run, data=moved, max_steps=5),
+    proc = subprocess.run(  # (--data relative to where it is run)
+        cli("train", resume=run, data="moved", max_steps=5),
         capture_output=True,
         text=True,
         timeout=600,
@@ -1939,10 +2053,21 @@ def test_resume_extends_relocates_and_keeps_its_split(tiny_run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "resume: --max-steps 3 -> 5" in proc.stderr
     assert f"resume: --data {corpus} -> {moved}" in proc.stderr
-    assert "lr now decays linearly to 0 at step 5" in proc.stderr
+    assert "extended: the lr now goes linearly to 0 at step 5" in proc.stderr
+    assert "best.pt: not found: the next eval picks best.pt anew" in proc.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["after"]["step"] == 5 and summary["after"]["best_step"] == 5
     assert "split: as" in proc.stderr and (run / "split.json").read_text() == split
+    # dev is what split.json says, not jvs009, which a new split would hold out
+    decoded = (run / "eval_dev_last.tsv").read_text().splitlines()[1].split("\t")[0]
+    assert decoded == json.loads(split)["dev"][0]
     records = read_records(run)
     assert [r["step"] for r in records if "dev_cer" in r] == [0, 3, 5]
+    # the same paths, relative, are no change
+    monkeypatch.chdir(tmp_path)
+    same = wf.TrainConfig(resume="run", data="moved", model=str(tiny_run / "tiny.pt"))
+    cfg, _, changes = wf.run_config(same, {"resume", "data", "model"})
+    assert changes == {} and cfg.data == str(moved) and cfg.out == str(run)
     assert json.loads((run / "config.json").read_text())["max_steps"] == 5
     # other options are the run's own: refused, with what may change
     proc = run_cli("train", resume=run, lr=0.5, max_steps=6, check=False)
@@ -1957,6 +2082,36 @@ def test_resume_extends_relocates_and_keeps_its_split(tiny_run, tmp_path):
     ).unlink()
     proc = run_cli("train", resume=run, max_steps=6, check=False)
     assert proc.returncode == 1 and f"(first: {test_id})" in proc.stderr
+
+
+def test_a_run_stopped_in_its_final_report_makes_it_when_resumed(tiny_run, monkeypatch):
+    out = tiny_run / "unreported"
+    options = tiny_train(
+        tiny_run, max_steps=2, eval_every=2, eval_speakers=0.25, out=out
+    )
+    final_report = wf.final_report
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(wf, "final_report", stopped)
+    with pytest.raises(SystemExit) as exit:
+        wf.train(train_config(options))
+    assert exit.value.code == 130 and not (out / "summary.json").exists()
+    monkeypatch.setattr(wf, "final_report", final_report)
+    result = wf.train(train_config({"resume": out}))
+    assert "| test kana CER" in result["table"]
+    assert json.loads((out / "summary.json").read_text())["after"]["step"] == 2
+    with pytest.raises(SystemExit) as exit:  # and now it is finished
+        wf.train(train_config({"resume": out}))
+    assert exit.value.code == 0
+    # a pair of another run copied in is refused, not resumed from
+    other = tiny_run / "other_run"
+    wf.train(train_config({**options, "out": other, "eval_every": 0, "max_steps": 1}))
+    for name in ("last.pt", "state.pt"):
+        shutil.copyfile(other / name, out / name)
+    with pytest.raises(wf.CorpusError, match=r"\(step 1\) are another run's"):
+        wf.train(train_config({"resume": out, "max_steps": 3}))
 
 
 def test_ctrl_c_while_encoding_leaves_a_resumable_run(tiny_run, monkeypatch, capsys):
@@ -2017,6 +2172,8 @@ def test_one_line_errors_where_tracebacks_were(tiny_run, tmp_path):
         assert "cannot hold a run there" in fails(
             "train", **tiny_train(tiny_run, out=out)
         )
+    # convert never writes over a file (not even the one it reads)
+    assert "exists: remove it" in fails("convert", tiny_run / "tiny.pt", text)
     # transcribe goes on past a bad file, says which, and exits 1
     wav = next((tiny_run / "jvs").rglob("*.wav"))
     proc = run_cli(
@@ -2031,6 +2188,27 @@ def test_one_line_errors_where_tracebacks_were(tiny_run, tmp_path):
     assert f"{tmp_path / 'gone.wav'}: not found" in proc.stderr
     assert f"{text}: cannot read audio" in proc.stderr
     assert "2 of 3 files not transcribed" in proc.stderr
+    proc = run_cli("transcribe", tiny_run / "tiny.pt", tmp_path, check=False)
+    assert f"{tmp_path}: a directory, not an audio file" in proc.stderr
+
+
+def test_saves_that_fail_twice_still_leave_a_whole_pair(tmp_path, monkeypatch):
+    model, state = tiny_model(), {"best_cer": 1.0}
+    wf.save_run(tmp_path, model, 1, state)
+    save = torch.save
+
+    def no_state(obj, f):  # last.pt is written, then the crash, before state.pt
+        if "model_state_dict" not in obj:
+            raise OSError(28, "No space left on device")
+        save(obj, f)
+
+    monkeypatch.setattr(torch, "save", no_state)
+    for step in (2, 3):
+        with pytest.raises(OSError):
+            wf.save_run(tmp_path, model, step, state)
+    monkeypatch.setattr(torch, "save", save)
+    last, saved = wf.load_run(tmp_path, log=lambda m: None)
+    assert last["step"] == saved["step"] == 1
 
 
 def test_a_failed_save_leaves_no_temp_file(tmp_path, monkeypatch):
@@ -2545,11 +2723,22 @@ def test_cli_names_the_missing_runtime(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-def test_export_refuses_int8_and_existing_output(tmp_path):
-    with pytest.raises(wf.CorpusError, match="int8 export is not supported"):
+def test_export_refuses_int8_and_existing_output(tmp_path, capsys):
+    with pytest.raises(wf.OptionError, match="int8 export is not supported"):
         wf.export_dtype("int8")
-    with pytest.raises(wf.CorpusError, match="float32, float16, bfloat16"):
+    with pytest.raises(wf.OptionError, match="float32, float16, bfloat16"):
         wf.export_dtype("fp8")
+    # options, and the clips of the check, before anything is written
+    out = str(tmp_path / "x")
+    for flags, said in [
+        (["--dtype", "int8"], "int8 export is not supported"),
+        (["--max-cer", "-1"], "-1: must be >= 0"),
+        (["--audio", str(tmp_path / "no.wav")], "no.wav: not found"),
+    ]:
+        with pytest.raises(SystemExit) as exit:
+            wf.main(["export", "tiny.pt", out, "--to", "ct2", "--no-check", *flags])
+        assert said in capsys.readouterr().err + str(exit.value), flags
+        assert not (tmp_path / "x").exists()
     (tmp_path / "out").mkdir()
     with pytest.raises(wf.CorpusError, match="exists"):
         wf.export_model("tiny.pt", "ct2", tmp_path / "out")
@@ -2602,7 +2791,7 @@ def test_bad_hf_dirs(tmp_path):
     (tmp_path / "config.json").unlink()
     with pytest.raises(wf.CorpusError) as e:
         wf.read_model_dir(tmp_path)
-    assert "neither model.bin" in one_line(e)
+    assert "no model.bin (CTranslate2) nor config.json" in one_line(e)
 
 
 def test_truncated_ct2_model(tmp_path):

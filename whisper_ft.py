@@ -29,6 +29,7 @@ import inspect
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -37,11 +38,17 @@ import struct
 import sys
 import time
 import unicodedata
+import uuid
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
+
+try:
+    import fcntl  # a run directory's lock (POSIX)
+except ImportError:
+    fcntl = None
 
 import jiwer
 import numpy as np
@@ -155,7 +162,8 @@ def load_wave(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch.
     torch.Tensor, shape = (n_samples,), at `sample_rate`, values in [-1, 1]
     """
     if not os.path.isfile(path):
-        raise CorpusError(f"{path}: not found")
+        why = "a directory, not an audio file" if os.path.isdir(path) else "not found"
+        raise CorpusError(f"{path}: {why}")
     try:
         with soundfile.SoundFile(path) as f:
             # 16-bit PCM (JVS's format) read as int16 and scaled here: the same
@@ -667,6 +675,7 @@ def split_info(
         "test": [u.id for u in test],
         "dropped": [u.id for u in dropped],
         "train_texts": sorted({normalize_text(u.target) for u in train}),
+        "train_speakers": sorted({u.speaker for u in train}),
     }
 
 
@@ -1181,10 +1190,13 @@ def load_checked(path: str | os.PathLike) -> dict:
     except FileNotFoundError:
         raise CorpusError(f"{path}: not found") from None
     except Exception as e:  # a text file, random bytes, a cut-off zip...
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CorpusError(
-            f"{path}: damaged or not a checkpoint ({why[:160]})"
-        ) from None
+        if isinstance(e, pickle.UnpicklingError) or "Weights only" in str(e):
+            why = (
+                "not a torch.save file"  # (torch's advice, weights_only=False: unsafe)
+            )
+        else:
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CorpusError(f"{path}: damaged or not a checkpoint ({why})") from None
     if not isinstance(obj, dict):
         raise CorpusError(f"{path}: not a checkpoint (a {type(obj).__name__})")
     digest = obj.pop("sha256", None)
@@ -1237,15 +1249,26 @@ def save_run(out: Path, model: Whisper, step: int, state: dict) -> None:
     files cannot be replaced in one atomic step, so the previous pair stays hard-linked
     as *.prev.pt until the new pair is whole: a crash at any moment leaves a pair.
     """
-    for name in ("last", "state"):
-        current, previous = out / f"{name}.pt", out / f"{name}.prev.pt"
-        if current.exists():
+    if _pair_step(out) is not None:  # (else the previous pair is the whole one)
+        for name in ("last", "state"):
+            current, previous = out / f"{name}.pt", out / f"{name}.prev.pt"
             previous.unlink(missing_ok=True)
             os.link(current, previous)
     save_checkpoint(model, out / "last.pt", step=step)
     state = {**state, "step": step}
     state["sha256"] = content_digest(state)
     atomic_write(out / "state.pt", lambda f: torch.save(state, f))
+
+
+def _pair_step(out: Path) -> Optional[int]:
+    """The step of last.pt and state.pt if they are a pair of one step, else None."""
+    steps = set()
+    for name in ("last.pt", "state.pt"):
+        try:  # (mapped, not read: a cheap look at one number)
+            steps.add(torch.load(out / name, mmap=True, weights_only=True)["step"])
+        except Exception:  # missing, damaged: not a pair
+            return None
+    return steps.pop() if len(steps) == 1 else None
 
 
 def load_run(out: Path, log: Callable = print) -> Optional[tuple[dict, dict]]:
@@ -1371,7 +1394,7 @@ class TrainConfig:
     train_encoder: bool = False  # also train the encoder (default: decoder only)
     train_prefix: bool = False  # also learn the language/task/notimestamps tokens
     grad_checkpoint: bool = False  # recompute activations in backward: less memory
-    cuda_graphs: bool = True  # CUDA, frozen encoder: each step shape one CUDA graph
+    cuda_graphs: bool = True  # on CUDA: train (frozen encoder) and decode steps graphed
     # optimization
     max_steps: int = 1000  # optimizer updates
     batch_size: int = 16  # utterances per update (before accumulation)
@@ -1568,9 +1591,179 @@ def decode_options(model: Whisper, tokenizer: Tokenizer, fp16: bool):
     )
 
 
+class DecodeBuffers:
+    """
+    What greedy_decode's token steps read: the decoder's weights cast to the
+    features' dtype (whisper's Linear casts them at every call), one batch's
+    cross-attention keys and values (computed once: whisper recomputes none, but
+    copies), and its self-attention cache (written in place, where whisper
+    concatenates at every step). A DecodeGraphs keeps them between calls, so that
+    its captured steps find them where they were.
+    """
+
+    def __init__(self, model: Whisper, n_batch: int, n_ctx: int, dtype, device):
+        self.n_batch, self.dtype = n_batch, dtype
+        names = ["query", "key", "value", "out"]
+        self.linears = [
+            {
+                **{n: getattr(b.attn, n) for n in names},
+                **{f"cross_{n}": getattr(b.cross_attn, n) for n in ("query", "out")},
+                "fc1": b.mlp[0],
+                "fc2": b.mlp[2],
+            }
+            for b in model.decoder.blocks
+        ]
+        self.weights = [
+            {
+                n: (_cast(lin.weight, dtype), _cast(lin.bias, dtype))
+                for n, lin in b.items()
+            }
+            for b in self.linears
+        ]
+        self.embedding = _cast(model.decoder.token_embedding.weight, dtype)
+        dims = model.dims
+        cross = (n_batch, dims.n_audio_ctx, dims.n_text_state)
+        self.cross = [
+            [torch.zeros(cross, dtype=dtype, device=device) for _ in "kv"]
+            for _ in model.decoder.blocks
+        ]
+        cache = (n_batch, n_ctx, dims.n_text_state)
+        self.cache = [
+            [torch.zeros(cache, dtype=dtype, device=device) for _ in "kv"]
+            for _ in model.decoder.blocks
+        ]
+
+    def load(self, model: Whisper, audio_features: torch.Tensor) -> None:
+        """The model's current weights, and a batch's cross-attention (n <= n_batch
+        rows: the rest keep what they held, rows whose output is not read)."""
+        pairs = [
+            (buffer, param)
+            for block, weights in zip(self.linears, self.weights)
+            for name, linear in block.items()
+            for buffer, param in zip(weights[name], (linear.weight, linear.bias))
+        ]
+        pairs.append((self.embedding, model.decoder.token_embedding.weight))
+        for buffer, param in pairs:
+            if buffer is not param and param is not None:
+                buffer.copy_(param)  # (copy_ casts, as .to() does)
+        n = len(audio_features)
+        for block, (k, v) in zip(model.decoder.blocks, self.cross):
+            k[:n] = block.cross_attn.key(audio_features)
+            v[:n] = block.cross_attn.value(audio_features)
+
+
+def _cast(param: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
+    """The parameter itself in its own dtype, else a buffer to cast it into."""
+    if param is None or param.dtype == dtype:
+        return param
+    return torch.empty_like(param, dtype=dtype)
+
+
+def decode_step(
+    decoder: torch.nn.Module, b: DecodeBuffers, x_tokens: torch.Tensor, offset: int
+) -> torch.Tensor:
+    """
+    One step of greedy decoding: the tokens x_tokens at positions offset... (the prefix
+    at the first step, then one token), their keys and values written into b's cache.
+    Whisper's decoder, layer for layer, on b's buffers.
+
+    Returns
+    -------
+    logits: torch.Tensor, shape = (n_batch, n_vocab), float32, of the last position
+    """
+    n = x_tokens.shape[1]
+    x = decoder.token_embedding(x_tokens)
+    x = (x + decoder.positional_embedding[offset : offset + n]).to(b.dtype)
+    for block, w, (k_cross, v_cross), (k_self, v_self) in zip(
+        decoder.blocks, b.weights, b.cross, b.cache
+    ):
+        h = block.attn_ln(x)
+        k_self[:, offset : offset + n] = F.linear(h, *w["key"])
+        v_self[:, offset : offset + n] = F.linear(h, *w["value"])
+        wv, _ = block.attn.qkv_attention(
+            F.linear(h, *w["query"]),
+            k_self[:, : offset + n],
+            v_self[:, : offset + n],
+            decoder.mask,
+        )
+        x = x + F.linear(wv, *w["out"])
+        h = block.cross_attn_ln(x)
+        wv, _ = block.cross_attn.qkv_attention(
+            F.linear(h, *w["cross_query"]), k_cross, v_cross
+        )
+        x = x + F.linear(wv, *w["cross_out"])
+        h = F.gelu(F.linear(block.mlp_ln(x), *w["fc1"]))  # whisper's mlp
+        x = x + F.linear(h, *w["fc2"])
+    # (all positions, as whisper does: the same matmul shapes, the same numbers)
+    x = decoder.ln(x)
+    return (x @ b.embedding.T).float()[:, -1]
+
+
+class DecodeGraphs:
+    """
+    greedy_decode's token steps as CUDA graphs, one per batch size (padded to 8, 16,
+    32...), position and length, replayed by every later batch of that size: a step
+    of small matmuls is bound by kernel launches (about 3 ms a step of base at batch
+    32 on an H200). As StepGraphs: a step's first run is eager, on a side stream, its
+    second captured, then replayed; one memory pool (replays follow the capture's
+    order: position after position); eager, with a warning, if capture fails. The
+    graphs run the same kernels on the same shapes as eager steps: the same tokens.
+    """
+
+    def __init__(self, log: Callable = print):
+        self.buffers = {}  # (rows, n_ctx, dtype) -> DecodeBuffers
+        self.graphs = {}  # (rows, n_ctx, dtype, offset, n) -> (graph, x, logits)
+        self.warm = set()
+        self.pool, self.failed, self.log = None, "", log
+
+    def prepare(
+        self, model: Whisper, audio_features: torch.Tensor, n_ctx: int
+    ) -> tuple[DecodeBuffers, Callable]:
+        n = len(audio_features)
+        rows = max(8, 1 << (n - 1).bit_length())  # a few sizes: 8, 16, 32...
+        key = (rows, n_ctx, audio_features.dtype)
+        if key not in self.buffers:
+            self.buffers[key] = DecodeBuffers(
+                model, rows, n_ctx, audio_features.dtype, audio_features.device
+            )
+        b = self.buffers[key]
+        b.load(model, audio_features)
+        return b, functools.partial(self.step, model.decoder, b, key)
+
+    def step(self, decoder, b: DecodeBuffers, key: tuple, x_tokens, offset: int):
+        key = (*key, offset, x_tokens.shape[1])
+        if self.failed:
+            return decode_step(decoder, b, x_tokens, offset)
+        if key not in self.warm:
+            self.warm.add(key)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                logits = decode_step(decoder, b, x_tokens, offset)
+            torch.cuda.current_stream().wait_stream(side)
+            return logits
+        if key not in self.graphs:
+            try:
+                x, graph = x_tokens.clone(), torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    logits = decode_step(decoder, b, x, offset)
+                self.pool, self.graphs[key] = graph.pool(), (graph, x, logits)
+            except Exception as e:  # never fail a decoding that eager would finish
+                self.failed = f"{type(e).__name__}: {e}".splitlines()[0]
+                self.log(f"CUDA graph capture failed, decoding eagerly ({self.failed})")
+                return decode_step(decoder, b, x_tokens, offset)
+        graph, x, logits = self.graphs[key]
+        x.copy_(x_tokens)
+        graph.replay()
+        return logits  # (the next replay overwrites it: the caller is done by then)
+
+
 @torch.no_grad()
 def greedy_decode(
-    model: Whisper, audio_features: torch.Tensor, tokenizer: Tokenizer
+    model: Whisper,
+    audio_features: torch.Tensor,
+    tokenizer: Tokenizer,
+    graphs: Optional[DecodeGraphs] = None,
 ) -> list[list[int]]:
     """
     Batched greedy decoding, token for token what whisper.decode(model, audio_features,
@@ -1579,7 +1772,8 @@ def greedy_decode(
     instead of being concatenated by forward hooks at every step, the cross-attention
     ones are computed once, so are the weights' casts to fp16, the suppression is one
     precomputed mask, no log-probabilities are kept, and the host reads the device
-    every 8 steps rather than at every one.
+    every 8 steps rather than at every one. With `graphs` (CUDA), each token step is
+    a replayed CUDA graph.
 
     audio_features: torch.Tensor, shape = (n_batch, n_audio_ctx, n_audio_state)
 
@@ -1587,83 +1781,25 @@ def greedy_decode(
     -------
     the tokens written after the prefix, up to eot, for each item
     """
-    decoder, eot = model.decoder, tokenizer.eot
-    prefix = list(tokenizer.sot_sequence_including_notimestamps)
+    eot, prefix = tokenizer.eot, list(tokenizer.sot_sequence_including_notimestamps)
     n_batch, device = len(audio_features), audio_features.device
-    dtype = audio_features.dtype
     n_ctx = len(prefix) + model.dims.n_text_ctx // 2  # whisper's sample_len
     suppress = torch.zeros(model.dims.n_vocab, dtype=torch.bool, device=device)
     suppress[suppressed_tokens(tokenizer)] = True
     blank = suppress.clone()  # whisper's SuppressBlank: no space nor eot first
     blank[tokenizer.encode(" ") + [eot]] = True
-
-    def cast(linear: torch.nn.Linear) -> tuple:
-        # whisper's Linear casts its weights to the input's dtype at every call, a
-        # kernel each on a GPU in fp16: here once (the same numbers)
-        bias = None if linear.bias is None else linear.bias.to(dtype)
-        return linear.weight.to(dtype), bias
-
-    weights = [
-        {
-            "query": cast(b.attn.query),
-            "key": cast(b.attn.key),
-            "value": cast(b.attn.value),
-            "out": cast(b.attn.out),
-            "cross_query": cast(b.cross_attn.query),
-            "cross_out": cast(b.cross_attn.out),
-            "fc1": cast(b.mlp[0]),
-            "fc2": cast(b.mlp[2]),
-        }
-        for b in decoder.blocks
-    ]
-    embedding = decoder.token_embedding.weight.to(dtype)  # (n_vocab, n_text_state)
-    cross = [
-        (b.cross_attn.key(audio_features), b.cross_attn.value(audio_features))
-        for b in decoder.blocks
-    ]
-    shape = (n_batch, n_ctx, model.dims.n_text_state)
-    cache = [
-        (
-            torch.empty(shape, dtype=dtype, device=device),
-            torch.empty(shape, dtype=dtype, device=device),
-        )
-        for _ in decoder.blocks
-    ]
-
-    tokens = torch.tensor([prefix] * n_batch, device=device)  # (n_batch, n_prefix)
-    x_tokens, done = tokens, torch.zeros(n_batch, dtype=torch.bool, device=device)
+    if graphs is not None:
+        b, step_fn = graphs.prepare(model, audio_features, n_ctx)
+    else:
+        b = DecodeBuffers(model, n_batch, n_ctx, audio_features.dtype, device)
+        b.load(model, audio_features)
+        step_fn = functools.partial(decode_step, model.decoder, b)
+    tokens = torch.tensor([prefix] * b.n_batch, device=device)  # (rows, n_prefix)
+    x_tokens = tokens
+    done = torch.arange(b.n_batch, device=device) >= n_batch  # (padding rows: done)
     sync_every = 1 if device.type == "cpu" else 8
     for step in range(n_ctx - len(prefix)):
-        n = x_tokens.shape[1]  # the prefix at the first step, then one token
-        offset = tokens.shape[1] - n
-        x = (
-            decoder.token_embedding(x_tokens)
-            + decoder.positional_embedding[offset : offset + n]
-        )
-        x = x.to(dtype)
-        for block, w, (k_cross, v_cross), (k_self, v_self) in zip(
-            decoder.blocks, weights, cross, cache
-        ):
-            h = block.attn_ln(x)
-            k_self[:, offset : offset + n] = F.linear(h, *w["key"])
-            v_self[:, offset : offset + n] = F.linear(h, *w["value"])
-            wv, _ = block.attn.qkv_attention(
-                F.linear(h, *w["query"]),
-                k_self[:, : offset + n],
-                v_self[:, : offset + n],
-                decoder.mask,
-            )
-            x = x + F.linear(wv, *w["out"])
-            h = block.cross_attn_ln(x)
-            wv, _ = block.cross_attn.qkv_attention(
-                F.linear(h, *w["cross_query"]), k_cross, v_cross
-            )
-            x = x + F.linear(wv, *w["cross_out"])
-            h = F.gelu(F.linear(block.mlp_ln(x), *w["fc1"]))  # whisper's mlp
-            x = x + F.linear(h, *w["fc2"])
-        # (all positions, as whisper does: the same matmul shapes, the same numbers)
-        x = decoder.ln(x)
-        logits = (x @ embedding.T).float()[:, -1]
+        logits = step_fn(x_tokens, tokens.shape[1] - x_tokens.shape[1])
         logits.masked_fill_(blank if step == 0 else suppress, -math.inf)
         next_tokens = torch.where(done, eot, logits.argmax(dim=-1))
         tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
@@ -1673,7 +1809,7 @@ def greedy_decode(
         # eot after eot, which is cut off below)
         if step % sync_every == sync_every - 1 and bool(done.all()):
             break
-    rows = tokens[:, len(prefix) :].tolist()
+    rows = tokens[:n_batch, len(prefix) :].tolist()
     return [row[: row.index(eot)] if eot in row else row for row in rows]
 
 
@@ -1683,6 +1819,7 @@ def decode_batch(
     x: torch.Tensor,
     tokenizer: Tokenizer,
     dtype: torch.dtype = torch.float32,
+    graphs: Optional[DecodeGraphs] = None,
 ) -> list[str]:
     """
     Greedy transcripts of a batch (greedy_decode: whisper's decoding, with its
@@ -1693,7 +1830,8 @@ def decode_batch(
     """
     if x.shape[-2:] != (model.dims.n_audio_ctx, model.dims.n_audio_state):
         x = encode(model, x, dtype)
-    return [tokenizer.decode(t).strip() for t in greedy_decode(model, x, tokenizer)]
+    tokens = greedy_decode(model, x, tokenizer, graphs)
+    return [tokenizer.decode(t).strip() for t in tokens]
 
 
 def feature_batches(
@@ -1732,6 +1870,7 @@ def transcribe_utts(
     audio_features: Optional[torch.Tensor | DiskFeatures] = None,
     dtype: torch.dtype = torch.float32,
     detect_language: bool = False,
+    graphs: Optional[DecodeGraphs] = None,
 ) -> list[str] | tuple[list[str], list[str]]:
     """
     Greedy transcripts of utterances, in order; with `detect_language`, also the
@@ -1750,7 +1889,7 @@ def transcribe_utts(
     for idx, x in tqdm(
         batches, desc="eval", unit="batch", leave=False, total=n_batches
     ):
-        for i, hyp in zip(idx, decode_batch(model, x, tokenizer)):
+        for i, hyp in zip(idx, decode_batch(model, x, tokenizer, dtype, graphs)):
             hyps[i] = hyp
         if detect_language:
             found, _ = whisper.detect_language(model, x, tokenizer)
@@ -1817,7 +1956,7 @@ def score(utts: Sequence[Utterance], hyps: Sequence[str], spaced: bool = False) 
 
 
 def write_eval(result: dict, tsv: str | os.PathLike) -> None:
-    """Per-utterance TSV (id, ref, hyp, cer, repeat, ...) and a summary JSON beside it."""
+    """Per-utterance TSV (id, ref, hyp, cer, repeat...), and a summary JSON beside."""
 
     def cell(v) -> str:
         v = f"{v:.4f}" if isinstance(v, float) else str(v)
@@ -1913,9 +2052,10 @@ def long_form_eval(
     carry sane timestamps, the share of the audio their segments cover, and loops.
     """
     spaced = language not in LANGUAGES_WITHOUT_SPACES
-    ordered = sorted(utts, key=lambda u: (u.speaker, u.id))  # one voice a recording
-    seconds = [soundfile.info(u.path).duration for u in ordered]
-    groups = join_recordings([min(s, CHUNK_LENGTH) for s in seconds])
+    # in speaker order: a recording changes voice only where a speaker's run ends
+    ordered = sorted(utts, key=lambda u: (u.speaker, u.id))
+    seconds = [min(soundfile.info(u.path).duration, CHUNK_LENGTH) for u in ordered]
+    groups = join_recordings(seconds)
     tokenizer = model_tokenizer(model.dims, language)
     was_training, rows = model.training, []
     model.eval()
@@ -1996,6 +2136,7 @@ def score_set(
     dtype: torch.dtype,
     rank: int = 0,
     world: int = 1,
+    graphs: Optional[DecodeGraphs] = None,
 ) -> dict:
     """Greedy decoding of an EvalSet, each rank its share; scored on every rank."""
     x = None if s.features is None else s.features[rank::world]
@@ -2008,6 +2149,7 @@ def score_set(
         x,
         dtype,
         s.detect_language,
+        graphs,
     )
     hyps, languages = out if s.detect_language else (out, None)
     spaced = s.tokenizer.language not in LANGUAGES_WITHOUT_SPACES
@@ -2025,7 +2167,8 @@ def evaluate(run: "Run", step: int, parts: Sequence[str], when: str) -> dict:
     """
     Decode and score the parts named (dev, test, retain, long: test's audio joined into
     recordings for whisper.transcribe) that this run has; write a TSV each, named
-    eval_<part>_<when>.tsv (eval_<part>.tsv without `when`). Returns one flat record: <part>_<metric> -> value.
+    eval_<part>_<when>.tsv (eval_<part>.tsv without `when`). Returns one flat
+    record: <part>_<metric> -> value.
     """
     record = {"step": step}
     for part in parts:
@@ -2045,6 +2188,7 @@ def evaluate(run: "Run", step: int, parts: Sequence[str], when: str) -> dict:
                 run.dtype,
                 run.rank,
                 run.world,
+                run.decode_graphs,
             )
         else:
             continue
@@ -2106,6 +2250,7 @@ def plot_curves(records: Sequence[dict], png: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    records = [r for r in records if not r.get("final")]  # best.pt's, not a step's
     panels = [
         ("training loss", ["loss"]),
         ("learning rate", ["lr"]),
@@ -2157,11 +2302,14 @@ class Run:
     train_utts: list[Utterance]
     train_x: Optional[torch.Tensor | DiskFeatures]  # cached encoder output, or None
     evals: dict[str, EvalSet]  # dev, test, and retain if there is one
+    run_id: str  # split.json's; every state.pt carries it
+    lock: Optional[object]  # the run directory's lock file (rank 0), held open
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     lengths: list[int] = field(default_factory=list)  # train_utts' token counts
     audio: Optional[Iterator[torch.Tensor]] = None  # uncached: micro-batches' audio
     graphs: Optional["StepGraphs"] = None  # train_step replayed as CUDA graphs
+    decode_graphs: Optional[DecodeGraphs] = None  # greedy decoding's token steps
     start: int = 0  # the step saved last: the loop goes on from start + 1
     best_cer: float = math.inf  # dev CER of best.pt
     feature_seconds: float = 0.0
@@ -2220,9 +2368,11 @@ def check_config(cfg: TrainConfig) -> None:
     for names, ok, wording in OPTION_RANGES:
         for name in names:
             value = getattr(cfg, name)
-            if not ok(value) or value != value:  # (NaN)
+            if not ok(value) or not math.isfinite(value):
                 flag = "--" + name.replace("_", "-")
                 raise OptionError(f"{flag} {value}: must be {wording}")
+    if cfg.language not in whisper.tokenizer.LANGUAGES:
+        raise OptionError(f"--language {cfg.language}: not a whisper language code")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
         raise OptionError(f"--device {cfg.device}: not auto, cpu, mps, cuda or cuda:N")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -2260,6 +2410,25 @@ def check_config(cfg: TrainConfig) -> None:
             )
 
 
+def read_json(path: Path):
+    """A JSON file, or one line that says why it is not one."""
+    try:
+        return json.loads(path.read_text())
+    except OSError as e:
+        raise CorpusError(f"{path}: {e.strerror}") from None
+    except ValueError as e:
+        raise CorpusError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_config(path: Path) -> TrainConfig:
+    """A run's config.json; options this version no longer has are left out, said."""
+    saved = read_json(path)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    if gone := sorted(saved.keys() - known):
+        print(f"{path}: options no longer known, left out: {gone}", file=sys.stderr)
+    return TrainConfig(**{k: v for k, v in saved.items() if k in known})
+
+
 def run_config(
     cfg: TrainConfig, given: Optional[set[str]] = None
 ) -> tuple[TrainConfig, Path, dict]:
@@ -2275,11 +2444,12 @@ def run_config(
         given = {
             f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default
         }
+    cfg = _absolute_paths(cfg)
     if cfg.resume:
         out = Path(cfg.resume)
         if not (out / "config.json").is_file():
             raise CorpusError(f"{out}: no config.json, so not a run to resume")
-        saved = TrainConfig(**json.loads((out / "config.json").read_text()))
+        saved = load_config(out / "config.json")
         changed = {
             k for k in given - {"resume"} if getattr(cfg, k) != getattr(saved, k)
         }
@@ -2294,16 +2464,36 @@ def run_config(
         cfg = dataclasses.replace(
             saved, resume=str(out), **{k: getattr(cfg, k) for k in changed}
         )
-    for name in ("data", "eval_data", "exclude", "retain_data", "feature_cache"):
-        if getattr(cfg, name):
-            cfg = dataclasses.replace(
-                cfg, **{name: os.path.abspath(getattr(cfg, name))}
-            )
-    if os.path.exists(cfg.model):  # a file or directory, not a whisper name
-        cfg = dataclasses.replace(cfg, model=os.path.abspath(cfg.model))
     out = Path(cfg.resume or cfg.out).absolute()
     cfg = dataclasses.replace(cfg, out=str(out), resume=cfg.resume and str(out))
     return cfg, out, changes
+
+
+def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    paths = ("data", "eval_data", "exclude", "retain_data", "feature_cache", "out")
+    new = {
+        name: os.path.abspath(getattr(cfg, name))
+        for name in paths
+        if getattr(cfg, name)
+    }
+    if os.path.exists(cfg.model):  # a file or directory, not a whisper name
+        new["model"] = os.path.abspath(cfg.model)
+    return dataclasses.replace(cfg, **new)
+
+
+def lock_run(out: Path):
+    """
+    The run directory's lock, held while this process lives (or until closed): two
+    processes on one run would overwrite each other's saves and records.
+    """
+    f = open(out / ".lock", "a+")
+    if fcntl is not None:  # (POSIX; elsewhere, no lock)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise CorpusError(f"{out}: in use by another whisper_ft process") from None
+    return f
 
 
 def run_dir(out: Path) -> None:
@@ -2342,7 +2532,7 @@ def load_data(
         held, eval_report = read(cfg.eval_data)
         log(eval_report.summary(cfg.eval_data))
     if cfg.resume:
-        split = json.loads((out / "split.json").read_text())
+        split = read_json(out / "split.json")
         if "test" not in split:
             raise CorpusError(f"{out}/split.json: from an older whisper_ft, no test")
         train = apply_split(utts, split, "train")
@@ -2453,7 +2643,8 @@ def cache_features(run: Run) -> None:
         s.features = x
     run.feature_seconds, run.feature_gib = time.time() - t0, gib
     run.log(
-        f"encoder features: {len(features)} in {run.feature_seconds:.1f} s, {gib:.2f} GiB"
+        f"encoder features: {len(features)} in {run.feature_seconds:.1f} s, "
+        f"{gib:.2f} GiB"
     )
 
 
@@ -2475,10 +2666,32 @@ def setup_run(cfg: TrainConfig, given: Optional[set[str]] = None) -> Run:
         if data and not os.path.exists(data):
             raise CorpusError(f"{data}: no such file or directory")
     run_dir(out)
+    lock = lock_run(out) if rank == 0 else None
+    try:
+        return _setup_run(cfg, out, changes, rank, world, device, lock)
+    except BaseException:
+        if lock:
+            lock.close()
+        raise
+
+
+def _setup_run(
+    cfg: TrainConfig,
+    out: Path,
+    changes: dict,
+    rank: int,
+    world: int,
+    device: torch.device,
+    lock,
+) -> Run:
+    """setup_run, once the options are checked and the run directory locked."""
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     dtype = pick_dtype(device, cfg.dtype)
+    # "auto" resolved, and kept so: a run resumed on another device computes alike
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    cfg = dataclasses.replace(cfg, dtype=names[dtype])
 
     def log(message: str) -> None:
         if rank == 0:
@@ -2493,9 +2706,17 @@ def setup_run(cfg: TrainConfig, given: Optional[set[str]] = None) -> Run:
     evals = {name: EvalSet(name, utts, tokenizer) for name, utts in held.items()}
     if retain := load_retain(cfg, model.dims, log):
         evals["retain"] = retain
+    # a run's saves carry its id: a pair copied in from another run is refused
+    new_id = "run_id" not in split
+    run_id = split.setdefault("run_id", uuid.uuid4().hex)
+    if saved and saved[1].get("run_id", run_id) != run_id:
+        step = saved[1]["step"]
+        raise CorpusError(
+            f"{out}: its last.pt/state.pt (step {step}) are another run's"
+        )
     if rank == 0:
         save_json(out / "config.json", dataclasses.asdict(cfg))
-        if not cfg.resume:
+        if not cfg.resume or new_id:
             save_json(out / "split.json", split)
 
     model.to(device)
@@ -2528,6 +2749,8 @@ def setup_run(cfg: TrainConfig, given: Optional[set[str]] = None) -> Run:
         lengths=[len(u.tokens) for u in train_utts],
         train_x=None,
         evals=evals,
+        run_id=run_id,
+        lock=lock,
         optimizer=torch.optim.AdamW(groups, lr=lr, fused=fused, capturable=graphed),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
     )
@@ -2543,10 +2766,17 @@ def setup_run(cfg: TrainConfig, given: Optional[set[str]] = None) -> Run:
         run.net = DistributedDataParallel(run.net, device_ids=ids)
     if graphed:
         run.graphs = StepGraphs()
+    if cfg.cuda_graphs and device.type == "cuda":
+        run.decode_graphs = DecodeGraphs(log)
     if saved:
         checkpoint, state = saved
         model.load_state_dict(checkpoint["model_state_dict"])
+        lrs = [group["lr"] for group in run.optimizer.param_groups]
         run.optimizer.load_state_dict(state["optimizer"])
+        for group, lr in zip(run.optimizer.param_groups, lrs):
+            # the saved lr (a CPU tensor, where graphed) would replace the device
+            # tensor that the loop sets and a captured step reads
+            group["lr"], group["capturable"] = lr, graphed
         run.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         run.start, run.best_cer = state["step"], state["best_cer"]
@@ -2573,16 +2803,35 @@ def resume_point(
     step = saved[1]["step"]
     if step > cfg.max_steps:
         raise OptionError(f"--max-steps {cfg.max_steps}: {out} is at step {step}")
-    if step == cfg.max_steps:
+    if step == cfg.max_steps and (cfg.eval_every == 0 or _reported(out, step)):
         log(f"{out} finished at step {step}: --max-steps N (> {step}) extends it")
         raise SystemExit(0)
+    if step == cfg.max_steps:
+        log(f"{out} stopped at step {step} before its final report: making it")
     if "max_steps" in changes:
+        old, new = changes["max_steps"]
+        warmup = min(cfg.warmup_steps, cfg.max_steps - 1)  # (as get_lr caps it)
         lr = get_lr(step + 1, cfg.max_steps, cfg.warmup_steps, cfg.lr)
         log(
-            f"extended: the lr now decays linearly to 0 at step {cfg.max_steps}, "
-            f"from {lr:.2e} at step {step + 1} (warmup as before: {cfg.warmup_steps})"
+            f"{'extended' if new > old else 'shortened'}: the lr now goes linearly "
+            f"to 0 at step {cfg.max_steps} (warmup {warmup} steps), {lr:.2e} at "
+            f"step {step + 1}"
         )
+    if cfg.eval_every > 0 and step > 0:
+        try:
+            load_checked(out / "best.pt")
+        except CorpusError as e:  # lost or damaged: the next eval picks one anew
+            log(f"{e}: the next eval picks best.pt anew")
+            saved[1]["best_cer"] = math.inf
     return saved
+
+
+def _reported(out: Path, step: int) -> bool:
+    """Whether the run's final report, of this step, was made."""
+    try:
+        return json.loads((out / "summary.json").read_text())["after"]["step"] == step
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 # -----------------------------------------------------------------------------
@@ -2874,6 +3123,7 @@ def save_state(run: Run, step: int) -> None:
     """last.pt and state.pt of `step` (rank 0)."""
     if run.master:
         state = {
+            "run_id": run.run_id,
             "best_cer": run.best_cer,
             "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(),
@@ -2891,6 +3141,10 @@ def eval_step(run: Run, progress: Progress, step: int) -> None:
     if step == 0:
         record |= evaluate(run, step, ["test", "long"], "zero_shot")
     cer = record["dev_cer"]
+    finite = torch.stack([p.isfinite().all() for p in run.model.parameters()]).all()
+    if not finite:  # (it writes nothing, which can score better than a bad start)
+        run.log(f"step {step}: the weights are not finite: not a best.pt")
+        cer = math.inf
     if run.master and cer < run.best_cer:
         save_checkpoint(run.model, run.out / "best.pt", step=step, cer=cer)
         for suffix in (".tsv", ".json"):
@@ -3022,8 +3276,15 @@ def train(cfg: TrainConfig, given: Optional[set[str]] = None) -> dict:
         bar.close()
         if cfg.eval_every > 0:
             result = final_report(run, progress, cfg.max_steps)
+    except KeyboardInterrupt:  # a second Ctrl-C: at once (the saves are atomic)
+        run.log(
+            f"\nstopped; continue with: python whisper_ft.py train --resume {run.out}"
+        )
+        raise SystemExit(128 + signal.SIGINT) from None
     finally:
         progress.close()
+        if run.lock:
+            run.lock.close()
         for s, h in handlers.items():
             signal.signal(s, h)
         if run.world > 1:
@@ -3136,13 +3397,13 @@ CHECK_SENTENCES = [
 def export_dtype(name: str) -> torch.dtype:
     """The torch dtype of an export `--dtype` name; int8 is refused with the way out."""
     if name == "int8":
-        raise CorpusError(
+        raise OptionError(
             "int8 export is not supported: export float16, then quantise in the "
             "runtime (faster-whisper: compute_type='int8'; whisper.cpp: its quantize "
             "tool; transformers: load_in_8bit)"
         )
     if name not in EXPORT_DTYPES:
-        raise CorpusError(f"dtype {name!r}: one of {', '.join(EXPORT_DTYPES)}")
+        raise OptionError(f"--dtype {name}: one of {', '.join(EXPORT_DTYPES)}")
     return EXPORT_DTYPES[name]
 
 
@@ -3150,7 +3411,7 @@ def export_dtype(name: str) -> torch.dtype:
 
 
 def _byte_chars() -> list[str]:
-    """GPT-2's printable stand-in for each byte, in which byte-level BPE writes tokens."""
+    """GPT-2's printable stand-in for each byte: byte-level BPE writes tokens so."""
     printable = {
         *range(ord("!"), ord("~") + 1),
         *range(ord("¡"), ord("¬") + 1),
@@ -3603,7 +3864,10 @@ def read_hf_model(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]:
         raise CorpusError(f"{model_dir}: no config.json (not a transformers model)")
     c = json.loads((model_dir / "config.json").read_text())
     if c.get("model_type") != "whisper":
-        raise CorpusError(f"{model_dir}: a {c.get('model_type')!r} model, not whisper")
+        raise CorpusError(
+            f"{model_dir}: not whisper: no model.bin (CTranslate2), and config.json's "
+            f"model_type is {c.get('model_type')!r} (transformers' Whisper: 'whisper')"
+        )
     if c["encoder_ffn_dim"] != 4 * c["d_model"] or c.get("scale_embedding"):
         raise CorpusError(f"{model_dir}: not an openai-whisper architecture")
     dims = ModelDimensions(
@@ -3742,7 +4006,7 @@ def read_model_dir(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]
     if (model_dir / "config.json").is_file():
         return read_hf_model(model_dir)
     raise CorpusError(
-        f"{model_dir}: neither model.bin (CTranslate2) nor config.json (transformers)"
+        f"{model_dir}: no model.bin (CTranslate2) nor config.json (transformers)"
     )
 
 
@@ -4018,6 +4282,11 @@ def cmd_export(args) -> None:
         raise SystemExit(
             "error: writing model.safetensors needs: pip install safetensors"
         )
+    export_dtype(args.dtype)  # (refused before any work)
+    parent = Path(args.out).absolute().parent
+    if parent.exists() and not parent.is_dir():
+        raise OptionError(f"{args.out}: {parent} is not a directory")
+    audio = [load_wave(p) for p in args.audio]  # a missing clip: before writing
     t0 = time.time()
     model = export_model(args.ckpt, args.to, args.out, args.dtype)
     print(
@@ -4026,13 +4295,12 @@ def cmd_export(args) -> None:
     if args.no_check:
         return
     tokenizer = model_tokenizer(model.dims, args.language)
-    audio = [load_wave(p) for p in args.audio] if args.audio else check_clips()
-    r = check_export(model, args.to, args.out, audio, tokenizer)
+    r = check_export(model, args.to, args.out, audio or check_clips(), tokenizer)
     print(
         f"check: identical {r['identical']}/{r['n']}, cer {r['cer']:.4f} "
         f"({r['seconds']:.1f} s in the {args.to} runtime)"
     )
-    if r["cer"] > args.max_cer:
+    if r["cer"] > args.max_cer and r["first_diff"] is not None:
         i = r["first_diff"]
         name = args.audio[i] if args.audio else f"synthesised clip {i}"
         raise SystemExit(
@@ -4057,8 +4325,12 @@ def add_export_args(add_parser: Callable) -> None:
         "--dtype", default="float16", help="float32, float16, bfloat16 (not int8)"
     )
     p.add_argument("--audio", nargs="*", default=[], help="clips for the check")
-    p.add_argument("--language", default="ja", help="language token of the check")
-    p.add_argument("--max-cer", type=float, default=0.01, help="the check's tolerance")
+    p.add_argument(
+        "--language", type=language_code, default="ja", help="the check's language"
+    )
+    p.add_argument(
+        "--max-cer", type=at_least(0, float), default=0.01, help="the check's tolerance"
+    )
     p.add_argument(
         "--no-check", action="store_true", help="skip decoding in the runtime"
     )
@@ -4223,20 +4495,27 @@ def decode_costs(
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
+    # on a GPU, greedy_decode replays CUDA graphs: the warm-up runs eagerly, the
+    # first timed run captures, the others replay; every run's tokens are compared
+    graphs = DecodeGraphs() if device.type == "cuda" else None
     theirs = [r.tokens for r in whisper.decode(model, features, options)]
-    ours = greedy_decode(model, features, tokenizer)  # (both warmed up now)
+    runs = [greedy_decode(model, features, tokenizer, graphs)]  # (both warmed up)
     t_theirs, t_ours = math.inf, math.inf
     for _ in range(3):
         t_theirs = min(
             t_theirs, timed(lambda: whisper.decode(model, features, options))
         )
-        t_ours = min(t_ours, timed(lambda: greedy_decode(model, features, tokenizer)))
+        t = timed(
+            lambda: runs.append(greedy_decode(model, features, tokenizer, graphs))
+        )
+        t_ours = min(t_ours, t)
     return {
         "batch": len(utts),
         "whisper_utt_per_s": len(utts) / t_theirs,
         "ours_utt_per_s": len(utts) / t_ours,
         "speedup": t_theirs / t_ours,
-        "identical": theirs == ours,
+        "identical": all(ours == theirs for ours in runs),
+        "graphs": len(graphs.graphs) if graphs else 0,
     }
 
 
@@ -4251,6 +4530,8 @@ def bench(args) -> dict:
     # (worker processes, CUDA libraries) would be much of what is timed
     n_utts = args.n_utts or (1024 if device.type == "cuda" else 64)
     batch_size = args.batch_size or (16 if device.type == "cuda" else 8)
+    if n_utts < 2 * batch_size:  # (its split holds a quarter of them out)
+        raise OptionError(f"--n-utts {n_utts}: at least 2 batches of {batch_size}")
     dims = BENCH_DIMS.get(args.dims) or model_dims(args.dims)
     torch.manual_seed(0)
     model = Whisper(dims)
@@ -4560,6 +4841,34 @@ def _field_help(cls) -> dict[str, str]:
     return helps
 
 
+def at_least(low: float, kind: type = int) -> Callable:
+    """An argparse type: a number of `kind`, at least `low` (and finite)."""
+
+    def parse(text: str):
+        value = kind(text)
+        if not value >= low or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text}: must be >= {low}")
+        return value
+
+    parse.__name__ = kind.__name__  # what argparse names in "invalid int value"
+    return parse
+
+
+def device_name(text: str) -> str:
+    """An argparse type: auto, cpu, mps, cuda or cuda:N, one that this machine has."""
+    try:
+        check_config(TrainConfig(device=text))
+    except OptionError as e:
+        raise argparse.ArgumentTypeError(str(e).partition(": ")[2]) from None
+    return text
+
+
+def language_code(text: str) -> str:
+    if text not in whisper.tokenizer.LANGUAGES:
+        raise argparse.ArgumentTypeError(f"{text}: not a whisper language code")
+    return text
+
+
 CHOICES = {
     "target": ["kana", "text"],
     "init": ["pretrained", "random"],
@@ -4627,58 +4936,78 @@ def _read_for(args, dims: ModelDimensions) -> tuple[list[Utterance], Tokenizer]:
 def eval_utts(args, dims: ModelDimensions) -> tuple[list[Utterance], Tokenizer]:
     """
     What `eval` scores. Without --data: the --part (test or dev) of the run whose
-    split.json lies beside the checkpoint. With --data: that corpus, less the
-    utterances the run (if the checkpoint comes from one) trained on or whose sentence
-    it trained on, unless --include-train.
+    split.json lies beside the checkpoint. With --data: that corpus, less what the run
+    (if the checkpoint comes from one) trained on, picked best.pt on (dev), or whose
+    sentence or speaker it trained on, unless --include-train.
     """
     run = Path(args.ckpt).parent
     split_path = run / "split.json"
     has_run = os.path.isfile(args.ckpt) and split_path.is_file()
     if not args.data:
         if not has_run:
-            raise CorpusError(
+            raise OptionError(
                 f"{args.ckpt}: no split.json beside it, so no run's held-out part "
                 "to score: give --data"
             )
-        cfg = TrainConfig(**json.loads((run / "config.json").read_text()))
+        cfg = load_config(run / "config.json")
+        if args.language not in (None, cfg.language):
+            raise OptionError(
+                f"--language {args.language}: the run's is {cfg.language}"
+            )
         args = argparse.Namespace(**vars(args))  # read as the run read it
         for name in ("subsets", "exclude", "target", "language", "allow_trim"):
             setattr(args, name, getattr(cfg, name))
-        args.data = cfg.eval_data or cfg.data
+        args.data, args.part = cfg.eval_data or cfg.data, args.part or "test"
         utts, tokenizer = _read_for(args, dims)
         utts = apply_split(utts, json.loads(split_path.read_text()), args.part)
         print(f"scoring the {args.part} part of {split_path}", file=sys.stderr)
         return utts, tokenizer
+    args.language = args.language or "ja"
     utts, tokenizer = _read_for(args, dims)
     if not has_run or args.include_train:
         return utts, tokenizer
     split = json.loads(split_path.read_text())
-    ids, texts = set(split["train"]), set(split.get("train_texts", []))
-    trained = [u for u in utts if u.id in ids]
-    taught = [u for u in utts if u.id not in ids and normalize_text(u.target) in texts]
-    if trained or taught:
-        unseen = [
-            u for u in utts if u.id not in ids and normalize_text(u.target) not in texts
-        ]
+    train, dev = set(split["train"]), set(split.get("dev", []))
+    texts = set(split.get("train_texts", []))
+    speakers = set(split.get("train_speakers", []))
+
+    def seen(u: Utterance) -> str:
+        """Why an utterance says little of how the run does on speech it never met."""
+        if u.id in train:
+            return "trained on"
+        if u.id in dev:
+            return "picked best.pt (dev)"
+        if normalize_text(u.target) in texts:
+            return "read a training sentence"
+        return "spoken by a training speaker" if u.speaker in speakers else ""
+
+    whys = [seen(u) for u in utts]
+    unseen = [u for u, why in zip(utts, whys) if not why]
+    if len(unseen) < len(utts):
+        said = ", ".join(f"{n} {why}" for why, n in Counter(filter(None, whys)).items())
         print(
-            f"{args.data}: {len(trained)} of its {len(utts)} utterances were trained "
-            f"on in {run}, and {len(taught)} more read a sentence trained on: scoring "
+            f"{args.data}: of its {len(utts)} utterances, {said} in {run}: scoring "
             f"the other {len(unseen)} (--include-train scores them all)",
             file=sys.stderr,
         )
         if not unseen:
             raise SystemExit(f"{args.data}: every utterance overlaps {run}'s training")
-        utts = unseen
-    return utts, tokenizer
+    return unseen, tokenizer
 
 
 def cmd_eval(args) -> None:
+    if args.data and args.part:
+        raise OptionError("--part picks a part of the run's split: not with --data")
+    part = "" if args.data or args.part in (None, "test") else f".{args.part}"
+    tsv = Path(args.out or Path(args.ckpt).with_suffix(f"{part}.eval.tsv"))
+    if not tsv.parent.is_dir():
+        raise OptionError(f"--out {tsv}: {tsv.parent} is not a directory")
     device = pick_device(args.device)
     model = load_model(args.ckpt).to(device).eval()
     dtype = pick_dtype(device, args.dtype)
     utts, tokenizer = eval_utts(args, model.dims)
-    tsv = Path(args.out or Path(args.ckpt).with_suffix(".eval.tsv"))
-    options = (args.batch_size, args.num_workers, dtype)
+    graphs = DecodeGraphs() if device.type == "cuda" else None
+    options = (args.batch_size, args.num_workers, dtype, 0, 1, graphs)
     result = score_set(model, EvalSet("eval", utts, tokenizer), *options)
     write_eval(result, tsv)
     line = _metrics_line(result, "")
@@ -4751,11 +5080,15 @@ def cmd_transcribe(args) -> None:
 
 
 def cmd_check(args) -> None:
+    check_config(TrainConfig(data=args.data, subsets=args.subsets))
+    args.language = args.language or "ja"
     named = args.model in whisper.available_models()
     _read_for(args, model_dims(args.model) if named else load_model(args.model).dims)
 
 
 def cmd_convert(args) -> None:
+    if os.path.exists(args.out):
+        raise CorpusError(f"{args.out} exists: remove it or choose another output")
     model = load_model(args.src)
     save_checkpoint(model, args.out)
     n_params = sum(p.numel() for p in model.parameters())
@@ -4818,7 +5151,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         p.add_argument("--subsets", default=TrainConfig.subsets, help="JVS subsets")
         p.add_argument("--exclude", default="", help="file of ids/paths to leave out")
         p.add_argument("--target", default="kana", choices=CHOICES["target"])
-        p.add_argument("--language", default="ja", help="language token (multilingual)")
+        p.add_argument(
+            "--language", type=language_code, help="language token (default: ja)"
+        )
         p.add_argument("--allow-trim", action="store_true", help="keep audio over 30 s")
 
     p = add_parser(
@@ -4828,9 +5163,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     data_args(p, required=False)
     p.add_argument(
         "--part",
-        default="test",
         choices=["test", "dev"],
-        help="without --data: which held-out part of the run's split.json",
+        help="without --data: which held-out part of the run's split.json (test)",
     )
     p.add_argument(
         "--include-train",
@@ -4842,7 +5176,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         default=None,
         help="a set in another language: LID and WER (default: the run's)",
     )
-    p.add_argument("--retain-language", default="en", help="its language")
+    p.add_argument(
+        "--retain-language", default="en", type=language_code, help="its language"
+    )
     p.add_argument(
         "--long-form",
         action="store_true",
@@ -4851,17 +5187,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument(
         "--out", default="", help="per-utterance TSV (default: CKPT.eval.tsv)"
     )
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=at_least(1), default=16)
+    p.add_argument("--num-workers", type=at_least(0), default=2)
+    p.add_argument("--device", type=device_name, default="auto")
     p.add_argument("--dtype", default="auto", choices=CHOICES["dtype"])
     p.set_defaults(func=cmd_eval)
 
     p = add_parser("transcribe", help="print the greedy transcript of audio files")
     p.add_argument("ckpt")
     p.add_argument("files", nargs="+")
-    p.add_argument("--language", default="ja")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--language", type=language_code, default="ja")
+    p.add_argument("--device", type=device_name, default="auto")
     p.add_argument("--dtype", default="auto", choices=CHOICES["dtype"])
     p.set_defaults(func=cmd_transcribe)
 
@@ -4873,11 +5209,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.set_defaults(func=cmd_check)
 
     p = add_parser("bench", help="time the seed recipe against whisper_ft's paths")
-    p.add_argument("--dims", default="test", help="test (tiny) or a whisper model name")
-    p.add_argument("--n-utts", type=int, default=0, help="default: 64, GPU 1024")
-    p.add_argument("--epochs", type=int, default=0, help="default: 3, GPU 10")
-    p.add_argument("--batch-size", type=int, default=0, help="default: 8, GPU 16")
-    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--dims",
+        default="test",
+        choices=[*BENCH_DIMS, *whisper.available_models()],
+        metavar="DIMS",
+        help="test (tiny) or a whisper model name",
+    )
+    p.add_argument(
+        "--n-utts", type=at_least(0), default=0, help="default: 64, GPU 1024"
+    )
+    p.add_argument("--epochs", type=at_least(0), default=0, help="default: 3, GPU 10")
+    p.add_argument(
+        "--batch-size", type=at_least(0), default=0, help="default: 8, GPU 16"
+    )
+    p.add_argument("--device", type=device_name, default="auto")
     p.add_argument("--out", default="runs/bench", help="corpus, runs and bench.json")
     p.add_argument(
         "--grad-checkpoint", action="store_true", help="in (c): activation checkpoints"
@@ -4900,9 +5246,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     )
     p.add_argument("--model", default="", help="default: base (see README)")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--max-steps", type=int, default=100)
-    p.add_argument("--lr", type=float, default=TrainConfig.lr)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--max-steps", type=at_least(1), default=100)
+    p.add_argument("--lr", type=at_least(1e-12, float), default=TrainConfig.lr)
+    p.add_argument("--device", type=device_name, default="auto")
     p.set_defaults(func=cmd_demo)
 
     args = parser.parse_args(argv)
