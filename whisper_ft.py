@@ -1,16 +1,22 @@
 """
 Fine-tune OpenAI Whisper on speech (first of all JVS Japanese with katakana targets)
-with one hand-written training loop, and score it by real greedy decoding (CER).
+with one hand-written training loop, score it by real decoding on held-out speech, and
+measure what fine-tuning costs (language ID, another language, long-form timestamps,
+decoding loops).
 
-    # demo: make a small JVS-layout corpus, fine-tune real `base`, CER before/after
+    # demo: a small JVS-layout corpus and an English set, real `base`, the table
     python whisper_ft.py demo
-    # fine-tune base on JVS (frozen encoder; held-out speakers and sentences for eval)
-    python whisper_ft.py train --data jvs_ver1/ --out runs/jvs
+    # fine-tune base on JVS (frozen encoder; held-out speakers and sentences: dev, test)
+    python whisper_ft.py train --data jvs_ver1/ --out runs/jvs \\
+        --retain-data data/demo_en/  # an English set, made by the demo
     python whisper_ft.py train --resume runs/jvs      # after a crash or Ctrl-C
-    python whisper_ft.py eval runs/jvs/best.pt --data jvs_ver1/ --subsets nonpara30
+    python whisper_ft.py train --resume runs/jvs --max-steps 2000  # further
+    python whisper_ft.py eval runs/jvs/best.pt   # its test part, as the run scored it
+    python whisper_ft.py eval runs/jvs/best.pt --long-form  # and via whisper.transcribe
     python whisper_ft.py transcribe runs/jvs/best.pt a.wav b.wav
     python whisper_ft.py check --data jvs_ver1/      # validate a corpus, train nothing
-    python whisper_ft.py convert faster-whisper-base/ base.pt  # CTranslate2 -> .pt
+    python whisper_ft.py export runs/jvs/best.pt out/ct2 --to ct2  # also hf, ggml
+    python whisper_ft.py convert faster-whisper-base/ base.pt  # any format -> .pt
     whisper --model runs/jvs/best.pt --language ja a.wav  # whisper's own format
     torchrun --nproc_per_node=8 whisper_ft.py train --data jvs_ver1/ --batch-size 64
     python whisper_ft.py bench --dims base  # the seed recipe against ours, timed
