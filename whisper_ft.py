@@ -5134,6 +5134,20 @@ def cmd_demo(args) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.debug or os.environ.get("WHISPER_FT_DEBUG"):
+        return args.func(args)  # the traceback, whatever goes wrong
+    try:
+        args.func(args)
+    except OptionError as e:  # as argparse says it: a usage error, exit 2
+        parser.subcommands[args.command].error(str(e))
+    except (CorpusError, OSError) as e:  # bad input, a full disk: a sentence
+        raise SystemExit(f"error: {e} (--debug: the traceback)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: a subcommand each, train's options from TrainConfig."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0].strip(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -5257,15 +5271,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--device", type=device_name, default="auto")
     p.set_defaults(func=cmd_demo)
 
-    args = parser.parse_args(argv)
-    if args.debug or os.environ.get("WHISPER_FT_DEBUG"):
-        return args.func(args)  # the traceback, whatever goes wrong
-    try:
-        args.func(args)
-    except OptionError as e:  # as argparse says it: a usage error, exit 2
-        sub.choices[args.command].error(str(e))
-    except (CorpusError, OSError) as e:  # bad input, a full disk: a sentence
-        raise SystemExit(f"error: {e} (--debug: the traceback)")
+    parser.subcommands = sub.choices  # (main's errors are said as theirs)
+    return parser
 
 
 if __name__ == "__main__":
