@@ -2602,7 +2602,8 @@ def cache_features(run: Run) -> None:
     utterance, then all ranks share the rows.
     """
     cfg, model, device, world = run.cfg, run.model, run.device, run.world
-    sets = [run.train_utts] + [s.utts for s in run.evals.values()]
+    evals = list(run.evals.values()) if cfg.eval_every > 0 else []  # (0: no evals)
+    sets = [run.train_utts] + [s.utts for s in evals]
     everything = [u for utts in sets for u in utts]
     dims, itemsize = model.dims, run.dtype.itemsize
     n_bytes = len(everything) * dims.n_audio_ctx * dims.n_audio_state * itemsize
@@ -2645,7 +2646,7 @@ def cache_features(run: Run) -> None:
     bounds = np.cumsum([0] + [len(utts) for utts in sets]).tolist()
     parts = [features[a:b] for a, b in zip(bounds, bounds[1:])]
     run.train_x = parts[0]
-    for s, x in zip(run.evals.values(), parts[1:]):
+    for s, x in zip(evals, parts[1:]):
         s.features = x
     run.feature_seconds, run.feature_gib = time.time() - t0, gib
     run.log(
