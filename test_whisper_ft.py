@@ -2178,6 +2178,16 @@ def test_one_line_errors_where_tracebacks_were(tiny_run, tmp_path):
         assert "cannot hold a run there" in fails(
             "train", **tiny_train(tiny_run, out=out)
         )
+    # a corpus that fails after the run directory is made leaves none behind (but an
+    # empty one the user made stays)
+    empty = tmp_path / "empty_corpus"
+    (empty / "jvs001" / "parallel100" / wf.JVS_WAV_DIR).mkdir(parents=True)
+    (tmp_path / "made").mkdir()
+    for out in (tmp_path / "runs" / "new", tmp_path / "made"):
+        said = fails("train", **tiny_train(tiny_run, data=empty, out=out))
+        assert "cannot hold out a speaker of 0" in said
+    assert not (tmp_path / "runs" / "new").exists()
+    assert (tmp_path / "made").is_dir()
     # convert never writes over a file (not even the one it reads)
     assert "exists: remove it" in fails("convert", tiny_run / "tiny.pt", text)
     # transcribe goes on past a bad file, says which, and exits 1

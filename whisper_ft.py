@@ -2672,6 +2672,7 @@ def setup_run(cfg: TrainConfig, given: Optional[set[str]] = None) -> Run:
     for data in (cfg.data, cfg.eval_data, cfg.retain_data):
         if data and not os.path.exists(data):
             raise CorpusError(f"{data}: no such file or directory")
+    created = not out.exists()
     run_dir(out)
     lock = lock_run(out) if rank == 0 else None
     try:
@@ -2679,6 +2680,10 @@ def setup_run(cfg: TrainConfig, given: Optional[set[str]] = None) -> Run:
     except BaseException:
         if lock:
             lock.close()
+            # a run that failed before writing anything (a bad corpus, say) leaves no
+            # empty run directory behind it; one the user made is theirs
+            if created and {p.name for p in out.iterdir()} <= {".lock"}:
+                shutil.rmtree(out, ignore_errors=True)
         raise
 
 
