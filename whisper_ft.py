@@ -969,6 +969,17 @@ def _audio_key(path: str) -> str:
 # model setup
 
 
+# CTranslate2's model.bin variable dtype ids (binary version 6)
+CT2_DTYPE_IDS = {
+    torch.float32: 0,
+    torch.int8: 1,
+    torch.int16: 2,
+    torch.int32: 3,
+    torch.float16: 4,
+    torch.bfloat16: 5,
+}
+
+
 def read_ct2_model(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]:
     """
     A CTranslate2 (faster-whisper) model directory as openai-whisper dims and
@@ -997,14 +1008,7 @@ def read_ct2_model(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]
         pos += n
         return s
 
-    dtypes = {
-        0: torch.float32,
-        1: torch.int8,
-        2: torch.int16,
-        3: torch.int32,
-        4: torch.float16,
-        5: torch.bfloat16,
-    }
+    dtypes = {i: dtype for dtype, i in CT2_DTYPE_IDS.items()}
     version = take("<u4")
     if version != 6:
         raise CorpusError(f"{path}: CTranslate2 binary version {version}, expected 6")
@@ -1024,59 +1028,74 @@ def read_ct2_model(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]
     return _ct2_to_openai(v)
 
 
-def _ct2_to_openai(v: dict[str, torch.Tensor]) -> tuple[ModelDimensions, dict]:
-    sd = {}
+CT2_PARTS = {"linear": ("weight", "bias"), "norm": ("gamma", "beta")}
 
-    def linear(dst: str, src: str) -> None:
-        sd[f"{dst}.weight"], sd[f"{dst}.bias"] = v[f"{src}/weight"], v[f"{src}/bias"]
 
-    def norm(dst: str, src: str) -> None:
-        sd[f"{dst}.weight"], sd[f"{dst}.bias"] = v[f"{src}/gamma"], v[f"{src}/beta"]
+def ct2_layout(n_audio_layer: int, n_text_layer: int) -> list[tuple[str, str, list]]:
+    """
+    CTranslate2's WhisperSpec variables and the openai-whisper weights each holds:
+    (its name, how, openai names). How: "linear" (its weight and bias), "norm" (gamma
+    and beta: openai's weight and bias), "fused" (q,k,v or k,v in one matrix, zeros
+    in the bias where openai's key has none), "tensor" (as it is). The reader and the
+    writer of model.bin both follow it.
+    """
+    layout = []
 
-    def fused(dsts: list[str], src: str) -> None:
-        # CTranslate2 fuses q,k,v (or k,v) in one matrix; openai's key has no bias (the
-        # fused bias holds zeros there)
-        for dst, w, b in zip(
-            dsts, v[f"{src}/weight"].chunk(len(dsts)), v[f"{src}/bias"].chunk(len(dsts))
-        ):
-            sd[f"{dst}.weight"] = w
-            if not dst.endswith("key"):
-                sd[f"{dst}.bias"] = b
+    def add(name: str, how: str, *srcs: str) -> None:
+        layout.append((name, how, list(srcs)))
 
     def block(dst: str, src: str, cross: bool) -> None:
-        fused(
-            [f"{dst}.attn.query", f"{dst}.attn.key", f"{dst}.attn.value"],
-            f"{src}/self_attention/linear_0",
-        )
-        linear(f"{dst}.attn.out", f"{src}/self_attention/linear_1")
-        norm(f"{dst}.attn_ln", f"{src}/self_attention/layer_norm")
+        a, c = f"{src}.attn", f"{src}.cross_attn"
+        qkv = (f"{a}.query", f"{a}.key", f"{a}.value")
+        add(f"{dst}/self_attention/linear_0", "fused", *qkv)
+        add(f"{dst}/self_attention/linear_1", "linear", f"{a}.out")
+        add(f"{dst}/self_attention/layer_norm", "norm", f"{src}.attn_ln")
         if cross:
-            linear(f"{dst}.cross_attn.query", f"{src}/attention/linear_0")
-            fused(
-                [f"{dst}.cross_attn.key", f"{dst}.cross_attn.value"],
-                f"{src}/attention/linear_1",
-            )
-            linear(f"{dst}.cross_attn.out", f"{src}/attention/linear_2")
-            norm(f"{dst}.cross_attn_ln", f"{src}/attention/layer_norm")
-        linear(f"{dst}.mlp.0", f"{src}/ffn/linear_0")
-        linear(f"{dst}.mlp.2", f"{src}/ffn/linear_1")
-        norm(f"{dst}.mlp_ln", f"{src}/ffn/layer_norm")
+            add(f"{dst}/attention/linear_0", "linear", f"{c}.query")
+            add(f"{dst}/attention/linear_1", "fused", f"{c}.key", f"{c}.value")
+            add(f"{dst}/attention/linear_2", "linear", f"{c}.out")
+            add(f"{dst}/attention/layer_norm", "norm", f"{src}.cross_attn_ln")
+        add(f"{dst}/ffn/linear_0", "linear", f"{src}.mlp.0")
+        add(f"{dst}/ffn/linear_1", "linear", f"{src}.mlp.2")
+        add(f"{dst}/ffn/layer_norm", "norm", f"{src}.mlp_ln")
 
+    add("encoder/conv1", "linear", "encoder.conv1")
+    add("encoder/conv2", "linear", "encoder.conv2")
+    add(
+        "encoder/position_encodings/encodings", "tensor", "encoder.positional_embedding"
+    )
+    for i in range(n_audio_layer):
+        block(f"encoder/layer_{i}", f"encoder.blocks.{i}", cross=False)
+    add("encoder/layer_norm", "norm", "encoder.ln_post")
+    add("decoder/embeddings/weight", "tensor", "decoder.token_embedding.weight")
+    add(
+        "decoder/position_encodings/encodings", "tensor", "decoder.positional_embedding"
+    )
+    for i in range(n_text_layer):
+        block(f"decoder/layer_{i}", f"decoder.blocks.{i}", cross=True)
+    add("decoder/layer_norm", "norm", "decoder.ln")
+    return layout
+
+
+def _ct2_to_openai(v: dict[str, torch.Tensor]) -> tuple[ModelDimensions, dict]:
     def n_layers(side: str) -> int:
         layers = (re.match(rf"{side}/layer_(\d+)/", k) for k in v)
         return 1 + max(int(m[1]) for m in layers if m)
 
-    linear("encoder.conv1", "encoder/conv1")
-    linear("encoder.conv2", "encoder/conv2")
-    sd["encoder.positional_embedding"] = v["encoder/position_encodings/encodings"]
-    for i in range(n_layers("encoder")):
-        block(f"encoder.blocks.{i}", f"encoder/layer_{i}", cross=False)
-    norm("encoder.ln_post", "encoder/layer_norm")
-    sd["decoder.token_embedding.weight"] = v["decoder/embeddings/weight"]
-    sd["decoder.positional_embedding"] = v["decoder/position_encodings/encodings"]
-    for i in range(n_layers("decoder")):
-        block(f"decoder.blocks.{i}", f"decoder/layer_{i}", cross=True)
-    norm("decoder.ln", "decoder/layer_norm")
+    sd = {}
+    for name, how, srcs in ct2_layout(n_layers("encoder"), n_layers("decoder")):
+        if how == "tensor":
+            sd[srcs[0]] = v[name]
+        elif how == "fused":
+            n = len(srcs)
+            pieces = zip(v[f"{name}/weight"].chunk(n), v[f"{name}/bias"].chunk(n))
+            for src, (w, b) in zip(srcs, pieces):
+                sd[f"{src}.weight"] = w
+                if not src.endswith("key"):  # (the fused bias holds zeros there)
+                    sd[f"{src}.bias"] = b
+        else:
+            for part, openai in zip(CT2_PARTS[how], ("weight", "bias")):
+                sd[f"{srcs[0]}.{openai}"] = v[f"{name}/{part}"]
 
     sd = {k: t.float() for k, t in sd.items()}  # fp32 master weights for training
     n_audio_state, n_text_state = (
@@ -3333,15 +3352,6 @@ EXPORT_DTYPES = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
-# CTranslate2's model.bin variable dtype ids (binary version 6)
-CT2_DTYPE_IDS = {
-    torch.float32: 0,
-    torch.int8: 1,
-    torch.int16: 2,
-    torch.int32: 3,
-    torch.float16: 4,
-    torch.bfloat16: 5,
-}
 # The decoder's settings that ctranslate2's converter writes as scalars for a Whisper
 # decoder (TransformerDecoderSpec): (name, dtype, value). Activation 3 is GELU.
 CT2_DECODER_SCALARS = [
@@ -3612,51 +3622,16 @@ def _language_ids(tokenizer: Tokenizer) -> dict[str, int]:
 def _ct2_variables(state: dict, dims: ModelDimensions, dtype) -> dict:
     """openai-whisper's state_dict as CTranslate2's WhisperSpec variables."""
     v = {}
-
-    def linear(dst: str, src: str, names=("weight", "bias")) -> None:
-        for name, openai_name in zip(names, ("weight", "bias")):
-            v[f"{dst}/{name}"] = state[f"{src}.{openai_name}"]
-
-    def norm(dst: str, src: str) -> None:
-        linear(dst, src, names=("gamma", "beta"))
-
-    def fused(dst: str, srcs: list[str]) -> None:
-        # one matrix for q,k,v (or k,v); openai's key has no bias: zeros stand in
-        v[f"{dst}/weight"] = torch.cat([state[f"{s}.weight"] for s in srcs])
-        v[f"{dst}/bias"] = torch.cat(
-            [
-                state.get(f"{s}.bias", torch.zeros_like(state[f"{s}.weight"][:, 0]))
-                for s in srcs
-            ]
-        )
-
-    def block(dst: str, src: str, cross: bool) -> None:
-        attn = [f"{src}.attn.{p}" for p in ("query", "key", "value")]
-        fused(f"{dst}/self_attention/linear_0", attn)
-        linear(f"{dst}/self_attention/linear_1", f"{src}.attn.out")
-        norm(f"{dst}/self_attention/layer_norm", f"{src}.attn_ln")
-        if cross:
-            linear(f"{dst}/attention/linear_0", f"{src}.cross_attn.query")
-            kv = [f"{src}.cross_attn.key", f"{src}.cross_attn.value"]
-            fused(f"{dst}/attention/linear_1", kv)
-            linear(f"{dst}/attention/linear_2", f"{src}.cross_attn.out")
-            norm(f"{dst}/attention/layer_norm", f"{src}.cross_attn_ln")
-        linear(f"{dst}/ffn/linear_0", f"{src}.mlp.0")
-        linear(f"{dst}/ffn/linear_1", f"{src}.mlp.2")
-        norm(f"{dst}/ffn/layer_norm", f"{src}.mlp_ln")
-
-    linear("encoder/conv1", "encoder.conv1")
-    linear("encoder/conv2", "encoder.conv2")
-    v["encoder/position_encodings/encodings"] = state["encoder.positional_embedding"]
-    for i in range(dims.n_audio_layer):
-        block(f"encoder/layer_{i}", f"encoder.blocks.{i}", cross=False)
-    norm("encoder/layer_norm", "encoder.ln_post")
-    v["decoder/embeddings/weight"] = state["decoder.token_embedding.weight"]
-    v["decoder/position_encodings/encodings"] = state["decoder.positional_embedding"]
-    for i in range(dims.n_text_layer):
-        block(f"decoder/layer_{i}", f"decoder.blocks.{i}", cross=True)
-    norm("decoder/layer_norm", "decoder.ln")
-
+    for name, how, srcs in ct2_layout(dims.n_audio_layer, dims.n_text_layer):
+        if how == "tensor":
+            v[name] = state[srcs[0]]
+        elif how == "fused":
+            v[f"{name}/weight"] = torch.cat([state[f"{s}.weight"] for s in srcs])
+            zeros = torch.zeros_like(state[f"{srcs[0]}.weight"][:, 0])
+            v[f"{name}/bias"] = torch.cat([state.get(f"{s}.bias", zeros) for s in srcs])
+        else:
+            for part, openai in zip(CT2_PARTS[how], ("weight", "bias")):
+                v[f"{name}/{part}"] = state[f"{srcs[0]}.{openai}"]
     v = {name: t.detach().to("cpu", dtype) for name, t in v.items()}
     v["encoder/num_heads"] = torch.tensor(dims.n_audio_head, dtype=torch.int16)
     v["decoder/num_heads"] = torch.tensor(dims.n_text_head, dtype=torch.int16)
