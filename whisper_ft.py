@@ -593,14 +593,12 @@ def split_corpus(
 
     Returns train, dev, test and a description of the split (for split.json).
     """
-    speakers = sorted({u.speaker for u in utts})
-    if len(speakers) < 2:
+    n_speakers = len({u.speaker for u in utts})
+    if n_speakers < 2:
         raise CorpusError(
-            f"cannot hold out a speaker of {len(speakers)}: give --eval-data"
+            f"cannot hold out a speaker of {n_speakers}: give --eval-data"
         )
-    n_held = min(len(speakers) - 1, max(1, round(eval_fraction * len(speakers))))
-    held = set(speakers[-n_held:])
-    train, heldout, dropped = _hold_out(utts, held, n_held / len(speakers))
+    train, heldout, dropped = _hold_out(utts, eval_fraction)
     dev, test, dropped_too = split_dev_test(heldout, test_fraction)
     return train, dev, test, split_info(train, dev, test, dropped + dropped_too)
 
@@ -614,11 +612,8 @@ def split_dev_test(
     with the others, go to test. Where that leaves a part empty (one held-out speaker,
     or a few speakers who read the same few sentences), the sentences alone are split.
     """
-    speakers = sorted({u.speaker for u in utts})
-    if len(speakers) >= 2:
-        n_test = min(len(speakers) - 1, max(1, round(test_fraction * len(speakers))))
-        held = set(speakers[-n_test:])
-        dev, test, dropped = _hold_out(utts, held, n_test / len(speakers))
+    if len({u.speaker for u in utts}) >= 2:
+        dev, test, dropped = _hold_out(utts, test_fraction)
         if dev and test:
             return dev, test, dropped
     texts = sorted({normalize_text(u.target) for u in utts}, key=_stable_hash)
@@ -627,25 +622,36 @@ def split_dev_test(
             f"the held-out part ({len(utts)} utterances, {len(texts)} sentence) "
             "cannot make both a dev and a test part: hold out more (--eval-speakers)"
         )
-    n_test = min(len(texts) - 1, max(1, round(test_fraction * len(texts))))
-    test_texts = set(texts[:n_test])
+    test_texts = set(texts[: _n_held(len(texts), test_fraction)])
     test = [u for u in utts if normalize_text(u.target) in test_texts]
     dev = [u for u in utts if normalize_text(u.target) not in test_texts]
     return dev, test, []
 
 
+def _n_held(n: int, fraction: float) -> int:
+    """How many of n things a fraction holds out: at least one, never all."""
+    return min(n - 1, max(1, round(fraction * n)))
+
+
 def _hold_out(
-    utts: list[Utterance], held_speakers: set[str], fraction: float
+    utts: list[Utterance], fraction: float
 ) -> tuple[list[Utterance], list[Utterance], list[Utterance]]:
-    """(kept, held, dropped): held_speakers' utterances of held-out sentences go to
-    held, the others' utterances of kept sentences to kept, the rest is dropped."""
+    """
+    (kept, held, dropped): the last `fraction` of the speakers (at least one, not
+    all) are held out, with the same fraction of the sentences that both sides read;
+    their utterances of held-out sentences go to held, the others' utterances of kept
+    sentences to kept, the rest is dropped.
+    """
+    speakers = sorted({u.speaker for u in utts})
+    n_held = _n_held(len(speakers), fraction)
+    held_speakers = set(speakers[-n_held:])
     key = {id(u): normalize_text(u.target) for u in utts}
     held_side = {key[id(u)] for u in utts if u.speaker in held_speakers}
     kept_side = {key[id(u)] for u in utts if u.speaker not in held_speakers}
     # a stable hash picks which shared sentences are held out: same on every machine
     shared = sorted(held_side & kept_side, key=_stable_hash)
     held_texts = (held_side - kept_side) | set(
-        shared[: math.ceil(len(shared) * fraction)]
+        shared[: math.ceil(len(shared) * (n_held / len(speakers)))]
     )
     kept, held, dropped = [], [], []
     for u in utts:
