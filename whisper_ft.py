@@ -3831,7 +3831,7 @@ def _hf_weights(model_dir: Path) -> dict:
     if single.is_file():
         return safetensors.torch.load_file(single)
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(read_json(index)["weight_map"].values()))
         missing = [s for s in shards if not (model_dir / s).is_file()]
         if missing:
             raise CorpusError(f"{model_dir}: shard {missing[0]} is missing")
@@ -3855,7 +3855,7 @@ def read_hf_model(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]:
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise CorpusError(f"{model_dir}: no config.json (not a transformers model)")
-    c = json.loads((model_dir / "config.json").read_text())
+    c = read_json(model_dir / "config.json")
     if c.get("model_type") != "whisper":
         raise CorpusError(
             f"{model_dir}: not whisper: no model.bin (CTranslate2), and config.json's "
@@ -4952,14 +4952,14 @@ def eval_utts(args, dims: ModelDimensions) -> tuple[list[Utterance], Tokenizer]:
             setattr(args, name, getattr(cfg, name))
         args.data, args.part = cfg.eval_data or cfg.data, args.part or "test"
         utts, tokenizer = _read_for(args, dims)
-        utts = apply_split(utts, json.loads(split_path.read_text()), args.part)
+        utts = apply_split(utts, read_json(split_path), args.part)
         print(f"scoring the {args.part} part of {split_path}", file=sys.stderr)
         return utts, tokenizer
     args.language = args.language or "ja"
     utts, tokenizer = _read_for(args, dims)
     if not has_run or args.include_train:
         return utts, tokenizer
-    split = json.loads(split_path.read_text())
+    split = read_json(split_path)
     train, dev = set(split["train"]), set(split.get("dev", []))
     texts = set(split.get("train_texts", []))
     speakers = set(split.get("train_speakers", []))
@@ -5007,7 +5007,7 @@ def cmd_eval(args) -> None:
     retain_data = args.retain_data
     if retain_data is None:  # the run's own retain set, if it had one
         config = Path(args.ckpt).parent / "config.json"
-        saved = json.loads(config.read_text()) if config.is_file() else {}
+        saved = read_json(config) if config.is_file() else {}
         retain_data = saved.get("retain_data", "")
         args.retain_language = saved.get("retain_language", args.retain_language)
     if retain_data:
