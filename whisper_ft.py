@@ -1911,6 +1911,7 @@ def transcribe_utts(
         shape = (len(utts), n_audio_ctx, n_audio_state)
     """
     hyps, languages = [""] * len(utts), [""] * len(utts)
+    codes = dict(zip(tokenizer.all_language_tokens, tokenizer.all_language_codes))
     was_training = model.training
     model.eval()
     batches = feature_batches(
@@ -1924,9 +1925,6 @@ def transcribe_utts(
             hyps[i] = hyp
         if detect_language:
             found, _ = whisper.detect_language(model, x, tokenizer)
-            codes = dict(
-                zip(tokenizer.all_language_tokens, tokenizer.all_language_codes)
-            )
             for i, token in zip(idx, found.tolist()):
                 languages[i] = codes[token]
     model.train(was_training)
