@@ -4193,7 +4193,9 @@ def check_export(
         ref = [
             tokens
             for batch in mel.split(8)
-            for tokens in greedy_decode(model, model.encoder(batch), tokenizer)
+            for tokens in greedy_decode(
+                model, encode(model, batch, mel.dtype), tokenizer
+            )
         ]
     n_max = model.dims.n_text_ctx // 2  # whisper's sample_len
     prefix = list(tokenizer.sot_sequence_including_notimestamps)
