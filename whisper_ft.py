@@ -839,8 +839,7 @@ class DiskFeatures:
         if isinstance(idx, slice):
             return DiskFeatures(self.paths[idx], self.dtype)
         # the page cache keeps what was read lately: no copy of our own in RAM
-        rows = np.stack([np.load(self.paths[i]) for i in idx])
-        return torch.from_numpy(rows).view(self.dtype)
+        return torch.stack([_load_row(self.paths[i], self.dtype) for i in idx])
 
 
 def autocast(device: torch.device, dtype: torch.dtype, cache: bool = True):
