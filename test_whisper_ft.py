@@ -1723,24 +1723,16 @@ def test_cuda_graphed_decoding_is_whisper_decode(kind):
 
 @GPU
 def test_cuda_graphed_step_skips_a_nan_batch_and_names_it(tiny_run):
-    model = tiny_model(0)
-    with torch.no_grad():
-        model.decoder.ln.weight.fill_(float("nan"))
-    wf.save_checkpoint(model, tiny_run / "nan_cuda.pt")
+    model = nan_model(tiny_run / "nan_cuda.pt")
     out = tiny_run / "nan_graphed"
-    options = tiny_train(
+    options = bad_steps_run(
         tiny_run,
         model=tiny_run / "nan_cuda.pt",
         device="cuda",
         dtype="bf16",
         target="text",
         out=out,
-        max_steps=10,
-        max_bad_steps=3,
-        max_eval=1,
         eval_every=0,
-        log_every=5,
-        save_every=1,
     )
     with pytest.raises(SystemExit) as stop:
         wf.train(train_config(options))
@@ -1808,26 +1800,10 @@ def test_cli_mixed_precision_trains_as_fp32(tiny_run):
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_cli_non_finite_steps_are_skipped_then_stop(tiny_run, dtype):
-    model = tiny_model(0)
-    with torch.no_grad():
-        model.decoder.ln.weight.fill_(float("nan"))
-    wf.save_checkpoint(model, tiny_run / "nan.pt")
+    model = nan_model(tiny_run / "nan.pt")
     out = tiny_run / f"nan_{dtype}"
-    proc = run_cli(
-        "train",
-        **tiny_train(
-            tiny_run,
-            model=tiny_run / "nan.pt",
-            dtype=dtype,
-            out=out,
-            max_steps=10,
-            max_bad_steps=3,
-            max_eval=1,
-            log_every=5,  # the steps are checked at each log line
-            save_every=1,
-        ),
-        check=False,
-    )
+    options = bad_steps_run(tiny_run, model=tiny_run / "nan.pt", dtype=dtype, out=out)
+    proc = run_cli("train", **options, check=False)
     assert proc.returncode == 1
     assert_skipped_then_stopped(proc.stderr, out, model, changed="decoder.ln.weight")
 
@@ -1841,21 +1817,29 @@ def test_non_finite_loss_with_finite_gradients_is_skipped(tiny_run, dtype, monke
         F, "cross_entropy", lambda *a, **k: cross_entropy(*a, **k) + inf
     )
     out = tiny_run / f"inf_loss_{dtype}"
-    options = tiny_train(
-        tiny_run,
-        dtype=dtype,
-        out=out,
-        max_steps=10,
-        max_bad_steps=3,
-        max_eval=1,
-        eval_every=0,
-        log_every=5,
-        save_every=1,
-    )
+    options = bad_steps_run(tiny_run, dtype=dtype, out=out, eval_every=0)
     with pytest.raises(SystemExit) as stop:
         wf.train(train_config(options))
     model = wf.load_model(str(tiny_run / "tiny.pt"))
     assert_skipped_then_stopped(str(stop.value), out, model)
+
+
+def nan_model(path: Path) -> Whisper:
+    """A tiny model whose decoder's last norm is NaN (every step is non-finite),
+    saved at `path`."""
+    model = tiny_model(0)
+    with torch.no_grad():
+        model.decoder.ln.weight.fill_(float("nan"))
+    wf.save_checkpoint(model, path)
+    return model
+
+
+def bad_steps_run(tiny_run: Path, **options) -> dict:
+    """train options of the runs assert_skipped_then_stopped reads: 10 steps, a stop
+    after 3 non-finite ones in a row (checked at each log line, every 5 steps), a save
+    at every step."""
+    limits = dict(max_steps=10, max_bad_steps=3, max_eval=1, log_every=5, save_every=1)
+    return tiny_train(tiny_run, **(limits | options))
 
 
 def assert_skipped_then_stopped(
