@@ -1476,10 +1476,8 @@ def test_cli_resume_after_kill_is_bitwise_identical(tiny_run):
     assert_same_weights(tiny_run / "full", killed)
 
     def on_record(run: Path) -> list:  # each step once, with the same fields
-        lines = (run / "metrics.jsonl").read_text().splitlines()
         return [
-            (r["step"], sorted(r.keys() - {"ms", "time"}))
-            for r in map(json.loads, lines)
+            (r["step"], sorted(r.keys() - {"ms", "time"})) for r in read_records(run)
         ]
 
     assert on_record(killed) == on_record(tiny_run / "full")
@@ -1567,9 +1565,10 @@ def test_grad_accumulation_and_two_process_ddp_match_one_batch(tiny_run):
 
     # rank 0 alone wrote, and the eval was gathered from both ranks, in order
     def evals(run):
-        lines = (tiny_run / run / "metrics.jsonl").read_text().splitlines()
         return [
-            (r["dev_n"], r["dev_cer"]) for r in map(json.loads, lines) if "dev_cer" in r
+            (r["dev_n"], r["dev_cer"])
+            for r in read_records(tiny_run / run)
+            if "dev_cer" in r
         ]
 
     assert [n for n, _ in evals("ddp")] == [3, 3] and evals("ddp") == evals("one")
@@ -1778,8 +1777,7 @@ def test_cli_mixed_precision_trains_as_fp32(tiny_run):
     for dtype in ("fp32", "bf16", "fp16"):
         out = tiny_run / f"amp_{dtype}"
         stderr[dtype] = run_cli("train", **options, dtype=dtype, out=out).stderr
-        lines = (out / "metrics.jsonl").read_text().splitlines()
-        records[dtype] = [r for r in map(json.loads, lines) if "lr" in r]
+        records[dtype] = [r for r in read_records(out) if "lr" in r]
     losses = {k: [r["loss"] for r in v] for k, v in records.items()}
     assert len(losses["fp32"]) == 4 and losses["fp32"][-1] < losses["fp32"][0]
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=5e-3)
@@ -1849,8 +1847,7 @@ def assert_skipped_then_stopped(
     msg = "3 non-finite steps in a row (the last at step 3), stopping at step 5"
     assert msg in message
     assert re.search(r"last bad batch: jvs00\d/parallel100/[UN]\d", message)
-    skipped = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in skipped if r.get("skipped")] == [1, 2, 3]
+    assert [r["step"] for r in read_records(out) if r.get("skipped")] == [1, 2, 3]
     # skipped on the device: no weight and no optimizer state moved in 4 steps
     saved = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert saved["step"] == 4
