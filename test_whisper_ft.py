@@ -1796,6 +1796,97 @@ def test_cli_mixed_precision_trains_as_fp32(tiny_run):
     assert "loss scale" not in stderr["bf16"] + stderr["fp32"]
 
 
+N_ATTN = (
+    7  # Linear weights and biases of an attention (query, value, out; key: no bias)
+)
+N_MLP = 4  # of an MLP
+
+
+@pytest.mark.parametrize(
+    "device, options",
+    [
+        ("cpu", dict(dtype="bf16")),
+        ("cpu", dict(dtype="fp16", grad_accum=2)),  # a GradScaler; sums in fp32
+        ("cpu", dict(dtype="bf16", train_encoder=True, grad_checkpoint=True)),
+        pytest.param("cuda", dict(dtype="bf16"), marks=GPU),  # replayed graphs
+    ],
+)
+def test_weights_kept_in_the_step_dtype_train_as_casts_to_the_bit(
+    tiny_run, buckets_corpus, tmp_path, monkeypatch, device, options
+):
+    options = tiny_train(
+        tiny_run,
+        data=buckets_corpus,
+        target="text",
+        max_steps=5,
+        eval_every=0,
+        log_every=1,
+        device=device,
+        **options,
+    )
+    n_copies = []
+
+    class Counted(wf.CastWeights):
+        def __init__(self, net, dtype):
+            super().__init__(net, dtype)
+            n_copies.append(len(self.copies))
+
+    runs = {}
+    for casts in (Counted, lambda net, dtype: None):  # (None: cast at each call)
+        monkeypatch.setattr(wf, "CastWeights", casts)
+        out = tmp_path / f"casts_{len(runs)}"
+        wf.train(train_config({**options, "out": out}))
+        runs[out] = [r["loss"] for r in read_records(out) if "loss" in r]
+    # every Linear (and Conv1d) weight and bias of what trains: the decoder's 2 blocks
+    # (self and cross attention, MLP), and with the encoder its block and 2 convs
+    n = 2 * (2 * N_ATTN + N_MLP) + (N_ATTN + N_MLP + 2 * 2) * (
+        "train_encoder" in options
+    )
+    assert n_copies == [n]
+    (a, losses_a), (b, losses_b) = runs.items()
+    assert len(losses_a) == 5 and losses_a == losses_b
+    assert_same_weights(a, b)
+
+
+def test_a_step_casts_no_weight(tiny_run, monkeypatch):
+    # whisper's Linear casts its weight at every call, and autograd its gradient back:
+    # a step with CastWeights does neither, for two multi-tensor copies an update
+    views = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "detach"}
+    views |= {"unsqueeze", "squeeze", "slice", "select", "alias", "as_strided"}
+    views |= {"split", "unbind", "reshape", "flatten", "empty_like"}  # (no kernel)
+
+    class Ops(torch.utils._python_dispatch.TorchDispatchMode):
+        def __init__(self, weights: set[int]):
+            super().__init__()
+            self.weights, self.n_ops, self.n_weight_casts = weights, 0, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            self.n_ops += name not in views
+            if name == "_to_copy" and args[0].data_ptr() in self.weights:
+                self.n_weight_casts += 1
+            return func(*args, **(kwargs or {}))
+
+    train_step, counts = wf.train_step, {}
+
+    def counted(run, micro, n_labels):
+        weights = {p.data_ptr() for p in run.model.parameters()}
+        with Ops(weights) as ops:
+            out = train_step(run, micro, n_labels)
+        counts[run.casts is not None] = (ops.n_ops, ops.n_weight_casts)
+        return out
+
+    monkeypatch.setattr(wf, "train_step", counted)
+    options = tiny_train(tiny_run, max_steps=2, eval_every=0, dtype="bf16")
+    wf.train(train_config({**options, "out": tiny_run / "ops_copies"}))
+    monkeypatch.setattr(wf, "CastWeights", lambda net, dtype: None)
+    wf.train(train_config({**options, "out": tiny_run / "ops_casts"}))
+    n = 2 * (2 * N_ATTN + N_MLP)  # the tiny decoder's Linear weights and biases
+    # (+ 1: the token embedding, cast for the logits; kept fp32 for its lookup)
+    assert counts[False][1] == n + 1 and counts[True][1] == 1
+    assert counts[True][0] == counts[False][0] - 2 * n + 2
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_cli_non_finite_steps_are_skipped_then_stop(tiny_run, dtype):
     model = nan_model(tiny_run / "nan.pt")
