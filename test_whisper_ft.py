@@ -2968,7 +2968,8 @@ def test_bench_runs_all_three_paths_and_reports_ratios(tmp_path):
     (tmp_path / "no").mkdir()
     (tmp_path / "no" / "pyopenjtalk.py").write_text("raise ImportError('absent')\n")
     out = tmp_path / "bench"
-    cmd = cli("bench", "--grad-checkpoint", n_utts=16, epochs=1, device="cpu", out=out)
+    flags = ["--grad-checkpoint", "--profile"]
+    cmd = cli("bench", *flags, n_utts=16, epochs=1, device="cpu", out=out)
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "no")}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -2988,3 +2989,15 @@ def test_bench_runs_all_three_paths_and_reports_ratios(tmp_path):
     assert report["data_speedup"] == pytest.approx(d["seed"] / d["ours"])
     assert report["decode"]["identical"] and report["decode"]["batch"] == 16
     assert "identical tokens: True" in proc.stdout
+    # each of whisper_ft's paths again under the profiler: its ops, most time first
+    for name in ("b_frozen", "c_full"):
+        path = out / f"profile_{name}.txt"
+        assert report["profiles"][name] == str(path)
+        assert f"profile of {name} (untimed): {path}" in proc.stdout
+        header, *table = path.read_text().splitlines()
+        sort = "sorted by self_cpu_time_total"
+        assert header == f"{name}: 2 steps of batch 8 on cpu, {sort}"
+        ops = [line.split()[0] for line in table if line.startswith(" ")]
+        # (the frozen run's encoder runs too, in its feature build: forward only)
+        trains_encoder = "aten::convolution_backward" in ops
+        assert "aten::mm" in ops and trains_encoder == (name == "c_full")

@@ -2932,16 +2932,17 @@ class CastWeights:
     Whisper's Linear and Conv1d layers cast their weights to the activations' dtype
     in every forward, and autograd casts each weight's gradient back in every
     backward: two kernels a weight a step, a third of a decoder step's kernels
-    (base: 679 tensor operations a step, 465 without them; small: 1,303 and 873),
-    each a kernel of its own even in a replayed graph. Here the trainable ones are
-    kept as copies in the step's dtype instead: within `with casts:` (one
-    micro-batch's forward and backward) the layers compute with the copies,
-    refreshed first from the fp32 weights in one multi-tensor copy, and on leaving,
-    the copies' gradients are widened into the fp32 weights' own in another. The
-    optimizer, clipping and every save still see the fp32 weights alone, and the
-    numbers are the same to the bit: a copy is the cast the layer would make, a
-    widened gradient the one autograd would. One process only: DDP reduces the fp32
-    weights' own gradients, as they come.
+    (train_step on the CPU, bf16, views and allocations aside: base's 686 tensor
+    operations, 472 with these copies; small's 1,310 and 880), each a kernel of its
+    own even in a replayed graph. Here the trainable ones are kept as copies in the
+    step's dtype instead: within `with casts:` (one micro-batch's forward and
+    backward) the layers compute with the copies, refreshed first from the fp32
+    weights in one multi-tensor copy, and on leaving, the copies' gradients are
+    widened into the fp32 weights' own in another. The optimizer, clipping and every
+    save still see the fp32 weights alone, and the numbers are the same to the bit:
+    a copy is the cast the layer would make, a widened gradient the one autograd
+    would. One process only: DDP reduces the fp32 weights' own gradients, as they
+    come.
     """
 
     def __init__(self, net: torch.nn.Module, dtype: torch.dtype):
@@ -4608,7 +4609,7 @@ def bench(args) -> dict:
             torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
         )
 
-    rows = {}
+    rows, cfgs = {}, {}
     peak_reset()
     seconds, step_seconds = seed_recipe(model.to(device), utts, batch_size, epochs, lr)
     rows["a_seed"] = {
@@ -4639,7 +4640,7 @@ def bench(args) -> dict:
             num_workers=2,
             log_every=max(1, n_steps // 4),
         )
-        r = train(cfg)
+        r, cfgs[name] = train(cfg), cfg
         n = n_steps * batch_size
         seconds = r["feature_seconds"] + r["step_seconds"]
         rows[name] = {
@@ -4666,8 +4667,37 @@ def bench(args) -> dict:
         "data_speedup": seed_s / ours_s,
         "decode": decode,
     }
+    if args.profile:
+        # 3 epochs' steps: every shape's eager step and capture, then mostly replays
+        n_profiled = min(n_steps, max(1, 3 * n_steps // epochs))
+        report["profiles"] = profile_rows(cfgs, n_profiled, out)
     save_json(out / "bench.json", report)
     return report
+
+
+def profile_rows(cfgs: dict[str, TrainConfig], n_steps: int, out: Path) -> dict:
+    """
+    Each of bench's runs again, n_steps long, under torch.profiler (untimed: the
+    profiler slows what it watches): where its time goes, op by op and, on a GPU,
+    kernel by kernel (those of replayed graphs too), the feature build's included.
+    A table a run, most time first, in out/profile_NAME.txt.
+    """
+    paths = {}
+    for name, cfg in cfgs.items():
+        gpu = cfg.device.startswith("cuda")
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        activities += [torch.profiler.ProfilerActivity.CUDA] if gpu else []
+        cfg = dataclasses.replace(
+            cfg, out=str(out / f"profile_{name}"), max_steps=n_steps, log_every=n_steps
+        )
+        with torch.profiler.profile(activities=activities) as prof:
+            train(cfg)
+        sort_by = "self_device_time_total" if gpu else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=sort_by, row_limit=40)
+        paths[name] = str(out / f"profile_{name}.txt")
+        header = f"{name}: {n_steps} steps of batch {cfg.batch_size} on {cfg.device}"
+        Path(paths[name]).write_text(f"{header}, sorted by {sort_by}\n{table}\n")
+    return paths
 
 
 def print_bench(report: dict) -> None:
@@ -4696,6 +4726,8 @@ def print_bench(report: dict) -> None:
         f"{d['ours_utt_per_s']:.1f} utt/s ({d['speedup']:.2f}x), "
         f"identical tokens: {d['identical']}"
     )
+    for name, path in report.get("profiles", {}).items():
+        print(f"profile of {name} (untimed): {path}")
     print(
         f"frozen_speedup={report['frozen_speedup']:.2f} "
         f"full_speedup={report['full_speedup']:.2f} "
@@ -5291,6 +5323,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/bench", help="corpus, runs and bench.json")
     p.add_argument(
         "--grad-checkpoint", action="store_true", help="in (c): activation checkpoints"
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="then (b) and (c) again, shorter and untimed, under torch.profiler: "
+        "OUT/profile_*.txt",
     )
     p.set_defaults(func=lambda a: print_bench(bench(a)))
 
