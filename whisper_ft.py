@@ -4680,7 +4680,8 @@ def profile_rows(cfgs: dict[str, TrainConfig], n_steps: int, out: Path) -> dict:
     Each of bench's runs again, n_steps long, under torch.profiler (untimed: the
     profiler slows what it watches): where its time goes, op by op and, on a GPU,
     kernel by kernel (those of replayed graphs too), the feature build's included.
-    A table a run, most time first, in out/profile_NAME.txt.
+    A table a run, most time first, in out/profile_NAME.txt; on a GPU a second one
+    by host time (launches, captures, allocations, waits).
     """
     paths = {}
     for name, cfg in cfgs.items():
@@ -4692,11 +4693,14 @@ def profile_rows(cfgs: dict[str, TrainConfig], n_steps: int, out: Path) -> dict:
         )
         with torch.profiler.profile(activities=activities) as prof:
             train(cfg)
-        sort_by = "self_device_time_total" if gpu else "self_cpu_time_total"
-        table = prof.key_averages().table(sort_by=sort_by, row_limit=40)
-        paths[name] = str(out / f"profile_{name}.txt")
+        ops = prof.key_averages()
         header = f"{name}: {n_steps} steps of batch {cfg.batch_size} on {cfg.device}"
-        Path(paths[name]).write_text(f"{header}, sorted by {sort_by}\n{table}\n")
+        text = ""
+        for sort_by in ["self_device_time_total"] * gpu + ["self_cpu_time_total"]:
+            table = ops.table(sort_by=sort_by, row_limit=40)
+            text += f"{header}, sorted by {sort_by}\n{table}\n"
+        paths[name] = str(out / f"profile_{name}.txt")
+        Path(paths[name]).write_text(text)
     return paths
 
 
