@@ -1796,9 +1796,8 @@ def test_cli_mixed_precision_trains_as_fp32(tiny_run):
     assert "loss scale" not in stderr["bf16"] + stderr["fp32"]
 
 
-N_ATTN = (
-    7  # Linear weights and biases of an attention (query, value, out; key: no bias)
-)
+# Linear weights and biases of an attention (query, value and out; key has no bias)
+N_ATTN = 7
 N_MLP = 4  # of an MLP
 
 
@@ -1807,7 +1806,8 @@ N_MLP = 4  # of an MLP
     [
         ("cpu", dict(dtype="bf16")),
         ("cpu", dict(dtype="fp16", grad_accum=2)),  # a GradScaler; sums in fp32
-        ("cpu", dict(dtype="bf16", train_encoder=True, grad_checkpoint=True)),
+        ("cpu", dict(dtype="bf16", grad_checkpoint=True)),  # recomputed in backward
+        ("cpu", dict(dtype="bf16", train_encoder=True)),  # no copies: arithmetic-bound
         pytest.param("cuda", dict(dtype="bf16"), marks=GPU),  # replayed graphs
     ],
 )
@@ -1835,17 +1835,37 @@ def test_weights_kept_in_the_step_dtype_train_as_casts_to_the_bit(
     for casts in (Counted, lambda net, dtype: None):  # (None: cast at each call)
         monkeypatch.setattr(wf, "CastWeights", casts)
         out = tmp_path / f"casts_{len(runs)}"
-        wf.train(train_config({**options, "out": out}))
+        result = wf.train(train_config({**options, "out": out}))
+        if device == "cuda":
+            assert result["cuda_graphs"] >= 2 and not result["graph_failure"]
         runs[out] = [r["loss"] for r in read_records(out) if "loss" in r]
-    # every Linear (and Conv1d) weight and bias of what trains: the decoder's 2 blocks
-    # (self and cross attention, MLP), and with the encoder its block and 2 convs
-    n = 2 * (2 * N_ATTN + N_MLP) + (N_ATTN + N_MLP + 2 * 2) * (
-        "train_encoder" in options
-    )
-    assert n_copies == [n]
+    # every Linear weight and bias of the decoder's 2 blocks (self and cross
+    # attention, MLP): copied where the decoder alone trains
+    n = 2 * (2 * N_ATTN + N_MLP)
+    assert n_copies == ([] if "train_encoder" in options else [n])
     (a, losses_a), (b, losses_b) = runs.items()
     assert len(losses_a) == 5 and losses_a == losses_b
     assert_same_weights(a, b)
+
+
+def test_cast_weights_are_put_back_and_leave_no_gradient_on_error():
+    decoder = tiny_model(0).decoder
+    mlp = decoder.blocks[1].mlp[0]
+    mlp.weight = decoder.blocks[0].mlp[0].weight  # shared: left to cast itself
+    before = dict(decoder.named_parameters())
+    casts = wf.CastWeights(decoder, torch.bfloat16)
+    assert len(casts.copies) == 2 * (2 * N_ATTN + N_MLP) - 2
+    query = decoder.blocks[0].attn.query
+    tokens, audio_features = torch.tensor([[50258, 50266]]), torch.randn(1, 1500, 32)
+    with pytest.raises(KeyboardInterrupt):
+        with casts:
+            assert query.weight.dtype == torch.bfloat16
+            assert mlp.weight.dtype == torch.float32
+            decoder(tokens, audio_features.bfloat16()).float().sum().backward()
+            raise KeyboardInterrupt  # (Ctrl-C, or a failed capture)
+    assert all(p is before[k] for k, p in decoder.named_parameters())  # fp32 ones
+    assert all(p.grad is None for p in casts.params + casts.copies)
+    assert decoder.blocks[0].attn_ln.weight.grad is not None  # (what never was cast)
 
 
 def test_a_step_casts_no_weight(tiny_run, monkeypatch):
@@ -2996,7 +3016,8 @@ def test_bench_runs_all_three_paths_and_reports_ratios(tmp_path):
         assert f"profile of {name} (untimed): {path}" in proc.stdout
         header, *table = path.read_text().splitlines()
         sort = "sorted by self_cpu_time_total"
-        assert header == f"{name}: 2 steps of batch 8 on cpu, {sort}"
+        assert header == f"{name}: 2 steps of batch 8 on cpu, 0 CUDA graphs, {sort}"
+        assert not (out / f"profile_{name}").exists()  # (the profiled run's saves)
         ops = [line.split()[0] for line in table if line.startswith(" ")]
         # (the frozen run's encoder runs too, in its feature build: forward only)
         trains_encoder = "aten::convolution_backward" in ops

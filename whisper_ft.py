@@ -74,7 +74,7 @@ from whisper.audio import (
     SAMPLE_RATE,
 )
 from whisper.audio import mel_filters
-from whisper.model import Conv1d, Linear, ModelDimensions, Whisper
+from whisper.model import Linear, ModelDimensions, Whisper
 from whisper.tokenizer import Tokenizer, get_tokenizer
 from whisper.utils import compression_ratio
 from tqdm import tqdm  # comes with openai-whisper
@@ -2336,7 +2336,7 @@ class Run:
     scaler: torch.amp.GradScaler
     lengths: list[int] = field(default_factory=list)  # train_utts' token counts
     audio: Optional[Iterator[torch.Tensor]] = None  # uncached: micro-batches' audio
-    casts: Optional["CastWeights"] = None  # weights in the step's dtype (1 process)
+    casts: Optional["CastWeights"] = None  # the decoder's weights in the step's dtype
     graphs: Optional["StepGraphs"] = None  # train_step replayed as CUDA graphs
     decode_graphs: Optional[DecodeGraphs] = None  # greedy decoding's token steps
     start: int = 0  # the step saved last: the loop goes on from start + 1
@@ -2794,7 +2794,9 @@ def _setup_run(
         run.net = model.decoder  # a step runs the decoder on the cached features
     if cfg.grad_checkpoint:
         checkpoint_blocks(model)
-    if dtype != torch.float32 and world == 1:
+    if dtype != torch.float32 and world == 1 and run.cached:
+        # (a step that trains the encoder too is bound by its arithmetic, not by its
+        # kernel count: the copies' memory would buy little there)
         run.casts = CastWeights(run.net, dtype)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -2929,35 +2931,41 @@ def micro_batch(run: Run, part: list[int]) -> tuple[torch.Tensor, ...]:
 
 class CastWeights:
     """
-    Whisper's Linear and Conv1d layers cast their weights to the activations' dtype
-    in every forward, and autograd casts each weight's gradient back in every
-    backward: two kernels a weight a step, a third of a decoder step's kernels
-    (train_step on the CPU, bf16, views and allocations aside: base's 686 tensor
+    Whisper's Linear layers cast their weights to the activations' dtype at every
+    call, and autograd casts each weight's gradient back in every backward: two
+    kernels a weight a step, a third of a decoder step's (train_step on the CPU,
+    bf16, views and allocations aside: base's decoder dispatches 686 tensor
     operations, 472 with these copies; small's 1,310 and 880), each a kernel of its
-    own even in a replayed graph. Here the trainable ones are kept as copies in the
+    own even in a replayed graph, where a small batch's step is bound by its kernel
+    count. Here the decoder's trainable Linear weights are kept as copies in the
     step's dtype instead: within `with casts:` (one micro-batch's forward and
     backward) the layers compute with the copies, refreshed first from the fp32
-    weights in one multi-tensor copy, and on leaving, the copies' gradients are
-    widened into the fp32 weights' own in another. The optimizer, clipping and every
-    save still see the fp32 weights alone, and the numbers are the same to the bit:
-    a copy is the cast the layer would make, a widened gradient the one autograd
-    would. One process only: DDP reduces the fp32 weights' own gradients, as they
-    come.
+    weights, and on leaving, the copies' gradients are widened into the fp32
+    weights' own (on CUDA one multi-tensor kernel each; later micro-batches of an
+    update add theirs a weight at a time). The optimizer, clipping and every save see
+    the fp32 weights alone, and the numbers are the same to the bit: a copy is the
+    cast the layer would make, a widened gradient the one autograd would. A weight
+    that two layers share is left to cast itself: its copy would sum its two
+    gradients in the low precision. The cost is memory: 2 bytes a copied weight, and
+    2 more while a backward's gradients wait to be widened (base: 50 MB; large-v3's
+    decoder: 1.7 GB each).
     """
 
-    def __init__(self, net: torch.nn.Module, dtype: torch.dtype):
-        self.slots = [
-            (module, name)
-            for module in net.modules()
-            if isinstance(module, (Linear, Conv1d))
+    def __init__(self, decoder: torch.nn.Module, dtype: torch.dtype):
+        slots = [
+            (module, name, p)
+            for module in decoder.modules()
+            if isinstance(module, Linear)
             for name, p in module.named_parameters(recurse=False)
             if p.requires_grad
         ]
+        uses = Counter(id(p) for *_, p in slots)
+        self.slots = [(module, name) for module, name, p in slots if uses[id(p)] == 1]
         self.params = [getattr(module, name) for module, name in self.slots]
         self.copies = [torch.nn.Parameter(p.detach().to(dtype)) for p in self.params]
 
     def __enter__(self) -> None:
-        with torch.no_grad():  # (torch._foreach_copy_ casts too, in one kernel)
+        with torch.no_grad():  # (torch._foreach_copy_ casts too)
             torch._foreach_copy_(self.copies, self.params)
         for (module, name), copy in zip(self.slots, self.copies):
             module._parameters[name] = copy
@@ -2968,7 +2976,7 @@ class CastWeights:
         grads = [copy.grad for copy in self.copies]
         for copy in self.copies:
             copy.grad = None
-        if error is not None:
+        if error is not None:  # a failed step leaves no gradient behind
             return
         # the first micro-batch of an update widens, later ones add (in fp32)
         pairs = [(p, g) for p, g in zip(self.params, grads) if g is not None]
@@ -4688,13 +4696,22 @@ def profile_rows(cfgs: dict[str, TrainConfig], n_steps: int, out: Path) -> dict:
         gpu = cfg.device.startswith("cuda")
         activities = [torch.profiler.ProfilerActivity.CPU]
         activities += [torch.profiler.ProfilerActivity.CUDA] if gpu else []
+        run = out / f"profile_{name}"
         cfg = dataclasses.replace(
-            cfg, out=str(out / f"profile_{name}"), max_steps=n_steps, log_every=n_steps
+            cfg, out=str(run), max_steps=n_steps, log_every=n_steps
         )
         with torch.profiler.profile(activities=activities) as prof:
-            train(cfg)
+            r = train(cfg)
+        shutil.rmtree(run)  # (its last.pt and state.pt: GBs with large dims)
         ops = prof.key_averages()
-        header = f"{name}: {n_steps} steps of batch {cfg.batch_size} on {cfg.device}"
+        # graphs captured under the profiler, or not (then these steps ran eagerly)
+        graphs = f"{r['cuda_graphs']} CUDA graphs"
+        if r["graph_failure"]:
+            graphs += f" (capture failed: {r['graph_failure']})"
+        header = (
+            f"{name}: {n_steps} steps of batch {cfg.batch_size} on {cfg.device}, "
+            f"{graphs}"
+        )
         text = ""
         for sort_by in ["self_device_time_total"] * gpu + ["self_cpu_time_total"]:
             table = ops.table(sort_by=sort_by, row_limit=40)
