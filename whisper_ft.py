@@ -2795,7 +2795,7 @@ def _setup_run(
     if cfg.grad_checkpoint:
         checkpoint_blocks(model)
     if dtype != torch.float32 and world == 1 and run.cached:
-        # (a step that trains the encoder too is bound by its arithmetic, not by its
+        # (a step that runs the encoder too is bound by its arithmetic, not by its
         # kernel count: the copies' memory would buy little there)
         run.casts = CastWeights(run.net, dtype)
     if world > 1:
