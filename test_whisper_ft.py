@@ -2983,6 +2983,28 @@ def test_fuzzed_corpus_never_crashes_the_reader(
     assert report.n_used + wav_lines <= len(lines) + 1  # each line used or skipped once
 
 
+def test_bench_removes_no_directory_but_its_own(tmp_path, capsys):
+    mine, a_file = tmp_path / "mine", tmp_path / "a_file"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    a_file.write_text("keep")
+    for out in (mine, a_file):
+        with pytest.raises(SystemExit) as e:
+            wf.main(["bench", "--device", "cpu", "--out", str(out)])
+        assert e.value.code == 2 and "not removed" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "keep" and a_file.read_text() == "keep"
+    # an earlier bench's: interrupted (its mark), finished before the mark (its
+    # bench.json), or an empty directory: made anew
+    for k, leftover in enumerate([".bench", "bench.json", None]):
+        out = tmp_path / f"earlier_{k}"
+        out.mkdir()
+        if leftover:
+            (out / leftover).write_text("")
+            (out / "model.pt").write_text("old")
+        wf.bench_dir(out)
+        assert [p.name for p in out.iterdir()] == [".bench"]
+
+
 def test_bench_runs_all_three_paths_and_reports_ratios(tmp_path):
     # without pyopenjtalk too, which a GPU machine may lack: its import fails here
     (tmp_path / "no").mkdir()

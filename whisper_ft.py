@@ -4578,12 +4578,26 @@ def decode_costs(
     }
 
 
-def bench(args) -> dict:
-    """Run (a) the seed recipe, (b) frozen-encoder and (c) full whisper_ft, report."""
-    out = Path(args.out)
+def bench_dir(out: Path) -> None:
+    """
+    Make `out` anew for a bench: an earlier bench's directory (its mark, .bench, or
+    its bench.json inside) or an empty one is emptied; anything else there is the
+    user's, and refused.
+    """
     if out.exists():
+        ours = any((out / name).exists() for name in (".bench", "bench.json"))
+        if not (out.is_dir() and (ours or not any(out.iterdir()))):
+            raise OptionError(
+                f"--out {out}: exists and is not an earlier bench's directory: not "
+                "removed; give another --out"
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    (out / ".bench").touch()
+
+
+def bench(args) -> dict:
+    """Run (a) the seed recipe, (b) frozen-encoder and (c) full whisper_ft, report."""
     device = pick_device(args.device)
     # on a GPU, more utterances and larger batches by default: with 64 the start-up
     # (worker processes, CUDA libraries) would be much of what is timed
@@ -4591,6 +4605,8 @@ def bench(args) -> dict:
     batch_size = args.batch_size or (16 if device.type == "cuda" else 8)
     if n_utts < 2 * batch_size:  # (its split holds a quarter of them out)
         raise OptionError(f"--n-utts {n_utts}: at least 2 batches of {batch_size}")
+    out = Path(args.out)
+    bench_dir(out)
     dims = BENCH_DIMS.get(args.dims) or model_dims(args.dims)
     torch.manual_seed(0)
     model = Whisper(dims)
