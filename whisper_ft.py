@@ -1673,9 +1673,9 @@ class DecodeBuffers:
             for buffer, param in zip(weights[name], (linear.weight, linear.bias))
         ]
         pairs.append((self.embedding, model.decoder.token_embedding.weight))
-        for buffer, param in pairs:
-            if buffer is not param and param is not None:
-                buffer.copy_(param)  # (copy_ casts, as .to() does)
+        pairs = [(b, p) for b, p in pairs if b is not p and p is not None]
+        if pairs:  # (one multi-tensor copy, which casts as .to() does)
+            torch._foreach_copy_([b for b, _ in pairs], [p for _, p in pairs])
         n = len(audio_features)
         for block, (k, v) in zip(model.decoder.blocks, self.cross):
             k[:n] = block.cross_attn.key(audio_features)
