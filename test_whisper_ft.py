@@ -450,7 +450,7 @@ def test_load_wave_names_the_bad_file(tmp_path):
         (junk, "cannot read"),
         (empty, "empty"),
     ):
-        with pytest.raises(wf.CorpusError, match=re.escape(str(path)) + ".*" + why):
+        with pytest.raises(wf.UserError, match=re.escape(str(path)) + ".*" + why):
             wf.load_wave(path)
 
 
@@ -589,7 +589,7 @@ def test_reader_exclude_and_manifest(tmp_path):
         f"{tmp_path / 'm' / 'list.tsv'}:3"
     ]
     assert utts[0].tokens[-1] == TOKENIZERS["english"].eot
-    with pytest.raises(wf.CorpusError, match="nowhere"):
+    with pytest.raises(wf.UserError, match="nowhere"):
         wf.read_corpus(str(tmp_path / "nowhere"), tok)
 
 
@@ -612,7 +612,7 @@ def test_split_never_leaks_speakers_or_sentences(corpus, test_fraction):
     utts, fraction = corpus
     try:
         train, dev, test, info = wf.split_corpus(utts, fraction, test_fraction)
-    except wf.CorpusError as e:
+    except wf.UserError as e:
         # only where the held-out part has fewer than two sentences to share out
         _, held, _ = wf._hold_out(utts, fraction)
         assert len({u.target for u in held}) < 2, e
@@ -678,7 +678,7 @@ def test_resume_and_eval_refuse_a_corpus_that_lost_split_utterances():
     utts = jvs_like()
     _, _, test, info = wf.split_corpus(utts, 0.2)
     gone = [u for u in utts if u.id != test[0].id]
-    with pytest.raises(wf.CorpusError, match=f"first: {re.escape(test[0].id)}"):
+    with pytest.raises(wf.UserError, match=f"first: {re.escape(test[0].id)}"):
         wf.apply_split(gone, info, "test")
 
 
@@ -845,12 +845,12 @@ def test_ct2_round_trip(tmp_path, dtype):
 
 
 def test_load_model_errors(tmp_path):
-    with pytest.raises(wf.CorpusError, match="no model.bin"):
+    with pytest.raises(wf.UserError, match="no model.bin"):
         wf.load_model(str(tmp_path))
     (tmp_path / "x.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(Exception):
         wf.load_model(str(tmp_path / "x.pt"))
-    with pytest.raises(wf.CorpusError, match="neither"):
+    with pytest.raises(wf.UserError, match="neither"):
         wf.load_model("no-such-model")
     assert wf.load_model("tiny.en", init="random").dims == wf.model_dims("tiny.en")
     assert (
@@ -880,7 +880,7 @@ def test_eval_decodes_longest_first_and_answers_in_order(
         utts.append(wf.Utterance(f"u{k}", str(path), "", "s", f"{path}:1"))
     batches = []
 
-    def decode_batch(model, x, tokenizer, dtype=None, graphs=None):
+    def decode_batch(model, x, tokenizer, graphs=None):
         # which utterance a row is: cached, its feature holds its index; else (the
         # mel skipped below) its wave's length does
         if cached:
@@ -892,15 +892,15 @@ def test_eval_decodes_longest_first_and_answers_in_order(
 
     features = None
     if cached:
-        features = torch.arange(len(utts), dtype=torch.float32)[:, None, None]
+        rows = torch.arange(len(utts), dtype=torch.float32)[:, None, None]
+        features = wf.Features(torch.float32, rows)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(wf, "decode_batch", decode_batch)
         patch.setattr(wf, "log_mel_spectrogram", lambda audio, n_mels: audio)
         patch.setattr(wf, "encode", lambda model, mel, dtype: mel)
         tokenizer = TOKENIZERS["multilingual"]
-        hyps = wf.transcribe_utts(
-            tiny_model(), utts, tokenizer, batch_size, 0, features
-        )
+        options = wf.EvalOptions(batch_size, 0)
+        hyps, _ = wf.transcribe_utts(tiny_model(), utts, tokenizer, options, features)
     assert hyps == [f"hyp{k}" for k in range(len(utts))]
     assert [len(b) for b in batches[:-1]] == [batch_size] * (len(batches) - 1)
     order = [i for b in batches for i in b]
@@ -913,7 +913,7 @@ def test_greedy_decoding_is_whispers_own_batched_and_cached():
     model = tiny_model(3)
     audio = torch.randn(3, whisper.audio.N_SAMPLES) * 0.1
     mel = wf.log_mel_spectrogram(audio)
-    batched = wf.decode_batch(model, mel, tok)
+    batched = wf.decode_batch(model, wf.encode(model, mel, torch.float32), tok)
     options = whisper.DecodingOptions(
         language="ja", without_timestamps=True, fp16=False
     )
@@ -966,7 +966,7 @@ def test_cached_features_give_the_same_loss_as_the_encoder(tmp_path):
     write_wav(tmp_path / "jvs001/parallel100" / wf.JVS_WAV_DIR / "B.wav", seconds=0.9)
     utts, _ = wf.read_corpus(str(tmp_path), tok)
     model = tiny_model()
-    features = wf.encode_audio(model, utts, batch_size=2, num_workers=0)
+    features = wf.encode_audio(model, utts, batch_size=2, num_workers=0).rows
     tokens, labels = wf.collate_tokens([u.tokens for u in utts], tok.eot, 3)
     mel = wf.log_mel_spectrogram(
         wf.pad_waves([wf.AudioDataset(utts)[i] for i in range(3)])
@@ -989,17 +989,18 @@ def test_feature_cache_is_reused_and_never_stale(tmp_path):
 
     def encode(model):
         calls.clear()
-        return wf.encode_audio(model, utts, 2, 0, torch.float32, cache)
+        return wf.encode_audio(model, utts, 2, 0, torch.float32, cache).rows
 
     first = encode(model)
     assert calls == [2, 1] and len(list(cache.rglob("*.npy"))) == 3
-    assert torch.equal(first, wf.encode_audio(model, utts, 2, 0))
+    assert torch.equal(first, wf.encode_audio(model, utts, 2, 0).rows)
     assert torch.equal(encode(model), first) and calls == []  # all read back
     # kept out of RAM: read back a batch at a time, indexed as the tensor is
-    disk = wf.encode_audio(model, utts, 2, 0, torch.float32, cache, in_ram=False)
-    assert isinstance(disk, wf.DiskFeatures) and len(disk) == 3 and calls == []
-    assert torch.equal(disk[[2, 0]], first[[2, 0]])
-    assert torch.equal(disk[1:][[1]], first[1:][[1]])
+    disk = wf.encode_audio(model, utts, 2, 0, torch.float32, cache, where="disk")
+    assert disk.rows is None and len(disk) == 3 and calls == []
+    cpu = torch.device("cpu")
+    assert torch.equal(disk.take([2, 0], cpu), first[[2, 0]])
+    assert torch.equal(disk[1:].take([1], cpu), first[1:][[1]])
     # new audio in one file: that one alone is encoded again
     write_wav(utts[1].path, seconds=0.7, freq=300.0)
     os.utime(utts[1].path, ns=(1, 1))  # and a different mtime, whatever the clock
@@ -1019,15 +1020,17 @@ def test_features_are_kept_in_the_dtype_steps_compute_in(tmp_path):
     write_jvs(tmp_path / "c", {"jvs001": {"A": "一。", "B": "二つ。"}})
     utts, _ = wf.read_corpus(str(tmp_path / "c"), tok)
     model, cache = tiny_model(), tmp_path / "cache"
-    fp32 = wf.encode_audio(model, utts, 2, 0, torch.float32, cache)
-    bf16 = wf.encode_audio(model, utts, 2, 0, torch.bfloat16, cache)
+    fp32 = wf.encode_audio(model, utts, 2, 0, torch.float32, cache).rows
+    bf16 = wf.encode_audio(model, utts, 2, 0, torch.bfloat16, cache).rows
     assert fp32.dtype == torch.float32 and bf16.dtype == torch.bfloat16
     assert len(list(cache.iterdir())) == 2  # one key per dtype: never mixed up
     assert torch.allclose(bf16.float(), fp32, atol=0.05 * fp32.abs().max().item())
     # bf16 rows go through .npy (which has no bfloat16) and come back bit for bit
-    disk = wf.encode_audio(model, utts, 2, 0, torch.bfloat16, cache, in_ram=False)
-    assert disk.dtype == torch.bfloat16 and torch.equal(disk[[1, 0]], bf16[[1, 0]])
-    again = wf.encode_audio(model, utts, 2, 0, torch.bfloat16, cache)
+    disk = wf.encode_audio(model, utts, 2, 0, torch.bfloat16, cache, where="disk")
+    cpu = torch.device("cpu")
+    assert disk.dtype == torch.bfloat16
+    assert torch.equal(disk.take([1, 0], cpu), bf16[[1, 0]])
+    again = wf.encode_audio(model, utts, 2, 0, torch.bfloat16, cache).rows
     assert torch.equal(again, bf16)
     # why it matters: the decoder's activations take the features' dtype
     seen = []
@@ -1084,29 +1087,30 @@ DEMO = wf.DEMO_SENTENCES.read_text(encoding="utf-8").split()
 
 
 def test_repetition_flags_decoding_loops():
-    assert wf.repetition("ハイハイハイハイ", spaced=False) == "'ハイ' x4"
-    assert wf.repetition("ハイ。ハイ。ハイ。ハイ。", spaced=False) == "'ハイ' x4"
-    assert wf.repetition("ハイハイハイ。イイエ", spaced=False) == ""
+    assert wf.find_repetition("ハイハイハイハイ", spaced=False) == "'ハイ' x4"
+    assert wf.find_repetition("ハイ。ハイ。ハイ。ハイ。", spaced=False) == "'ハイ' x4"
+    assert wf.find_repetition("ハイハイハイ。イイエ", spaced=False) == ""
     assert (
-        wf.repetition("キョーワ、アメ、アメ、アメ、アメデス", spaced=False)
+        wf.find_repetition("キョーワ、アメ、アメ、アメ、アメデス", spaced=False)
         == "'アメ' x4"
     )
     assert (
-        wf.repetition("the cat the cat the cat the cat", spaced=True) == "'the cat' x4"
+        wf.find_repetition("the cat the cat the cat the cat", spaced=True)
+        == "'the cat' x4"
     )
-    assert wf.repetition("bathe the the the", spaced=True) == ""  # 'the' in bathe
-    assert wf.repetition("a plain sentence with no loop", spaced=True) == ""
+    assert wf.find_repetition("bathe the the the", spaced=True) == ""  # 'the' in bathe
+    assert wf.find_repetition("a plain sentence with no loop", spaced=True) == ""
     # whisper's own test: zlib compresses a loop of long units well, and a minute of
     # plain katakana too: it is applied to whisper's windows, here to their segments
     loop = "トーキョートッキョキョカキョク" * 3
-    assert wf.repetition(loop, spaced=False) == "compression ratio 3.8"
+    assert wf.find_repetition(loop, spaced=False) == "compression ratio 3.8"
     kana = [wf.to_kana(s) for s in DEMO[:20]]
     minute = "".join(kana)
     assert wf.compression_ratio(minute) > 2.4
-    assert wf.repetition(minute, spaced=False, windows=kana) == ""
-    assert wf.repetition(minute, False, windows=[minute]).startswith("compression")
+    assert wf.find_repetition(minute, spaced=False, windows=kana) == ""
+    assert wf.find_repetition(minute, False, windows=[minute]).startswith("compression")
     utts = [wf.Utterance(f"u{i}", "", "", "s", "", target="アメ") for i in range(3)]
-    result = wf.score(utts, ["アメ", "アメアメアメアメ", "ア"])
+    result = wf.score_hyps(utts, ["アメ", "アメアメアメアメ", "ア"])
     assert result["repeats"] == 1 and [bool(r["repeat"]) for r in result["rows"]] == [
         False,
         True,
@@ -1143,9 +1147,9 @@ def test_timestamp_check_and_coverage_on_crafted_segments():
     assert not wf.timestamps_ok([seg(0, 12)], 10, tb)  # past the audio's end
     assert not wf.timestamps_ok([seg(3, 3)], 10, tb)  # empty
     assert not wf.timestamps_ok([], 10, tb)
-    assert wf.coverage([seg(0, 5), seg(4, 8)], 10) == pytest.approx(0.8)
-    assert wf.coverage([seg(8, 12), seg(1, 2)], 10) == pytest.approx(0.3)
-    assert wf.coverage([], 10) == 0.0
+    assert wf.measure_coverage([seg(0, 5), seg(4, 8)], 10) == pytest.approx(0.8)
+    assert wf.measure_coverage([seg(8, 12), seg(1, 2)], 10) == pytest.approx(0.3)
+    assert wf.measure_coverage([], 10) == 0.0
 
 
 def test_long_form_joins_test_audio_and_scores_whisper_transcribe(tiny_run):
@@ -1683,19 +1687,19 @@ def test_cuda_graphed_run_resumes_exactly(tiny_run, buckets_corpus, monkeypatch)
         target="text",
     )
     wf.train(train_config({**options, "out": tiny_run / "graphed_full"}))
-    save_state = wf.save_state
+    save_state = wf.save_last
 
     def killed_after_6(run, step):
         save_state(run, step)
         if step == 6:
             raise KeyboardInterrupt  # as a kill: no chance to do anything more
 
-    monkeypatch.setattr(wf, "save_state", killed_after_6)
+    monkeypatch.setattr(wf, "save_last", killed_after_6)
     out = tiny_run / "graphed_cut"
     with pytest.raises(SystemExit) as exit:  # (train says how to go on, exits 130)
         wf.train(train_config({**options, "out": out}))
     assert exit.value.code == 130
-    monkeypatch.setattr(wf, "save_state", save_state)
+    monkeypatch.setattr(wf, "save_last", save_state)
     result = wf.train(train_config({"resume": out, "device": "cuda"}))
     assert result["cuda_graphs"] >= 2
     assert_same_weights(tiny_run / "graphed_full", out)
@@ -1713,7 +1717,7 @@ def test_cuda_graphed_decoding_is_whisper_decode(kind):
     mel = wf.log_mel_spectrogram(audio).half()
     features = model.encoder(mel)
     options = wf.decode_options(model, tok, fp16=True)
-    graphs = wf.DecodeGraphs()
+    graphs = wf.CudaGraphs()
     for batch in (features, features, features, features[:5]):
         theirs = [r.tokens for r in whisper.decode(model, batch, options)]
         assert wf.greedy_decode(model, batch, tok, graphs) == theirs
@@ -1995,7 +1999,7 @@ def test_damaged_saves_are_never_trained_on(tiny_run):
     shutil.copyfile(tiny_run / "whole" / "state.pt", flipped)
     flip_tensor_bytes(flipped)
     torch.load(flipped, weights_only=True)
-    with pytest.raises(wf.CorpusError, match="does not match the digest"):
+    with pytest.raises(wf.UserError, match="does not match the digest"):
         wf.load_checked(flipped)
     wf.load_checked(tiny_run / "whole" / "state.pt")  # and a whole file checks out
 
@@ -2205,7 +2209,7 @@ def test_a_run_stopped_in_its_final_report_makes_it_when_resumed(tiny_run, monke
     wf.train(train_config({**options, "out": other, "eval_every": 0, "max_steps": 1}))
     for name in ("last.pt", "state.pt"):
         shutil.copyfile(other / name, out / name)
-    with pytest.raises(wf.CorpusError, match=r"\(step 1\) are another run's"):
+    with pytest.raises(wf.UserError, match=r"\(step 1\) are another run's"):
         wf.train(train_config({"resume": out, "max_steps": 3}))
 
 
@@ -2299,7 +2303,7 @@ def test_one_line_errors_where_tracebacks_were(tiny_run, tmp_path):
 
 def test_saves_that_fail_twice_still_leave_a_whole_pair(tmp_path, monkeypatch):
     model, state = tiny_model(), {"best_cer": 1.0}
-    wf.save_run(tmp_path, model, 1, state)
+    wf.write_last_pair(tmp_path, model, 1, state)
     save = torch.save
 
     def no_state(obj, f):  # last.pt is written, then the crash, before state.pt
@@ -2310,9 +2314,9 @@ def test_saves_that_fail_twice_still_leave_a_whole_pair(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", no_state)
     for step in (2, 3):
         with pytest.raises(OSError):
-            wf.save_run(tmp_path, model, step, state)
+            wf.write_last_pair(tmp_path, model, step, state)
     monkeypatch.setattr(torch, "save", save)
-    last, saved = wf.load_run(tmp_path, log=lambda m: None)
+    last, saved = wf.read_last_pair(tmp_path, log=lambda m: None)
     assert last["step"] == saved["step"] == 1
 
 
@@ -2845,7 +2849,7 @@ def test_export_refuses_int8_and_existing_output(tmp_path, capsys):
         assert said in capsys.readouterr().err + str(exit.value), flags
         assert not (tmp_path / "x").exists()
     (tmp_path / "out").mkdir()
-    with pytest.raises(wf.CorpusError, match="exists"):
+    with pytest.raises(wf.UserError, match="exists"):
         wf.export_model("tiny.pt", "ct2", tmp_path / "out")
 
 
@@ -2859,17 +2863,17 @@ def test_bad_ggml_files(tmp_path):
     wf.write_ggml_model(model, tmp_path / "m.bin", torch.float16)
     data = (tmp_path / "m.bin").read_bytes()
     (tmp_path / "t.bin").write_bytes(data[: len(data) // 2])
-    with pytest.raises(wf.CorpusError) as e:
+    with pytest.raises(wf.UserError) as e:
         wf.read_ggml_model(tmp_path / "t.bin")
     assert "truncated" in one_line(e)
     (tmp_path / "x.bin").write_bytes(b"PK\x03\x04" + bytes(100))  # a zip, say
-    with pytest.raises(wf.CorpusError) as e:
+    with pytest.raises(wf.UserError) as e:
         wf.read_ggml_model(tmp_path / "x.bin")
     assert "not a ggml" in one_line(e)
     # cut after the last whole tensor but one: a tensor is missing
     n_last = 4 * TINY.n_text_state + 12 + 4 + len(b"decoder.ln.bias")
     (tmp_path / "m2.bin").write_bytes(data[:-n_last])
-    with pytest.raises(wf.CorpusError) as e:
+    with pytest.raises(wf.UserError) as e:
         wf.read_ggml_model(tmp_path / "m2.bin")
     assert "decoder.ln.bias is missing" in one_line(e)
 
@@ -2882,19 +2886,19 @@ def test_bad_hf_dirs(tmp_path):
     weights = safetensors.torch.load_file(tmp_path / "model.safetensors")
     del weights["model.encoder.conv2.bias"]
     safetensors.torch.save_file(weights, tmp_path / "model.safetensors")
-    with pytest.raises(wf.CorpusError) as e:
+    with pytest.raises(wf.UserError) as e:
         wf.read_hf_model(tmp_path)
     assert "model.encoder.conv2.bias is missing" in one_line(e)
     (tmp_path / "model.safetensors").unlink()
-    with pytest.raises(wf.CorpusError) as e:
+    with pytest.raises(wf.UserError) as e:
         wf.read_model_dir(tmp_path)
     assert "no model.safetensors" in one_line(e)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(wf.CorpusError) as e:
+    with pytest.raises(wf.UserError) as e:
         wf.read_hf_model(tmp_path)
     assert "not whisper" in one_line(e)
     (tmp_path / "config.json").unlink()
-    with pytest.raises(wf.CorpusError) as e:
+    with pytest.raises(wf.UserError) as e:
         wf.read_model_dir(tmp_path)
     assert "no model.bin (CTranslate2) nor config.json" in one_line(e)
 
@@ -2904,7 +2908,7 @@ def test_truncated_ct2_model(tmp_path):
     wf.write_ct2_model(tiny_model(0, TINY), tmp_path / "ct2", torch.float16)
     path = tmp_path / "ct2" / "model.bin"
     path.write_bytes(path.read_bytes()[:100_000])
-    with pytest.raises(wf.CorpusError) as e:
+    with pytest.raises(wf.UserError) as e:
         wf.read_model_dir(tmp_path / "ct2")
     assert "model.bin" in one_line(e)
 

@@ -82,13 +82,13 @@ from tqdm import tqdm  # comes with openai-whisper
 # -----------------------------------------------------------------------------
 # constants
 
+
 IGNORE_INDEX = -100  # label value that F.cross_entropy skips: padding and masked prefix
 JVS_TRANSCRIPT = "transcripts_utf8.txt"
 JVS_WAV_DIR = "wav24kHz16bit"
 JVS_SUBSETS = ("parallel100", "nonpara30", "whisper10", "falset10")
 # whisper writes these languages without spaces between words (whisper/tokenizer.py)
 LANGUAGES_WITHOUT_SPACES = {"ja", "zh", "yue", "th", "lo", "my"}
-
 # Dimensions of the official checkpoints, so `--init random` builds any of them offline
 _WHISPER_DIMS = {  # name: (n_state, n_head, n_audio_layer, n_text_layer)
     "tiny": (384, 6, 4, 4),
@@ -98,38 +98,202 @@ _WHISPER_DIMS = {  # name: (n_state, n_head, n_audio_layer, n_text_layer)
     "large": (1280, 20, 32, 32),
     "turbo": (1280, 20, 32, 4),
 }
-
-
-def model_dims(name: str) -> ModelDimensions:
-    """Dimensions of an official whisper model name ("base", "tiny.en", "large-v3")."""
-    size = "turbo" if "turbo" in name else name.split(".")[0].split("-")[0]
-    if size not in _WHISPER_DIMS:
-        raise ValueError(
-            f"unknown whisper model {name!r}: {whisper.available_models()}"
-        )
-    n_state, n_head, n_audio_layer, n_text_layer = _WHISPER_DIMS[size]
-    v3 = name in ("large-v3", "turbo", "large-v3-turbo")
-    n_vocab = 51864 if name.endswith(".en") else 51866 if v3 else 51865
-    return ModelDimensions(
-        n_mels=128 if v3 else 80,
-        n_audio_ctx=1500,  # 30 s of audio at 20 ms per encoder position
-        n_audio_state=n_state,
-        n_audio_head=n_head,
-        n_audio_layer=n_audio_layer,
-        n_vocab=n_vocab,
+FEATURE_VERSION = 1  # bump when log_mel_spectrogram's numbers change: caches go stale
+LONG_FORM_GAP = 0.3  # seconds of silence between joined utterances
+CHOICES = {
+    "target": ["kana", "text"],
+    "init": ["pretrained", "random"],
+    "dtype": ["auto", "bf16", "fp16", "fp32"],
+}
+# what a numeric option must be, said as argparse would: (options, test, wording)
+OPTION_RANGES = [
+    ("batch_size grad_accum max_steps log_every", lambda v: v >= 1, ">= 1"),
+    ("max_bad_steps eval_batch_size", lambda v: v >= 1, ">= 1"),
+    ("warmup_steps eval_every save_every max_eval", lambda v: v >= 0, ">= 0"),
+    ("num_workers feature_ram_gib weight_decay grad_clip", lambda v: v >= 0, ">= 0"),
+    ("lr", lambda v: v > 0, "> 0"),
+    ("eval_speakers test_fraction", lambda v: 0 < v < 1, "in (0, 1)"),
+]
+# what a resumed run may change: where its inputs are, how long it goes, how it runs
+RESUME_OPTIONS = set(
+    "data eval_data retain_data max_steps device num_workers eval_batch_size "
+    "feature_cache feature_ram_gib log_every eval_every save_every max_bad_steps".split()
+)
+# CTranslate2's model.bin variable dtype ids (binary version 6)
+CT2_DTYPE_IDS = {
+    torch.float32: 0,
+    torch.int8: 1,
+    torch.int16: 2,
+    torch.int32: 3,
+    torch.float16: 4,
+    torch.bfloat16: 5,
+}
+CT2_PARTS = {"linear": ("weight", "bias"), "norm": ("gamma", "beta")}
+# The decoder's settings that ctranslate2's converter writes as scalars for a Whisper
+# decoder (TransformerDecoderSpec): (name, dtype, value). Activation 3 is GELU.
+CT2_DECODER_SCALARS = [
+    ("activation", torch.int8, 3),
+    ("alibi", torch.int8, 0),
+    ("alignment_heads", torch.int16, 1),
+    ("alignment_layer", torch.int16, -1),
+    ("pre_norm", torch.int8, 1),
+    ("scale_embeddings", torch.int8, 0),
+    ("start_from_zero_embedding", torch.int8, 0),
+]
+EXPORT_FORMATS = ("ct2", "hf", "ggml")
+EXPORT_DTYPES = {
+    name: getattr(torch, name) for name in ("float32", "float16", "bfloat16")
+}
+RUNTIMES = {  # format: (module the check imports, pip package)
+    "ct2": ("ctranslate2", "faster-whisper"),
+    "hf": ("transformers", "transformers safetensors"),
+    "ggml": ("_pywhispercpp", "pywhispercpp"),
+}
+GGML_MAGIC = 0x67676D6C  # "ggml" (ggml.h GGML_FILE_MAGIC)
+# ggml.h: GGML_TYPE_* per tensor, GGML_FTYPE_* for the file (whisper.cpp's hparams)
+GGML_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 30}
+GGML_FTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 24}
+# whisper.cpp's hparams, in its file's order (then ftype)
+GGML_HPARAMS = (
+    "n_vocab n_audio_ctx n_audio_state n_audio_head n_audio_layer "
+    "n_text_ctx n_text_state n_text_head n_text_layer n_mels".split()
+)
+# openai-whisper -> transformers names, applied in order to each state_dict key (as in
+# transformers' convert_openai_to_hf.py); ".attn." never matches inside "cross_attn."
+HF_RENAMES = [
+    ("blocks", "layers"),
+    ("mlp.0", "fc1"),
+    ("mlp.2", "fc2"),
+    ("mlp_ln", "final_layer_norm"),
+    (".attn.query", ".self_attn.q_proj"),
+    (".attn.key", ".self_attn.k_proj"),
+    (".attn.value", ".self_attn.v_proj"),
+    (".attn_ln", ".self_attn_layer_norm"),
+    (".attn.out", ".self_attn.out_proj"),
+    (".cross_attn.query", ".encoder_attn.q_proj"),
+    (".cross_attn.key", ".encoder_attn.k_proj"),
+    (".cross_attn.value", ".encoder_attn.v_proj"),
+    (".cross_attn_ln", ".encoder_attn_layer_norm"),
+    (".cross_attn.out", ".encoder_attn.out_proj"),
+    ("decoder.ln.", "decoder.layer_norm."),
+    ("token_embedding", "embed_tokens"),
+    ("encoder.positional_embedding", "encoder.embed_positions.weight"),
+    ("decoder.positional_embedding", "decoder.embed_positions.weight"),
+    ("ln_post", "layer_norm"),
+]
+# whisper/tokenizer.py's split pattern (GPT-2's), which tiktoken applies before BPE
+WHISPER_PAT = (
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+)
+# what the export check transcribes when the user gives no audio (pyopenjtalk's voice)
+CHECK_SENTENCES = [
+    "こんにちは、今日はいい天気ですね。",
+    "音声認識のモデルを日本語で微調整しました。",
+    "明日の会議は午後三時から始まります。",
+    "駅までの道を教えてください。",
+]
+BENCH_DIMS = {  # tiny dims for a CPU run in minutes; official names for real ones
+    "test": ModelDimensions(
+        n_mels=80,
+        n_audio_ctx=1500,
+        n_audio_state=64,
+        n_audio_head=2,
+        n_audio_layer=2,
+        n_vocab=51865,
         n_text_ctx=448,
-        n_text_state=n_state,
-        n_text_head=n_head,
-        n_text_layer=n_text_layer,
-    )
+        n_text_state=64,
+        n_text_head=2,
+        n_text_layer=2,
+    ),
+}
+DEMO_SENTENCES = Path(__file__).with_name("data") / "demo_sentences.txt"
+# (speed, half_tone) per speaker: the last ones are held out, so eval voices are unseen
+DEMO_VOICES = [
+    (1.0, 0.0),
+    (0.9, -2.0),
+    (1.1, 2.0),
+    (0.95, 4.0),
+    (1.05, -4.0),
+    (0.85, 1.0),
+    (1.15, -1.0),
+    (1.0, 3.0),
+    (0.92, -3.0),
+    (1.08, 5.0),
+]
+DEMO_SENTENCES_EN = Path(__file__).with_name("data") / "demo_sentences_en.txt"
+# speaker: (eSpeak NG voice, words a minute, pitch 0-100); sentence i by speaker i % 4
+DEMO_VOICES_EN = {
+    "en_us_m": ("en-us", 165, 45),
+    "en_us_f": ("en-us+f3", 175, 60),
+    "en_gb_m": ("en-gb-x-rp+m3", 155, 40),
+    "en_gb_f": ("en+f2", 185, 55),
+}
+
+
+# -----------------------------------------------------------------------------
+# the configuration: one field a knob, and argparse is built from it
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = ""  # JVS-layout dir, or TSV manifest: path<TAB>text[<TAB>speaker]
+    eval_data: str = ""  # eval corpus (default: held-out speakers/sentences of data)
+    subsets: str = "parallel100,nonpara30"  # JVS subsets to read, comma-separated
+    exclude: str = ""  # file of utterance ids or wav paths to leave out, one a line
+    target: str = "kana"  # kana: pyopenjtalk katakana reading; text: as written
+    language: str = "ja"  # language token for multilingual models
+    eval_speakers: float = 0.1  # fraction of speakers held out, for dev and test
+    test_fraction: float = 0.5  # of the held-out speakers (and sentences): for test
+    allow_trim: bool = False  # train on audio over 30 s cut to 30 s (default: skip it)
+    max_eval: int = 0  # dev utterances decoded at each eval (0: all; test: always all)
+    retain_data: str = ""  # a set in another language (dir or TSV): LID, WER on it
+    retain_language: str = "en"  # the retain set's language
+    long_form: bool = True  # test audio as 60-120 s recordings via whisper.transcribe
+    # model
+    model: str = "base"  # whisper name, openai-format .pt, or CTranslate2 model dir
+    init: str = "pretrained"  # pretrained | random: same dims, random weights (tests)
+    train_encoder: bool = False  # also train the encoder (default: decoder only)
+    train_prefix: bool = False  # also learn the language/task/notimestamps tokens
+    grad_checkpoint: bool = False  # recompute activations in backward: less memory
+    cuda_graphs: bool = True  # on CUDA: train (frozen encoder) and decode steps graphed
+    # optimization
+    max_steps: int = 1000  # optimizer updates
+    batch_size: int = 16  # utterances per update (before accumulation)
+    grad_accum: int = 1  # micro-batches per update; batch_size is split among them
+    lr: float = 3e-5  # peak learning rate (see README: 5e-4 overfits)
+    warmup_steps: int = 50  # linear warmup updates
+    weight_decay: float = 0.01  # AdamW decay on matrices (not norms, biases, positions)
+    grad_clip: float = 1.0  # max global grad norm (0: off)
+    max_bad_steps: int = 10  # stop after this many non-finite steps in a row
+    # system
+    device: str = "auto"  # auto | cuda | mps | cpu
+    dtype: str = "auto"  # auto (fp32 off GPUs) | bf16 | fp16 (+GradScaler) | fp32
+    cache_features: bool = True  # frozen encoder: compute its output once per utterance
+    feature_cache: str = ""  # dir that keeps those outputs across runs and resumes
+    feature_ram_gib: float = 0.0  # GiB of RAM for them, all ranks (0: half the free)
+    num_workers: int = 2  # audio loading processes
+    eval_batch_size: int = 16  # utterances per greedy-decoding batch
+    # run
+    out: str = "runs/ft"  # run dir: best.pt last.pt state.pt metrics.jsonl split.json
+    resume: str = ""  # run dir to continue (its config.json is used)
+    eval_every: int = 200  # updates between evals (also at start and end; 0: none)
+    save_every: int = 200  # updates between saves of last.pt and state.pt (0: at end)
+    log_every: int = 10  # updates between log lines
+    seed: int = 1337  # shuffling and random init
+
+
+class UserError(ValueError):
+    """What the user must mend (a file, a run directory, an option), said in one line
+    that names it: main() prints it and exits 1, with no traceback."""
+
+
+class OptionError(UserError):
+    """A bad option, refused before any work: exit 2, as argparse's own errors."""
 
 
 # -----------------------------------------------------------------------------
 # audio
-
-
-class CorpusError(ValueError):
-    """Bad input, with the file (and line) it came from in the message."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -169,7 +333,7 @@ def load_wave(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch.
     """
     if not os.path.isfile(path):
         why = "a directory, not an audio file" if os.path.isdir(path) else "not found"
-        raise CorpusError(f"{path}: {why}")
+        raise UserError(f"{path}: {why}")
     try:
         with soundfile.SoundFile(path) as f:
             # 16-bit PCM (JVS's format) read as int16 and scaled here: the same
@@ -177,9 +341,9 @@ def load_wave(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch.
             pcm16 = f.subtype == "PCM_16"
             audio, rate = f.read(dtype="int16" if pcm16 else "float32"), f.samplerate
     except Exception as e:  # soundfile raises LibsndfileError, TypeError, RuntimeError
-        raise CorpusError(f"{path}: cannot read audio ({e})") from None
+        raise UserError(f"{path}: cannot read audio ({e})") from None
     if audio.shape[0] == 0:
-        raise CorpusError(f"{path}: empty audio (0 samples)")
+        raise UserError(f"{path}: empty audio (0 samples)")
     wave = torch.from_numpy(audio)
     if pcm16:
         wave = wave.float().mul_(1 / 32768)
@@ -370,7 +534,7 @@ def clean_target(tokenizer: Tokenizer, text: str) -> tuple[str, str]:
 
 
 # -----------------------------------------------------------------------------
-# corpus: JVS layout or a TSV manifest -> utterances, with a report of what was skipped
+# corpus: JVS layout or a TSV manifest -> utterances, with a report of what was skipped; the split
 
 
 @dataclass
@@ -443,7 +607,7 @@ def _load_exclude(path: str) -> set[str]:
     if not path:
         return set()
     if not os.path.isfile(path):
-        raise CorpusError(f"{path}: exclude file not found")
+        raise UserError(f"{path}: exclude file not found")
     lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
     return {s.split("#")[0].strip() for s in lines} - {""}
 
@@ -486,7 +650,7 @@ def read_jvs(
                     if wav.stem not in seen:
                         report.skip("wav without transcript line", str(wav))
     if not utts and not report.skipped:
-        raise CorpusError(f"{root}: no {'/'.join(subsets)}/{JVS_TRANSCRIPT} under it")
+        raise UserError(f"{root}: no {'/'.join(subsets)}/{JVS_TRANSCRIPT} under it")
     return utts
 
 
@@ -537,7 +701,7 @@ def read_corpus(
     """
     path, report = Path(data), CorpusReport()
     if not path.exists():
-        raise CorpusError(f"{data}: no such file or directory")
+        raise UserError(f"{data}: no such file or directory")
     utts = (
         read_jvs(path, subsets, report)
         if path.is_dir()
@@ -595,9 +759,7 @@ def split_corpus(
     """
     n_speakers = len({u.speaker for u in utts})
     if n_speakers < 2:
-        raise CorpusError(
-            f"cannot hold out a speaker of {n_speakers}: give --eval-data"
-        )
+        raise UserError(f"cannot hold out a speaker of {n_speakers}: give --eval-data")
     train, heldout, dropped = _hold_out(utts, eval_fraction)
     dev, test, dropped_too = split_dev_test(heldout, test_fraction)
     return train, dev, test, split_info(train, dev, test, dropped + dropped_too)
@@ -618,7 +780,7 @@ def split_dev_test(
             return dev, test, dropped
     texts = sorted({normalize_text(u.target) for u in utts}, key=_stable_hash)
     if len(texts) < 2:
-        raise CorpusError(
+        raise UserError(
             f"the held-out part ({len(utts)} utterances, {len(texts)} sentence) "
             "cannot make both a dev and a test part: hold out more (--eval-speakers)"
         )
@@ -697,7 +859,7 @@ def apply_split(utts: list[Utterance], split: dict, part: str) -> list[Utterance
     by_id = {u.id: u for u in utts}
     missing = [i for i in split[part] if i not in by_id]
     if missing:
-        raise CorpusError(
+        raise UserError(
             f"{len(missing)} of the run's {len(split[part])} {part} utterances are "
             f"not in the corpus now (first: {missing[0]}): it is not the corpus the "
             "run was split from"
@@ -712,40 +874,7 @@ def drop_leaks(train: list[Utterance], evals: list[Utterance]) -> list[Utterance
 
 
 # -----------------------------------------------------------------------------
-# dataset and collator
-
-
-def collate_tokens(
-    sequences: Sequence[Sequence[int]],
-    pad_token: int,
-    n_prefix: int = 0,
-    n_pad_to: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """
-    Teacher-forcing inputs and labels for a batch of token sequences.
-
-    sequences: each `prefix + text tokens + [eot]`
-    pad_token: what pads the inputs (any id works: causal attention never lets a real
-        position see a later pad, and pad labels are IGNORE_INDEX)
-    n_prefix: the first `n_prefix` labels are IGNORE_INDEX: with the sot sequence's
-        length minus one, the model is not taught the language/task/notimestamps tokens
-        it is always given at inference
-    n_pad_to: pad to at least this length
-
-    Returns
-    -------
-    tokens: torch.Tensor, shape = (n_batch, n_ctx), sequence[:-1] then pad_token
-    labels: torch.Tensor, shape = (n_batch, n_ctx), sequence[1:] then IGNORE_INDEX
-    """
-    n_ctx = max([len(s) - 1 for s in sequences] + [n_pad_to])
-    tokens = torch.full((len(sequences), n_ctx), pad_token, dtype=torch.long)
-    labels = torch.full((len(sequences), n_ctx), IGNORE_INDEX, dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        seq = torch.as_tensor(seq, dtype=torch.long)
-        tokens[i, : len(seq) - 1] = seq[:-1]
-        labels[i, : len(seq) - 1] = seq[1:]
-        labels[i, :n_prefix] = IGNORE_INDEX
-    return tokens, labels
+# audio batches, and the frozen encoder's features
 
 
 class AudioDataset(torch.utils.data.Dataset):
@@ -764,34 +893,6 @@ class AudioDataset(torch.utils.data.Dataset):
 def pad_waves(waves: Sequence[torch.Tensor]) -> torch.Tensor:
     """Waves zero-padded to the longest: (n_batch, n_samples); log-mel pads the rest."""
     return torch.nn.utils.rnn.pad_sequence(list(waves), batch_first=True)
-
-
-def batch_indices(
-    step: int, lengths: Sequence[int], batch_size: int, seed: int
-) -> list[int]:
-    """
-    Items of the `step`-th batch. Each epoch is a seeded shuffle cut into full batches
-    of similar lengths (sorted within windows of 32 batches, so the decoder pads
-    little), taken in a shuffled order. A pure function of the step: a resumed run sees
-    the batches it would have seen.
-
-    lengths: the items' token counts
-    """
-    n_per_epoch = max(1, len(lengths) // batch_size)
-    plan = _epoch_plan(step // n_per_epoch, tuple(lengths), batch_size, seed)
-    return plan[step % n_per_epoch]
-
-
-@functools.lru_cache(maxsize=2)
-def _epoch_plan(epoch: int, lengths: tuple, batch_size: int, seed: int) -> list:
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    n_batches = max(1, len(lengths) // batch_size)
-    order = torch.randperm(len(lengths), generator=g).tolist()[: n_batches * batch_size]
-    window = 32 * batch_size
-    for w in range(0, len(order), window):
-        order[w : w + window] = sorted(order[w : w + window], key=lengths.__getitem__)
-    batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
-    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
 
 def longest_first(utts: Sequence[Utterance]) -> list[int]:
@@ -817,29 +918,64 @@ def audio_batches(
     )
 
 
-FEATURE_VERSION = (
-    1  # bump when log_mel_spectrogram's numbers change: old caches go stale
-)
-
-
-class DiskFeatures:
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """
-    Encoder features that stay in encode_audio's cache dir, read a batch at a time: for
-    corpora whose features do not fit in RAM (base: 1.5 MB an utterance in fp16, so all
-    of JVS is about 22 GB). Indexed like the tensor it stands for.
+    A host tensor on `device`. To a GPU through pinned memory, as an asynchronous copy:
+    a plain .to() from pageable memory waits for the GPU to finish all it was given.
+    """
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+class Features:
+    """
+    Encoder features of a list of utterances, wherever encode_audio put them: one
+    tensor `rows` (on the device, or in host RAM), or else .npy files `paths` in a
+    cache directory, read a batch at a time (for corpora whose features do not fit in
+    RAM; the page cache keeps what was read lately).
     """
 
-    def __init__(self, paths: Sequence[Path], dtype: torch.dtype):
-        self.paths, self.dtype = list(paths), dtype
+    def __init__(self, dtype: torch.dtype, rows=None, paths: Sequence[Path] = ()):
+        self.dtype, self.rows, self.paths = dtype, rows, list(paths)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.paths) if self.rows is None else len(self.rows)
 
-    def __getitem__(self, idx: slice | Sequence[int]) -> "DiskFeatures | torch.Tensor":
-        if isinstance(idx, slice):
-            return DiskFeatures(self.paths[idx], self.dtype)
-        # the page cache keeps what was read lately: no copy of our own in RAM
-        return torch.stack([_load_row(self.paths[i], self.dtype) for i in idx])
+    def __getitem__(self, part: slice) -> "Features":
+        if self.rows is None:
+            return Features(self.dtype, paths=self.paths[part])
+        return Features(self.dtype, rows=self.rows[part])
+
+    def take(self, idx: list[int], device: torch.device) -> torch.Tensor:
+        """
+        Rows idx, shape = (len(idx), n_audio_ctx, n_audio_state), on `device`, with no
+        host sync on a GPU: the index travels as an asynchronous copy (a Python list
+        would be copied with a sync), and host rows are gathered into pinned memory.
+        """
+        if self.rows is None:
+            return to_device(torch.stack([self.load(i) for i in idx]), device)
+        if device.type != "cuda":
+            return self.rows[idx].to(device)
+        index = torch.tensor(idx)
+        if self.rows.device.type == "cuda":
+            return self.rows.index_select(0, to_device(index, self.rows.device))
+        shape = (len(idx), *self.rows.shape[1:])
+        rows = torch.empty(shape, dtype=self.dtype, pin_memory=True)
+        torch.index_select(self.rows, 0, index, out=rows)
+        return rows.to(device, non_blocking=True)
+
+    def load(self, i: int) -> torch.Tensor:
+        # numpy has no bfloat16: its bits are kept as int16 (see save)
+        return torch.from_numpy(np.load(self.paths[i])).view(self.dtype)
+
+    @staticmethod
+    def save(path: Path, row: torch.Tensor) -> None:
+        # a cache needs no fsync: a file lost in a crash is computed again
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, row.view(torch.int16) if row.dtype == torch.bfloat16 else row)
+        os.replace(tmp, path)
 
 
 def autocast(device: torch.device, dtype: torch.dtype, cache: bool = True):
@@ -854,9 +990,8 @@ def encode(model: Whisper, mel: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     The encoder's output in `dtype`, computed under autocast to it. Every path encodes
     this way (the training cache, eval during training, `eval`, `transcribe`), so the
     CER logged for best.pt is the CER that `eval` reproduces, and the decoder trains on
-    features in the dtype it computes in: whisper's decoder casts its activations and
-    its weights to the features' dtype, so fp16 features would train an fp32 run in
-    pure fp16.
+    features in the dtype it computes in (whisper's decoder casts its weights to the
+    features' dtype: fp16 features would train an fp32 run in pure fp16).
 
     mel: torch.Tensor, shape = (n_batch, n_mels, N_FRAMES)
 
@@ -876,41 +1011,33 @@ def encode_audio(
     num_workers: int,
     dtype: torch.dtype = torch.float32,
     cache_dir: Optional[Path] = None,
-    in_ram: bool = True,
-    on_device: bool = False,
-) -> torch.Tensor | DiskFeatures:
+    where: str = "ram",
+) -> Features:
     """
-    Encoder output of every utterance, kept on the host. With a frozen encoder (and no
-    audio augmentation) it never changes, so computing it once saves most of each step.
-    With `cache_dir`, each utterance's output is also kept there as .npy and reused by
-    later runs and resumes, under keys that change with the encoder's weights, the
-    dtype and the mel code (FEATURE_VERSION), and the audio file's path, size and
-    modification time: a stale feature is never read. With `in_ram` False, they stay
-    there alone (a DiskFeatures). With `on_device` (and no cache_dir) they are kept on
-    the model's device, where they are made: no host round trip, no host sync.
-
-    Returns
-    -------
-    audio_features: shape = (len(utts), n_audio_ctx, n_audio_state), in `dtype`
+    The encoder's output for every utterance, each computed once. `where` they are
+    kept: "device" (the model's: no host round trip a step), "ram" (the host's), or
+    "disk" (cache_dir's files alone). With `cache_dir`, each is also kept there as
+    .npy and reused by later runs and resumes, under keys that change with the
+    encoder's weights, the dtype and the mel code (FEATURE_VERSION), and the audio
+    file's path, size and modification time: a stale feature is never read.
     """
     device, dims = model.device, model.dims
-    shape = (len(utts) if in_ram else 0, dims.n_audio_ctx, dims.n_audio_state)
-    on_device = on_device and cache_dir is None
-    features = torch.empty(shape, dtype=dtype, device=device if on_device else "cpu")
-    paths = [None] * len(utts)
+    assert where in ("device", "ram", "disk") and (cache_dir or where != "disk")
+    shape = (0 if where == "disk" else len(utts), dims.n_audio_ctx, dims.n_audio_state)
+    home = device if where == "device" else torch.device("cpu")
+    features = Features(dtype, torch.empty(shape, dtype=dtype, device=home))
     if cache_dir is not None:
         key = _encoder_key(model, dtype)
         (Path(cache_dir) / key).mkdir(parents=True, exist_ok=True)
-        paths = [Path(cache_dir) / key / f"{_audio_key(u.path)}.npy" for u in utts]
-    elif not in_ram:
-        raise ValueError("features kept out of RAM need a cache_dir")
+        features.paths = [
+            Path(cache_dir) / key / f"{_audio_key(u.path)}.npy" for u in utts
+        ]
     todo = []
-    for i, path in enumerate(paths):
-        if path is not None and path.is_file():
-            if in_ram:
-                features[i] = _load_row(path, dtype)
-        else:
+    for i, path in enumerate(features.paths or [None] * len(utts)):
+        if path is None or not path.is_file():
             todo.append(i)
+        elif where != "disk":
+            features.rows[i] = features.load(i)
     todo = [todo[k] for k in longest_first([utts[i] for i in todo])]
     loader = audio_batches([utts[i] for i in todo], batch_size, num_workers)
     done = 0
@@ -919,28 +1046,15 @@ def encode_audio(
         out = encode(model, mel, dtype)
         idx = todo[done : done + len(out)]
         done += len(out)
-        if on_device:
-            features.index_copy_(0, to_device(torch.tensor(idx), device), out)
-            continue
-        out = out.cpu()
-        if in_ram:
-            features.index_copy_(0, torch.tensor(idx), out)
+        if where != "device":
+            out = out.cpu()
+        if where != "disk":
+            features.rows.index_copy_(0, to_device(torch.tensor(idx), home), out)
         for i, row in zip(idx, out if cache_dir is not None else []):
-            # a cache needs no fsync: a file lost in a crash is computed again
-            tmp = paths[i].with_name(f".{paths[i].name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
-                np.save(f, _as_numpy(row))
-            os.replace(tmp, paths[i])
-    return features if in_ram else DiskFeatures(paths, dtype)
-
-
-def _as_numpy(row: torch.Tensor) -> np.ndarray:
-    # numpy has no bfloat16: its bits are kept as int16, and read back as they were
-    return row.view(torch.int16).numpy() if row.dtype == torch.bfloat16 else row.numpy()
-
-
-def _load_row(path: Path, dtype: torch.dtype) -> torch.Tensor:
-    return torch.from_numpy(np.load(path)).view(dtype)
+            Features.save(features.paths[i], row)
+    if where == "disk":
+        features.rows = None
+    return features
 
 
 def available_ram() -> float:
@@ -971,159 +1085,40 @@ def _audio_key(path: str) -> str:
 
 
 # -----------------------------------------------------------------------------
-# model setup
+# model loading and saving
 
 
-# CTranslate2's model.bin variable dtype ids (binary version 6)
-CT2_DTYPE_IDS = {
-    torch.float32: 0,
-    torch.int8: 1,
-    torch.int16: 2,
-    torch.int32: 3,
-    torch.float16: 4,
-    torch.bfloat16: 5,
-}
-
-
-def read_ct2_model(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]:
-    """
-    A CTranslate2 (faster-whisper) model directory as openai-whisper dims and
-    state_dict. model.bin (binary version 6, little-endian): u32 version, str spec, u32
-    revision, u32 n_vars, then per variable: str name, u8 rank, rank x u32 dims, u8
-    dtype, u32 n_bytes, the bytes; str is u16 length (with the NUL), UTF-8, NUL.
-    """
-    path = Path(model_dir) / "model.bin"
-    if not path.is_file():
-        raise CorpusError(
-            f"{model_dir}: no model.bin (not a CTranslate2 model directory)"
+def model_dims(name: str) -> ModelDimensions:
+    """Dimensions of an official whisper model name ("base", "tiny.en", "large-v3")."""
+    size = "turbo" if "turbo" in name else name.split(".")[0].split("-")[0]
+    if size not in _WHISPER_DIMS:
+        raise ValueError(
+            f"unknown whisper model {name!r}: {whisper.available_models()}"
         )
-    buf = bytearray(path.read_bytes())
-    pos = 0
-
-    def take(fmt: str):
-        nonlocal pos
-        value = np.frombuffer(buf, dtype=fmt, count=1, offset=pos)[0]
-        pos += np.dtype(fmt).itemsize
-        return int(value)
-
-    def take_str() -> str:
-        nonlocal pos
-        n = take("<u2")
-        s = buf[pos : pos + n - 1].decode()  # n counts the trailing NUL
-        pos += n
-        return s
-
-    dtypes = {i: dtype for dtype, i in CT2_DTYPE_IDS.items()}
-    version = take("<u4")
-    if version != 6:
-        raise CorpusError(f"{path}: CTranslate2 binary version {version}, expected 6")
-    spec, _ = take_str(), take("<u4")
-    if spec != "WhisperSpec":
-        raise CorpusError(f"{path}: a {spec}, not a Whisper model")
-    v = {}
-    for _ in range(take("<u4")):
-        name, rank = take_str(), take("<u1")
-        shape = [take("<u4") for _ in range(rank)]
-        dtype, n_bytes = dtypes[take("<u1")], take("<u4")
-        n = n_bytes // torch.empty((), dtype=dtype).element_size()
-        v[name] = torch.frombuffer(buf, dtype=dtype, count=n, offset=pos).reshape(shape)
-        pos += n_bytes
-    if any(name.endswith("weight_scale") for name in v):
-        raise CorpusError(f"{path}: quantized (int8) models cannot be converted")
-    return _ct2_to_openai(v)
-
-
-CT2_PARTS = {"linear": ("weight", "bias"), "norm": ("gamma", "beta")}
-
-
-def ct2_layout(n_audio_layer: int, n_text_layer: int) -> list[tuple[str, str, list]]:
-    """
-    CTranslate2's WhisperSpec variables and the openai-whisper weights each holds:
-    (its name, how, openai names). How: "linear" (its weight and bias), "norm" (gamma
-    and beta: openai's weight and bias), "fused" (q,k,v or k,v in one matrix, zeros
-    in the bias where openai's key has none), "tensor" (as it is). The reader and the
-    writer of model.bin both follow it.
-    """
-    layout = []
-
-    def add(name: str, how: str, *srcs: str) -> None:
-        layout.append((name, how, list(srcs)))
-
-    def block(dst: str, src: str, cross: bool) -> None:
-        a, c = f"{src}.attn", f"{src}.cross_attn"
-        qkv = (f"{a}.query", f"{a}.key", f"{a}.value")
-        add(f"{dst}/self_attention/linear_0", "fused", *qkv)
-        add(f"{dst}/self_attention/linear_1", "linear", f"{a}.out")
-        add(f"{dst}/self_attention/layer_norm", "norm", f"{src}.attn_ln")
-        if cross:
-            add(f"{dst}/attention/linear_0", "linear", f"{c}.query")
-            add(f"{dst}/attention/linear_1", "fused", f"{c}.key", f"{c}.value")
-            add(f"{dst}/attention/linear_2", "linear", f"{c}.out")
-            add(f"{dst}/attention/layer_norm", "norm", f"{src}.cross_attn_ln")
-        add(f"{dst}/ffn/linear_0", "linear", f"{src}.mlp.0")
-        add(f"{dst}/ffn/linear_1", "linear", f"{src}.mlp.2")
-        add(f"{dst}/ffn/layer_norm", "norm", f"{src}.mlp_ln")
-
-    add("encoder/conv1", "linear", "encoder.conv1")
-    add("encoder/conv2", "linear", "encoder.conv2")
-    add(
-        "encoder/position_encodings/encodings", "tensor", "encoder.positional_embedding"
+    n_state, n_head, n_audio_layer, n_text_layer = _WHISPER_DIMS[size]
+    v3 = name in ("large-v3", "turbo", "large-v3-turbo")
+    n_vocab = 51864 if name.endswith(".en") else 51866 if v3 else 51865
+    return ModelDimensions(
+        n_mels=128 if v3 else 80,
+        n_audio_ctx=1500,  # 30 s of audio at 20 ms per encoder position
+        n_audio_state=n_state,
+        n_audio_head=n_head,
+        n_audio_layer=n_audio_layer,
+        n_vocab=n_vocab,
+        n_text_ctx=448,
+        n_text_state=n_state,
+        n_text_head=n_head,
+        n_text_layer=n_text_layer,
     )
-    for i in range(n_audio_layer):
-        block(f"encoder/layer_{i}", f"encoder.blocks.{i}", cross=False)
-    add("encoder/layer_norm", "norm", "encoder.ln_post")
-    add("decoder/embeddings/weight", "tensor", "decoder.token_embedding.weight")
-    add(
-        "decoder/position_encodings/encodings", "tensor", "decoder.positional_embedding"
-    )
-    for i in range(n_text_layer):
-        block(f"decoder/layer_{i}", f"decoder.blocks.{i}", cross=True)
-    add("decoder/layer_norm", "norm", "decoder.ln")
-    return layout
 
 
-def _ct2_to_openai(v: dict[str, torch.Tensor]) -> tuple[ModelDimensions, dict]:
-    def n_layers(side: str) -> int:
-        layers = (re.match(rf"{side}/layer_(\d+)/", k) for k in v)
-        return 1 + max(int(m[1]) for m in layers if m)
-
-    sd = {}
-    for name, how, srcs in ct2_layout(n_layers("encoder"), n_layers("decoder")):
-        if how == "tensor":
-            sd[srcs[0]] = v[name]
-        elif how == "fused":
-            n = len(srcs)
-            pieces = zip(v[f"{name}/weight"].chunk(n), v[f"{name}/bias"].chunk(n))
-            for src, (w, b) in zip(srcs, pieces):
-                sd[f"{src}.weight"] = w
-                if not src.endswith("key"):  # (the fused bias holds zeros there)
-                    sd[f"{src}.bias"] = b
-        else:
-            for part, openai in zip(CT2_PARTS[how], ("weight", "bias")):
-                sd[f"{srcs[0]}.{openai}"] = v[f"{name}/{part}"]
-
-    sd = {k: t.float() for k, t in sd.items()}  # fp32 master weights for training
-    n_audio_state, n_text_state = (
-        sd["encoder.conv1.weight"].shape[0],
-        sd["decoder.ln.weight"].shape[0],
-    )
-    heads = {
-        side: int(v[f"{side}/num_heads"]) if f"{side}/num_heads" in v else None
-        for side in ("encoder", "decoder")
-    }
-    dims = ModelDimensions(
-        n_mels=sd["encoder.conv1.weight"].shape[1],
-        n_audio_ctx=sd["encoder.positional_embedding"].shape[0],
-        n_audio_state=n_audio_state,
-        n_audio_head=heads["encoder"] or n_audio_state // 64,
-        n_audio_layer=n_layers("encoder"),
-        n_vocab=sd["decoder.token_embedding.weight"].shape[0],
-        n_text_ctx=sd["decoder.positional_embedding"].shape[0],
-        n_text_state=n_text_state,
-        n_text_head=heads["decoder"] or n_text_state // 64,
-        n_text_layer=n_layers("decoder"),
-    )
-    return dims, sd
+def random_model(dims: ModelDimensions, seed: int) -> Whisper:
+    """A whisper model of these dims with random weights, the same for a seed."""
+    torch.manual_seed(seed)
+    model = Whisper(dims)
+    # whisper leaves this one as torch.empty (its checkpoints always fill it)
+    torch.nn.init.normal_(model.decoder.positional_embedding, std=0.01)
+    return model
 
 
 def load_model(spec: str, init: str = "pretrained", seed: int = 0) -> Whisper:
@@ -1141,11 +1136,11 @@ def load_model(spec: str, init: str = "pretrained", seed: int = 0) -> Whisper:
         checkpoint = load_checked(spec)
         if "dims" not in checkpoint or "model_state_dict" not in checkpoint:
             missing = "dims" if "dims" not in checkpoint else "model_state_dict"
-            raise CorpusError(f"{spec}: not a whisper checkpoint (no {missing!r})")
+            raise UserError(f"{spec}: not a whisper checkpoint (no {missing!r})")
         try:
             dims = ModelDimensions(**checkpoint["dims"])
         except TypeError as e:
-            raise CorpusError(f"{spec}: its dims are not whisper's ({e})") from None
+            raise UserError(f"{spec}: its dims are not whisper's ({e})") from None
         state = checkpoint["model_state_dict"]
     elif spec in whisper.available_models():
         if init == "random":
@@ -1154,30 +1149,35 @@ def load_model(spec: str, init: str = "pretrained", seed: int = 0) -> Whisper:
             try:
                 return whisper.load_model(spec, device="cpu")
             except OSError as e:  # urllib's URLError is an OSError
-                raise CorpusError(
+                raise UserError(
                     f"{spec}: cannot download it from OpenAI ({e}); give --model a "
                     "checkpoint or a CTranslate2 dir (README: where the weights are)"
                 ) from None
     else:
-        raise CorpusError(
+        raise UserError(
             f"{spec}: not found: neither a file, a CTranslate2 directory nor one of "
             f"{whisper.available_models()}"
         )
     if init == "random":
-        torch.manual_seed(seed)
-        model = Whisper(dims)
-        # whisper leaves this one as torch.empty (its checkpoints always fill it)
-        torch.nn.init.normal_(model.decoder.positional_embedding, std=0.01)
-        return model
+        return random_model(dims, seed)
     model = Whisper(dims)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:  # missing or unexpected weights, or other shapes
         first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
-        raise CorpusError(
-            f"{spec}: its weights do not fit its dims ({first})"
-        ) from None
+        raise UserError(f"{spec}: its weights do not fit its dims ({first})") from None
     return model
+
+
+def model_tokenizer(dims: ModelDimensions, language: str) -> Tokenizer:
+    """The model's tokenizer: multilingual and English-only models' ids differ."""
+    multilingual = dims.n_vocab >= 51865  # as Whisper.is_multilingual, from dims alone
+    return get_tokenizer(
+        multilingual,
+        num_languages=dims.n_vocab - 51765 - int(multilingual),
+        language=language if multilingual else "en",
+        task="transcribe",
+    )
 
 
 def content_digest(obj) -> str:
@@ -1213,12 +1213,12 @@ def load_checked(path: str | os.PathLike) -> dict:
     """
     A dict saved by torch.save, its "sha256" checked against its content where it has
     one (every file whisper_ft writes does; whisper's own checkpoints do not). A file
-    that does not load or does not match raises CorpusError, in one line.
+    that does not load or does not match raises UserError, in one line.
     """
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise CorpusError(f"{path}: not found") from None
+        raise UserError(f"{path}: not found") from None
     except Exception as e:  # a text file, random bytes, a cut-off zip...
         if isinstance(e, pickle.UnpicklingError) or "Weights only" in str(e):
             why = (
@@ -1226,12 +1226,12 @@ def load_checked(path: str | os.PathLike) -> dict:
             )
         else:
             why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise CorpusError(f"{path}: damaged or not a checkpoint ({why})") from None
+        raise UserError(f"{path}: damaged or not a checkpoint ({why})") from None
     if not isinstance(obj, dict):
-        raise CorpusError(f"{path}: not a checkpoint (a {type(obj).__name__})")
+        raise UserError(f"{path}: not a checkpoint (a {type(obj).__name__})")
     digest = obj.pop("sha256", None)
     if digest is not None and digest != content_digest(obj):
-        raise CorpusError(
+        raise UserError(
             f"{path}: damaged: its content does not match the digest saved with it"
         )
     return obj
@@ -1273,7 +1273,7 @@ def save_checkpoint(model: Whisper, path: str | os.PathLike, **extra) -> None:
     atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
-def save_run(out: Path, model: Whisper, step: int, state: dict) -> None:
+def write_last_pair(out: Path, model: Whisper, step: int, state: dict) -> None:
     """
     last.pt (whisper's format) and state.pt (optimizer, scaler, RNG...) at `step`. Two
     files cannot be replaced in one atomic step, so the previous pair stays hard-linked
@@ -1301,9 +1301,9 @@ def _pair_step(out: Path) -> Optional[int]:
     return steps.pop() if len(steps) == 1 else None
 
 
-def load_run(out: Path, log: Callable = print) -> Optional[tuple[dict, dict]]:
+def read_last_pair(out: Path, log: Callable = print) -> Optional[tuple[dict, dict]]:
     """
-    The newest last/state pair of one step that save_run left in `out` and whose
+    The newest last/state pair of one step that write_last_pair left in `out` and whose
     digests check; a damaged newer file is passed over, and `log` says so and which
     step the run resumes from. None if the run saved nothing yet.
     """
@@ -1312,7 +1312,7 @@ def load_run(out: Path, log: Callable = print) -> Optional[tuple[dict, dict]]:
         if (out / name).exists():
             try:
                 loaded[name] = load_checked(out / name)
-            except CorpusError as e:
+            except UserError as e:
                 damaged.append(str(e))
         if name == "state.pt" and not damaged and len(loaded) == 2:
             if loaded["last.pt"].get("step") == loaded["state.pt"].get("step"):
@@ -1325,7 +1325,7 @@ def load_run(out: Path, log: Callable = print) -> Optional[tuple[dict, dict]]:
         if not loaded and not damaged:
             return None
         why = "; ".join(damaged) or f"steps {steps}"
-        raise CorpusError(f"{out}: no whole last.pt + state.pt pair to resume ({why})")
+        raise UserError(f"{out}: no whole last.pt + state.pt pair to resume ({why})")
     step = max(common)
     newest = max(s for s in steps.values() if s is not None)
     if damaged or step < newest:
@@ -1384,71 +1384,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 # -----------------------------------------------------------------------------
-# learning rate schedule
-
-
-def get_lr(step: int, n_steps: int, n_warmup: int, lr: float) -> float:
-    """
-    Linear warmup from 0 to `lr` over `n_warmup` steps (at most n_steps - 1, so the peak
-    is reached), then linear decay to 0 at `n_steps`. Update k (1-based) uses get_lr(k).
-    """
-    n_warmup = min(n_warmup, n_steps - 1)
-    if step < n_warmup:
-        return lr * step / n_warmup
-    return lr * max(0.0, n_steps - step) / max(1, n_steps - n_warmup)
-
-
-# -----------------------------------------------------------------------------
-# training: the configuration, and the processes
-
-
-@dataclass
-class TrainConfig:
-    # data
-    data: str = ""  # JVS-layout dir, or TSV manifest: path<TAB>text[<TAB>speaker]
-    eval_data: str = ""  # eval corpus (default: held-out speakers/sentences of data)
-    subsets: str = "parallel100,nonpara30"  # JVS subsets to read, comma-separated
-    exclude: str = ""  # file of utterance ids or wav paths to leave out, one a line
-    target: str = "kana"  # kana: pyopenjtalk katakana reading; text: as written
-    language: str = "ja"  # language token for multilingual models
-    eval_speakers: float = 0.1  # fraction of speakers held out, for dev and test
-    test_fraction: float = 0.5  # of the held-out speakers (and sentences): for test
-    allow_trim: bool = False  # train on audio over 30 s cut to 30 s (default: skip it)
-    max_eval: int = 0  # dev utterances decoded at each eval (0: all; test: always all)
-    retain_data: str = ""  # a set in another language (dir or TSV): LID, WER on it
-    retain_language: str = "en"  # the retain set's language
-    long_form: bool = True  # test audio as 60-120 s recordings via whisper.transcribe
-    # model
-    model: str = "base"  # whisper name, openai-format .pt, or CTranslate2 model dir
-    init: str = "pretrained"  # pretrained | random: same dims, random weights (tests)
-    train_encoder: bool = False  # also train the encoder (default: decoder only)
-    train_prefix: bool = False  # also learn the language/task/notimestamps tokens
-    grad_checkpoint: bool = False  # recompute activations in backward: less memory
-    cuda_graphs: bool = True  # on CUDA: train (frozen encoder) and decode steps graphed
-    # optimization
-    max_steps: int = 1000  # optimizer updates
-    batch_size: int = 16  # utterances per update (before accumulation)
-    grad_accum: int = 1  # micro-batches per update; batch_size is split among them
-    lr: float = 3e-5  # peak learning rate (see README: 5e-4 overfits)
-    warmup_steps: int = 50  # linear warmup updates
-    weight_decay: float = 0.01  # AdamW decay on matrices (not norms, biases, positions)
-    grad_clip: float = 1.0  # max global grad norm (0: off)
-    max_bad_steps: int = 10  # stop after this many non-finite steps in a row
-    # system
-    device: str = "auto"  # auto | cuda | mps | cpu
-    dtype: str = "auto"  # auto (fp32 off GPUs) | bf16 | fp16 (+GradScaler) | fp32
-    cache_features: bool = True  # frozen encoder: compute its output once per utterance
-    feature_cache: str = ""  # dir that keeps those outputs across runs and resumes
-    feature_ram_gib: float = 0.0  # GiB of RAM for them, all ranks (0: half the free)
-    num_workers: int = 2  # audio loading processes
-    eval_batch_size: int = 16  # utterances per greedy-decoding batch
-    # run
-    out: str = "runs/ft"  # run dir: best.pt last.pt state.pt metrics.jsonl split.json
-    resume: str = ""  # run dir to continue (its config.json is used)
-    eval_every: int = 200  # updates between evals (also at start and end; 0: none)
-    save_every: int = 200  # updates between saves of last.pt and state.pt (0: at end)
-    log_every: int = 10  # updates between log lines
-    seed: int = 1337  # shuffling and random init
+# training: the set-up, made once
 
 
 def pick_device(name: str) -> torch.device:
@@ -1468,17 +1404,6 @@ def pick_dtype(device: torch.device, name: str) -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     # asked for by name: on any device (so the GPU's paths can be tested on a CPU)
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
-def model_tokenizer(dims: ModelDimensions, language: str) -> Tokenizer:
-    """The model's tokenizer: multilingual and English-only models' ids differ."""
-    multilingual = dims.n_vocab >= 51865  # as Whisper.is_multilingual, from dims alone
-    return get_tokenizer(
-        multilingual,
-        num_languages=dims.n_vocab - 51765 - int(multilingual),
-        language=language if multilingual else "en",
-        task="transcribe",
-    )
 
 
 def _rng_state() -> dict:
@@ -1530,42 +1455,6 @@ def _dist_setup(device_name: str) -> tuple[int, int, torch.device]:
     return dist.get_rank(), world, device
 
 
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """
-    A host tensor on `device`. To a GPU through pinned memory, as an asynchronous copy:
-    a plain .to() from pageable memory waits for the GPU to finish all it was given.
-    """
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
-def take_rows(
-    features: torch.Tensor | DiskFeatures, idx: list[int], device: torch.device
-) -> torch.Tensor:
-    """
-    features[idx] on `device`, without a host sync on a GPU: the index travels as an
-    asynchronous copy (a Python list would be copied with a sync), and rows held in
-    host RAM are gathered straight into pinned memory.
-
-    Returns
-    -------
-    torch.Tensor, shape = (len(idx), *features.shape[1:])
-    """
-    if device.type != "cuda":
-        return features[idx].to(device)
-    if isinstance(features, DiskFeatures):
-        return to_device(features[idx], device)
-    index = torch.tensor(idx)
-    if features.device.type == "cuda":
-        return features.index_select(0, to_device(index, features.device))
-    rows = torch.empty(
-        (len(idx), *features.shape[1:]), dtype=features.dtype, pin_memory=True
-    )
-    torch.index_select(features, 0, index, out=rows)
-    return rows.to(device, non_blocking=True)
-
-
 def _any_rank(flag: bool, device: torch.device, world: int) -> bool:
     """True on every rank if it is on any (a host sync under torchrun)."""
     if world == 1:
@@ -1605,11 +1494,1136 @@ def _gather_list(local: list, n: int, world: int) -> list:
     return [parts[i % world][i // world] for i in range(n)]
 
 
+@dataclass
+class EvalSet:
+    """Utterances scored together: dev, test, or the retain set in another language."""
+
+    name: str  # dev | test | retain: the prefix of its metrics and TSV files
+    utts: list[Utterance]
+    tokenizer: Tokenizer  # its language's prefix
+    features: Optional[Features] = None  # cached encoder output
+    detect_language: bool = False  # also score whisper's language ID against it
+
+
+class StepNet(torch.nn.Module):
+    """
+    What a training step runs, whatever the set-up: net(x, tokens) -> logits, shape =
+    (n_batch, n_ctx, n_vocab). x is the cached encoder output, shape = (n_batch,
+    n_audio_ctx, n_audio_state), where the encoder is None (frozen and cached), else
+    the log-mel, shape = (n_batch, n_mels, N_FRAMES), which it encodes first.
+    """
+
+    def __init__(self, model: Whisper, encoder: bool):
+        super().__init__()
+        self.encoder = model.encoder if encoder else None
+        self.decoder = model.decoder
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.decoder(tokens, x if self.encoder is None else self.encoder(x))
+
+
+@dataclass
+class Run:
+    """What the loop reads, made once by setup_run: names, not closures."""
+
+    cfg: TrainConfig
+    out: Path  # the run directory
+    rank: int  # this process of `world` (torchrun); rank 0 alone writes
+    world: int
+    device: torch.device
+    dtype: torch.dtype  # what steps compute in (autocast), and features are kept in
+    model: Whisper
+    tokenizer: Tokenizer
+    n_prefix: int  # labels masked at the start of each sequence (the sot sequence)
+    train_utts: list[Utterance]
+    lengths: list[int]  # train_utts' token counts
+    evals: dict[str, EvalSet]  # dev, test, and retain if there is one
+    run_id: str  # split.json's; every state.pt carries it
+    lock: Optional[object]  # the run directory's lock file (rank 0), held open
+    # what a step runs, and how (setup_step)
+    train_x: Optional[Features] = None  # cached encoder output, or None
+    net: Optional[StepNet] = None  # (or the DistributedDataParallel around it)
+    optimizer: Optional[torch.optim.Optimizer] = None
+    scaler: Optional[torch.amp.GradScaler] = None
+    audio: Optional[Iterator[torch.Tensor]] = None  # uncached: micro-batches' audio
+    casts: Optional["CastWeights"] = None  # the decoder's weights in the step's dtype
+    graphs: Optional["CudaGraphs"] = None  # decode steps (and train's) as CUDA graphs
+    graphed: bool = False  # train steps replayed from graphs
+    start: int = 0  # the step saved last: the loop goes on from start + 1
+    best_cer: float = math.inf  # dev CER of best.pt
+    feature_seconds: float = 0.0
+    feature_gib: float = 0.0
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def cached(self) -> bool:
+        return self.train_x is not None
+
+    def log(self, message: str) -> None:
+        if self.master:
+            tqdm.write(message, file=sys.stderr)  # under the progress bar
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Options that are wrong whatever the data: refused before anything is read."""
+    for names, ok, wording in OPTION_RANGES:
+        for name in names.split():
+            value = getattr(cfg, name)
+            if not ok(value) or not math.isfinite(value):
+                flag = "--" + name.replace("_", "-")
+                raise OptionError(f"{flag} {value}: must be {wording}")
+    if cfg.language not in whisper.tokenizer.LANGUAGES:
+        raise OptionError(f"--language {cfg.language}: not a whisper language code")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
+        raise OptionError(f"--device {cfg.device}: not auto, cpu, mps, cuda or cuda:N")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise OptionError(f"--device {cfg.device}: no CUDA device here")
+    if cfg.device == "mps" and not torch.backends.mps.is_available():
+        raise OptionError("--device mps: no MPS device here")
+    data = Path(cfg.data)
+    if cfg.data and data.is_dir():  # JVS layout: a name no speaker has is a typo
+        found = {
+            p.name
+            for speaker in data.iterdir()
+            if speaker.is_dir()
+            for p in speaker.iterdir()
+            if p.is_dir()
+        }
+        for subset in cfg.subsets.split(","):
+            if subset not in found and subset not in JVS_SUBSETS:
+                raise OptionError(
+                    f"--subsets {cfg.subsets}: no speaker of {cfg.data} has a "
+                    f"{subset!r} (there are: {', '.join(sorted(found)) or 'none'})"
+                )
+    if cfg.retain_data:
+        language = cfg.retain_language
+        if not language:
+            raise OptionError(
+                f"--retain-data {cfg.retain_data}: its language is needed "
+                "(--retain-language, e.g. en)"
+            )
+        if language not in whisper.tokenizer.LANGUAGES:
+            raise OptionError(f"--retain-language {language}: not a whisper language")
+        if language == cfg.language:
+            raise OptionError(
+                f"--retain-data {cfg.retain_data} is in {language}, the language "
+                "fine-tuned on: a retain set measures what another language keeps"
+            )
+
+
+def read_json(path: Path):
+    """A JSON file, or one line that says why it is not one."""
+    try:
+        return json.loads(path.read_text())
+    except OSError as e:
+        raise UserError(f"{path}: {e.strerror}") from None
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_config(path: Path) -> TrainConfig:
+    """A run's config.json; options this version no longer has are left out, said."""
+    saved = read_json(path)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    if gone := sorted(saved.keys() - known):
+        print(f"{path}: options no longer known, left out: {gone}", file=sys.stderr)
+    return TrainConfig(**{k: v for k, v in saved.items() if k in known})
+
+
+def run_config(
+    cfg: TrainConfig, given: Optional[set[str]] = None
+) -> tuple[TrainConfig, Path, dict]:
+    """
+    The run's config and directory, paths made absolute (so that --resume works from
+    any directory). A resumed run's config is the one it started with, changed where
+    `given` (the options named on the command line) says and RESUME_OPTIONS allows:
+    --data somewhere else, --max-steps further... Also returns those changes,
+    name -> (old, new).
+    """
+    changes = {}
+    if given is None:  # called from Python: what differs from the defaults was given
+        given = {
+            f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default
+        }
+    cfg = _absolute_paths(cfg)
+    if cfg.resume:
+        out = Path(cfg.resume)
+        if not (out / "config.json").is_file():
+            raise UserError(f"{out}: no config.json, so not a run to resume")
+        saved = load_config(out / "config.json")
+        changed = {
+            k for k in given - {"resume"} if getattr(cfg, k) != getattr(saved, k)
+        }
+        for name in sorted(changed - RESUME_OPTIONS):
+            flag = "--" + name.replace("_", "-")
+            raise OptionError(
+                f"{flag} {getattr(cfg, name)}: a resumed run keeps its own "
+                f"({getattr(saved, name)!r}); it may change only "
+                + ", ".join("--" + k.replace("_", "-") for k in sorted(RESUME_OPTIONS))
+            )
+        changes = {k: (getattr(saved, k), getattr(cfg, k)) for k in sorted(changed)}
+        cfg = dataclasses.replace(
+            saved, resume=str(out), **{k: getattr(cfg, k) for k in changed}
+        )
+    out = Path(cfg.resume or cfg.out).absolute()
+    cfg = dataclasses.replace(cfg, out=str(out), resume=cfg.resume and str(out))
+    return cfg, out, changes
+
+
+def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    paths = ("data", "eval_data", "exclude", "retain_data", "feature_cache", "out")
+    new = {
+        name: os.path.abspath(getattr(cfg, name))
+        for name in paths
+        if getattr(cfg, name)
+    }
+    if os.path.exists(cfg.model):  # a file or directory, not a whisper name
+        new["model"] = os.path.abspath(cfg.model)
+    return dataclasses.replace(cfg, **new)
+
+
+def lock_run(out: Path):
+    """
+    The run directory's lock, held while this process lives (or until closed): two
+    processes on one run would overwrite each other's saves and records.
+    """
+    f = open(out / ".lock", "a+")
+    if fcntl is not None:  # (POSIX; elsewhere, no lock)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise UserError(f"{out}: in use by another whisper_ft process") from None
+    return f
+
+
+def run_dir(out: Path) -> None:
+    """Make the run directory, or say in one line why it cannot be."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise UserError(f"{out}: cannot hold a run there ({why})") from None
+
+
+def load_data(
+    cfg: TrainConfig, dims: ModelDimensions, tokenizer: Tokenizer, out: Path, log
+) -> tuple[list[Utterance], dict[str, list[Utterance]], dict]:
+    """
+    Every utterance read and validated, then split into train, dev and test (see
+    split_corpus); a resumed run takes its split from split.json, never recomputed, so
+    that a changed corpus cannot move a trained utterance into dev or test.
+    """
+    read = functools.partial(
+        read_corpus,
+        tokenizer=tokenizer,
+        target=cfg.target,
+        subsets=cfg.subsets.split(","),
+        exclude=cfg.exclude,
+        n_text_ctx=dims.n_text_ctx,
+        max_seconds=math.inf if cfg.allow_trim else CHUNK_LENGTH,
+    )
+    utts, report = read(cfg.data)
+    log(report.summary(cfg.data))
+    held = utts
+    if cfg.eval_data:
+        held, eval_report = read(cfg.eval_data)
+        log(eval_report.summary(cfg.eval_data))
+    if cfg.resume:
+        split = read_json(out / "split.json")
+        if "test" not in split:
+            raise UserError(
+                f"{out}/split.json: no test part, not a split of whisper_ft"
+            )
+        train = apply_split(utts, split, "train")
+        dev, test = apply_split(held, split, "dev"), apply_split(held, split, "test")
+        log(f"split: as {out / 'split.json'} lists it")
+    elif cfg.eval_data:
+        dev, test, dropped = split_dev_test(held, cfg.test_fraction)
+        train = drop_leaks(utts, held)
+        kept = {u.id for u in train}
+        dropped += [u for u in utts if u.id not in kept]
+        split = {**split_info(train, dev, test, dropped), "eval_data": cfg.eval_data}
+    else:
+        train, dev, test, split = split_corpus(
+            utts, cfg.eval_speakers, cfg.test_fraction
+        )
+    if len(train) < cfg.batch_size:
+        raise UserError(
+            f"the split left {len(train)} training utterances, fewer than "
+            f"--batch-size {cfg.batch_size}"
+        )
+    if cfg.max_eval and len(dev) > cfg.max_eval:
+        # a fixed, spread-out subset: every k-th, so all dev speakers stay in it
+        dev = dev[:: math.ceil(len(dev) / cfg.max_eval)][: cfg.max_eval]
+    log(
+        f"split: {len(train)} train, {split['n_dev']} dev ({len(dev)} decoded at each "
+        f"eval), {len(test)} test, {split['n_dropped']} dropped so that no dev or test "
+        f"sentence is a training sentence -> {out / 'split.json'}"
+    )
+    return train, {"dev": dev, "test": test}, split
+
+
+def load_retain(cfg: TrainConfig, dims: ModelDimensions, log) -> Optional[EvalSet]:
+    """The retain set (another language, transcripts as written), or None."""
+    if not cfg.retain_data:
+        return None
+    if dims.n_vocab < 51865:
+        raise UserError(
+            f"--retain-data: {cfg.model} is English-only, it has no other language"
+        )
+    tokenizer = model_tokenizer(dims, cfg.retain_language)
+    data = Path(cfg.retain_data)
+    manifests = sorted(data.glob("*.tsv")) if data.is_dir() else []
+    utts, report = read_corpus(
+        str(manifests[0]) if len(manifests) == 1 else cfg.retain_data,
+        tokenizer,
+        target="text",
+        subsets=cfg.subsets.split(","),
+        n_text_ctx=dims.n_text_ctx,
+    )
+    log(report.summary(f"retain set ({cfg.retain_language}) {cfg.retain_data}"))
+    if not utts:
+        raise UserError(f"{cfg.retain_data}: no usable utterance in the retain set")
+    return EvalSet("retain", utts, tokenizer, detect_language=True)
+
+
+def cache_features(run: Run) -> None:
+    """
+    The frozen encoder's output for every utterance the run reads (train, dev, test,
+    retain), computed once and kept where it fits best, decided here alone: on the
+    GPU, in RAM, or else in the feature cache directory, read a batch at a time.
+    Each rank encodes every world-th utterance, then all ranks share the rows.
+    """
+    cfg, model, device, world = run.cfg, run.model, run.device, run.world
+    evals = list(run.evals.values()) if cfg.eval_every > 0 else []  # (0: no evals)
+    sets = [run.train_utts] + [s.utts for s in evals]
+    everything = [u for utts in sets for u in utts]
+    dims, gpu = model.dims, device.type == "cuda"
+    n_bytes = (
+        len(everything) * dims.n_audio_ctx * dims.n_audio_state * run.dtype.itemsize
+    )
+    ram = cfg.feature_ram_gib * 2**30 or available_ram() / 2
+    # every rank on this machine holds them all; and all ranks must choose alike, or
+    # they would wait on each other's different gathers
+    n_local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    where = "disk" if _any_rank(n_bytes * n_local > ram, device, world) else "ram"
+    if where == "ram" and gpu and n_bytes < torch.cuda.mem_get_info()[0] // 3:
+        where = "device"  # no host-to-device copy a step
+    cache_dir = cfg.feature_cache or (str(run.out / "features") * (where == "disk"))
+    gib = n_bytes / 2**30
+    if where == "disk":
+        run.log(
+            f"encoder features: {gib:.2f} GiB x {n_local} processes, over the "
+            f"{ram / 2**30:.2f} GiB for them in RAM: kept in {cache_dir}, read a "
+            "batch at a time"
+        )
+    t0 = time.time()
+    model.eval()
+    # made on the device when one process makes them all and no cache wants them
+    made = "ram" if where == "device" and (world > 1 or cache_dir) else where
+    local = encode_audio(
+        model,
+        everything[run.rank :: world],
+        max(64, cfg.eval_batch_size) if gpu else cfg.eval_batch_size,  # (GPU: big)
+        cfg.num_workers,
+        run.dtype,
+        Path(cache_dir) if cache_dir else None,
+        made,
+    )
+    if where == "disk":
+        paths = _gather_list(local.paths, len(everything), world)
+        features = Features(run.dtype, paths=paths)
+    else:
+        rows = _gather_rows(local.rows, len(everything), world, device)
+        features = Features(run.dtype, rows.to(device) if where == "device" else rows)
+    bounds = np.cumsum([0] + [len(utts) for utts in sets]).tolist()
+    parts = [features[a:b] for a, b in zip(bounds, bounds[1:])]
+    run.train_x = parts[0]
+    for s, x in zip(evals, parts[1:]):
+        s.features = x
+    run.feature_seconds, run.feature_gib = time.time() - t0, gib
+    run.log(
+        f"encoder features: {len(features)} in {run.feature_seconds:.1f} s, "
+        f"{gib:.2f} GiB"
+    )
+
+
+def setup_run(cfg: TrainConfig, given: Optional[set[str]] = None) -> Run:
+    """Processes, model, data and its split, features, optimizer, and a resume."""
+    cfg, out, changes = run_config(cfg, given)
+    check_config(cfg)
+    rank, world, device = _dist_setup(cfg.device)
+    if not cfg.resume and (out / "last.pt").exists():
+        raise SystemExit(
+            f"{out} holds a run: continue it with --resume {out}, or pick --out"
+        )
+    if cfg.batch_size % (cfg.grad_accum * world):
+        raise OptionError(
+            f"--batch-size {cfg.batch_size} is not a multiple of "
+            f"--grad-accum {cfg.grad_accum} x {world} processes"
+        )
+    for data in (cfg.data, cfg.eval_data, cfg.retain_data):
+        if data and not os.path.exists(data):
+            raise UserError(f"{data}: no such file or directory")
+    created = not out.exists()
+    run_dir(out)
+    lock = lock_run(out) if rank == 0 else None
+    try:
+        run, saved = load_run_data(cfg, out, changes, rank, world, device, lock)
+        setup_step(run)
+        if saved:
+            restore_state(run, *saved)
+        if not run.cached:
+            run.audio = audio_loader(run)
+        return run
+    except BaseException:
+        if lock:
+            lock.close()
+            # a run that failed before writing anything (a bad corpus, say) leaves no
+            # empty run directory behind it; one the user made is theirs
+            if created and {p.name for p in out.iterdir()} <= {".lock"}:
+                shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def load_run_data(
+    cfg: TrainConfig,
+    out: Path,
+    changes: dict,
+    rank: int,
+    world: int,
+    device: torch.device,
+    lock,
+) -> tuple[Run, Optional[tuple[dict, dict]]]:
+    """The model, the data and its split, once the options are checked and the run
+    directory locked; and the saved pair a resumed run goes on from."""
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    dtype = pick_dtype(device, cfg.dtype)
+    # "auto" resolved, and kept so: a run resumed on another device computes alike
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    cfg = dataclasses.replace(cfg, dtype=names[dtype])
+
+    def log(message: str) -> None:
+        if rank == 0:
+            tqdm.write(message, file=sys.stderr)
+
+    saved = find_resume_point(cfg, out, changes, log) if cfg.resume else None
+    # model first: the tokenizer (and so the targets) depends on it
+    model = load_model(cfg.model, cfg.init, cfg.seed)
+    tokenizer = model_tokenizer(model.dims, cfg.language)
+    n_prefix = len(tokenizer.sot_sequence_including_notimestamps) - 1
+    train_utts, held, split = load_data(cfg, model.dims, tokenizer, out, log)
+    evals = {name: EvalSet(name, utts, tokenizer) for name, utts in held.items()}
+    if retain := load_retain(cfg, model.dims, log):
+        evals["retain"] = retain
+    # a run's saves carry its id: a pair copied in from another run is refused
+    run_id = split.setdefault("run_id", uuid.uuid4().hex)
+    if saved and saved[1].get("run_id") != run_id:
+        step = saved[1]["step"]
+        raise UserError(f"{out}: its last.pt/state.pt (step {step}) are another run's")
+    if rank == 0:
+        save_json(out / "config.json", dataclasses.asdict(cfg))
+        if not cfg.resume:
+            save_json(out / "split.json", split)
+    run = Run(
+        cfg=cfg,
+        out=out,
+        rank=rank,
+        world=world,
+        device=device,
+        dtype=dtype,
+        model=model.to(device),
+        tokenizer=tokenizer,
+        n_prefix=0 if cfg.train_prefix else n_prefix,
+        train_utts=train_utts,
+        lengths=[len(u.tokens) for u in train_utts],
+        evals=evals,
+        run_id=run_id,
+        lock=lock,
+    )
+    return run, saved
+
+
+def setup_step(run: Run) -> None:
+    """What a step runs, and how: the features, the net, the optimizer, CUDA graphs."""
+    cfg, model, device, dtype = run.cfg, run.model, run.device, run.dtype
+    model.encoder.requires_grad_(cfg.train_encoder)
+    if cfg.cache_features and not cfg.train_encoder:
+        cache_features(run)  # then a step runs the decoder on the cached features
+    run.net = StepNet(model, encoder=not run.cached)
+    if cfg.grad_checkpoint:
+        checkpoint_blocks(model)
+    if dtype != torch.float32 and run.world == 1 and run.cached:
+        # (a step that runs the encoder too is bound by its arithmetic, not by its
+        # kernel count: the copies' memory would buy little there)
+        run.casts = CastWeights(model.decoder, dtype)
+    if run.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        run.net = DistributedDataParallel(run.net, device_ids=ids)
+    if cfg.cuda_graphs and device.type == "cuda":
+        run.graphs = CudaGraphs(run.log)
+    # train steps are captured where a step is small and syncs nowhere: one process
+    # (DDP syncs), one micro-batch, no GradScaler (its own syncs), the decoder alone
+    run.graphed = bool(
+        run.graphs and run.world == 1 and cfg.grad_accum == 1 and run.cached
+    ) and (dtype != torch.float16)
+    # a captured step reads its lr and step count from the device: so does eager
+    lr = torch.tensor(cfg.lr, device=device) if run.graphed else cfg.lr
+    run.optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay),
+        lr=lr,
+        fused=device.type in ("cuda", "cpu"),  # one kernel for all parameters
+        capturable=run.graphed,
+    )
+    run.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def restore_state(run: Run, checkpoint: dict, state: dict) -> None:
+    """A resumed run's weights, optimizer, scaler and RNG, as saved at its step."""
+    run.model.load_state_dict(checkpoint["model_state_dict"])
+    lrs = [group["lr"] for group in run.optimizer.param_groups]
+    run.optimizer.load_state_dict(state["optimizer"])
+    for group, lr in zip(run.optimizer.param_groups, lrs):
+        # the saved lr (a CPU tensor, where graphed) would replace the device
+        # tensor that the loop sets and a captured step reads
+        group["lr"], group["capturable"] = lr, run.graphed
+    run.scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"])
+    run.start, run.best_cer = state["step"], state["best_cer"]
+    run.log(f"resuming {run.out} at step {run.start}")
+
+
+def find_resume_point(
+    cfg: TrainConfig, out: Path, changes: dict, log: Callable
+) -> Optional[tuple[dict, dict]]:
+    """
+    The last/state pair a resumed run goes on from (None: the run saved no step yet,
+    and starts from step 0 with its config and split), with what changed said; exits
+    at once when the run is finished and --max-steps does not extend it.
+    """
+    for name, (old, new) in changes.items():
+        log(f"resume: --{name.replace('_', '-')} {old} -> {new}")
+    saved = read_last_pair(out, log)
+    if saved is None:
+        log(f"{out} saved no step yet: starting it from step 0, with its config")
+        return None
+    step = saved[1]["step"]
+    if step > cfg.max_steps:
+        raise OptionError(f"--max-steps {cfg.max_steps}: {out} is at step {step}")
+    if step == cfg.max_steps and (cfg.eval_every == 0 or _reported(out, step)):
+        log(f"{out} finished at step {step}: --max-steps N (> {step}) extends it")
+        raise SystemExit(0)
+    if step == cfg.max_steps:
+        log(f"{out} stopped at step {step} before its final report: making it")
+    if "max_steps" in changes:
+        old, new = changes["max_steps"]
+        warmup = min(cfg.warmup_steps, cfg.max_steps - 1)  # (as get_lr caps it)
+        lr = get_lr(step + 1, cfg.max_steps, cfg.warmup_steps, cfg.lr)
+        log(
+            f"{'extended' if new > old else 'shortened'}: the lr now goes linearly "
+            f"to 0 at step {cfg.max_steps} (warmup {warmup} steps), {lr:.2e} at "
+            f"step {step + 1}"
+        )
+    if cfg.eval_every > 0 and step > 0:
+        try:
+            load_checked(out / "best.pt")
+        except UserError as e:  # lost or damaged: the next eval picks one anew
+            log(f"{e}: the next eval picks best.pt anew")
+            saved[1]["best_cer"] = math.inf
+    return saved
+
+
+def _reported(out: Path, step: int) -> bool:
+    """Whether the run's final report, of this step, was made."""
+    try:
+        return json.loads((out / "summary.json").read_text())["after"]["step"] == step
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+# -----------------------------------------------------------------------------
+# training: the step and the loop (plan -> batch -> step -> log -> eval -> save)
+
+
+def get_lr(step: int, n_steps: int, n_warmup: int, lr: float) -> float:
+    """
+    Linear warmup from 0 to `lr` over `n_warmup` steps (at most n_steps - 1, so the peak
+    is reached), then linear decay to 0 at `n_steps`. Update k (1-based) uses get_lr(k).
+    """
+    n_warmup = min(n_warmup, n_steps - 1)
+    if step < n_warmup:
+        return lr * step / n_warmup
+    return lr * max(0.0, n_steps - step) / max(1, n_steps - n_warmup)
+
+
+def batch_indices(
+    step: int, lengths: Sequence[int], batch_size: int, seed: int
+) -> list[int]:
+    """
+    Items of the `step`-th batch. Each epoch is a seeded shuffle cut into full batches
+    of similar lengths (sorted within windows of 32 batches, so the decoder pads
+    little), taken in a shuffled order. A pure function of the step: a resumed run sees
+    the batches it would have seen.
+
+    lengths: the items' token counts
+    """
+    n_per_epoch = max(1, len(lengths) // batch_size)
+    plan = _epoch_plan(step // n_per_epoch, tuple(lengths), batch_size, seed)
+    return plan[step % n_per_epoch]
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_plan(epoch: int, lengths: tuple, batch_size: int, seed: int) -> list:
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    n_batches = max(1, len(lengths) // batch_size)
+    order = torch.randperm(len(lengths), generator=g).tolist()[: n_batches * batch_size]
+    window = 32 * batch_size
+    for w in range(0, len(order), window):
+        order[w : w + window] = sorted(order[w : w + window], key=lengths.__getitem__)
+    batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def plan_step(run: Run, step: int) -> tuple[list[list[int]], int]:
+    """This rank's micro-batches of update `step` (from 0), and the label count of
+    the whole update (all micro-batches of all ranks)."""
+    idx = batch_indices(step, run.lengths, run.cfg.batch_size, run.cfg.seed)
+    n_labels = sum(run.lengths[i] - 1 - run.n_prefix for i in idx)
+    mine = idx[run.rank :: run.world]
+    n = len(mine) // run.cfg.grad_accum
+    return [mine[k * n : (k + 1) * n] for k in range(run.cfg.grad_accum)], n_labels
+
+
+def audio_loader(run: Run) -> Iterator[torch.Tensor]:
+    """Uncached: every micro-batch's audio from here to the end, in worker processes
+    that load, resample and pin it ahead of the steps."""
+    micro_idx = [
+        idx
+        for step in range(run.start, run.cfg.max_steps)
+        for idx in plan_step(run, step)[0]
+    ]
+    return iter(
+        torch.utils.data.DataLoader(
+            AudioDataset(run.train_utts),
+            batch_sampler=micro_idx,
+            collate_fn=pad_waves,
+            num_workers=run.cfg.num_workers,
+            pin_memory=run.device.type == "cuda",
+            prefetch_factor=4 if run.cfg.num_workers else None,
+        )
+    )
+
+
+def collate_tokens(
+    sequences: Sequence[Sequence[int]],
+    pad_token: int,
+    n_prefix: int = 0,
+    n_pad_to: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Teacher-forcing inputs and labels for a batch of token sequences.
+
+    sequences: each `prefix + text tokens + [eot]`
+    pad_token: what pads the inputs (any id works: causal attention never lets a real
+        position see a later pad, and pad labels are IGNORE_INDEX)
+    n_prefix: the first `n_prefix` labels are IGNORE_INDEX: with the sot sequence's
+        length minus one, the model is not taught the language/task/notimestamps tokens
+        it is always given at inference
+    n_pad_to: pad to at least this length
+
+    Returns
+    -------
+    tokens: torch.Tensor, shape = (n_batch, n_ctx), sequence[:-1] then pad_token
+    labels: torch.Tensor, shape = (n_batch, n_ctx), sequence[1:] then IGNORE_INDEX
+    """
+    n_ctx = max([len(s) - 1 for s in sequences] + [n_pad_to])
+    tokens = torch.full((len(sequences), n_ctx), pad_token, dtype=torch.long)
+    labels = torch.full((len(sequences), n_ctx), IGNORE_INDEX, dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        seq = torch.as_tensor(seq, dtype=torch.long)
+        tokens[i, : len(seq) - 1] = seq[:-1]
+        labels[i, : len(seq) - 1] = seq[1:]
+        labels[i, :n_prefix] = IGNORE_INDEX
+    return tokens, labels
+
+
+def bucket_length(n: int, n_text_ctx: int = 448) -> int:
+    """
+    The padded token length of a batch whose longest sequence has n inputs: a multiple
+    of 16 up to 128, of 64 above, at most n_text_ctx. A run then meets a handful of
+    shapes, where exact lengths bring a new one (a GPU's slow first step, and a graph
+    capture) at almost every step of the first epoch. Padding changes neither the loss
+    nor the gradients (IGNORE_INDEX labels).
+    """
+    step = 16 if n <= 128 else 64
+    return min(-(-n // step) * step, n_text_ctx)
+
+
+def micro_batch(run: Run, idx: list[int]) -> tuple[torch.Tensor, ...]:
+    """
+    (x, tokens, labels) of the training utterances idx, on the device: the input of
+    run.net, whose one difference between set-ups is here.
+
+    Returns
+    -------
+    x: shape = (n, n_audio_ctx, n_audio_state) cached features, or (n, n_mels, 3000)
+    tokens, labels: shape = (n, n_ctx)
+    """
+    seqs = [run.train_utts[i].tokens for i in idx]
+    n_pad_to = 0
+    if run.device.type == "cuda":  # a few shapes: each new one costs, a graph each
+        n_pad_to = bucket_length(max(map(len, seqs)) - 1, run.model.dims.n_text_ctx)
+    tokens, labels = collate_tokens(seqs, run.tokenizer.eot, run.n_prefix, n_pad_to)
+    if run.cached:
+        x = run.train_x.take(idx, run.device)
+    else:
+        audio = next(run.audio).to(run.device, non_blocking=True)  # pinned
+        x = log_mel_spectrogram(audio, run.model.dims.n_mels)
+    return x, to_device(tokens, run.device), to_device(labels, run.device)
+
+
+class CastWeights:
+    """
+    The decoder's trainable Linear weights kept as copies in the step's dtype: within
+    `with casts:` (one micro-batch's forward and backward) the layers compute with the
+    copies, refreshed from the fp32 weights in one multi-tensor copy, and on leaving,
+    the copies' gradients are widened into the fp32 weights' own (the first
+    micro-batch of an update copies, later ones add). Whisper's Linear would cast each
+    weight at every call, and autograd each gradient back: two kernels a weight a
+    step, each one of its own even in a replayed graph, where a small step is bound by
+    its kernel count. The optimizer, clipping and every save see the fp32 weights
+    alone, and the numbers are the same to the bit: a copy is the cast the layer would
+    make, a widened gradient the one autograd would. A weight that two layers share
+    casts itself (its copy would sum two gradients in low precision). Cost: 2 bytes a
+    copied weight, and 2 more while a backward's gradients wait to be widened.
+    """
+
+    def __init__(self, decoder: torch.nn.Module, dtype: torch.dtype):
+        slots = [
+            (module, name, p)
+            for module in decoder.modules()
+            if isinstance(module, Linear)
+            for name, p in module.named_parameters(recurse=False)
+            if p.requires_grad
+        ]
+        uses = Counter(id(p) for *_, p in slots)
+        self.slots = [(module, name) for module, name, p in slots if uses[id(p)] == 1]
+        self.params = [getattr(module, name) for module, name in self.slots]
+        self.copies = [torch.nn.Parameter(p.detach().to(dtype)) for p in self.params]
+
+    def __enter__(self) -> None:
+        with torch.no_grad():  # (torch._foreach_copy_ casts too)
+            torch._foreach_copy_(self.copies, self.params)
+        for (module, name), copy in zip(self.slots, self.copies):
+            module._parameters[name] = copy
+
+    def __exit__(self, error, *_) -> None:
+        for (module, name), p in zip(self.slots, self.params):
+            module._parameters[name] = p
+        grads = [copy.grad for copy in self.copies]
+        for copy in self.copies:
+            copy.grad = None
+        if error is not None:  # a failed step leaves no gradient behind
+            return
+        # the first micro-batch of an update widens, later ones add (in fp32)
+        pairs = [(p, g) for p, g in zip(self.params, grads) if g is not None]
+        first = [(p, g) for p, g in pairs if p.grad is None]
+        later = [(p, g) for p, g in pairs if p.grad is not None]
+        for p, _ in first:
+            p.grad = torch.empty_like(p)
+        with torch.no_grad():
+            if first:
+                torch._foreach_copy_([p.grad for p, _ in first], [g for _, g in first])
+            if later:
+                torch._foreach_add_([p.grad for p, _ in later], [g for _, g in later])
+
+
+def run_step(
+    run: Run, micro: Sequence[tuple[torch.Tensor, ...]], n_labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """train_step, replayed from a CUDA graph where the run captures its steps."""
+    if not run.graphed:
+        return train_step(run, micro, n_labels)
+    inputs = [*micro[0], n_labels]  # (one micro-batch where graphed)
+    outputs = run.graphs(
+        ("train", *(t.shape for t in inputs)),
+        lambda *t: train_step(run, [t[:-1]], t[-1]),
+        *inputs,
+        # the graph allocates its gradients (and a failed capture leaves none)
+        before_capture=lambda: run.optimizer.zero_grad(set_to_none=True),
+    )
+    return tuple(t.clone() for t in outputs)  # the next replay overwrites them
+
+
+def train_step(
+    run: Run, micro: Sequence[tuple[torch.Tensor, ...]], n_labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    One optimizer update: forward and backward over the micro-batches, gradient
+    clipping, and the AdamW step, which a non-finite loss or gradient skips on the
+    device. No host sync, so that it can also run as a captured CUDA graph
+    (CudaGraphs, through run_step): the same function, replayed.
+
+    n_labels: the update's label count (all micro-batches, all ranks), a device scalar
+
+    Returns
+    -------
+    loss: the update's mean loss over its label tokens, a device scalar
+    bad: 1.0 if the update was skipped, else 0.0, a device scalar
+    """
+    net, scaler, optimizer = run.net, run.scaler, run.optimizer
+    step_loss = torch.zeros((), device=run.device)
+    for k, (x, tokens, labels) in enumerate(micro):
+        # DDP averages gradients over ranks at the last micro-batch only
+        sync = run.world == 1 or k == len(micro) - 1
+        with nullcontext() if sync else net.no_sync(), run.casts or nullcontext():
+            # (autocast's cache of cast weights would outlive a graph's capture)
+            with autocast(run.device, run.dtype, cache=not run.graphed):
+                logits = net(x, tokens)  # (B, T, V)
+                loss = F.cross_entropy(
+                    logits.flatten(0, 1).float(),
+                    labels.flatten(),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="sum",
+                )
+            # the update's mean over every label token of every micro-batch on every
+            # rank: the same loss, whatever the batch is split into (DDP averages over
+            # ranks, hence the * world)
+            loss = loss / n_labels
+            if scaler.is_enabled():
+                # GradScaler.step skips on non-finite gradients alone, and a non-finite
+                # loss can have finite ones (a -inf label logit): make them NaN, so that
+                # it skips this update too
+                loss = loss * torch.where(loss.isfinite(), 1.0, math.nan)
+            scaler.scale(loss * run.world).backward()
+        step_loss += loss.detach()
+    scaler.unscale_(optimizer)
+    max_norm = run.cfg.grad_clip if run.cfg.grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)
+    # A non-finite loss or gradient skips the update, decided on the device: the fused
+    # AdamW step reads `found_inf` (as it does from a GradScaler), so the host need not
+    # wait for the step to end. With fp16 the GradScaler skips overflows itself (and
+    # lowers its scale): they are not counted as bad.
+    bad = ~torch.isfinite(step_loss)
+    if not scaler.is_enabled():
+        bad |= ~torch.isfinite(grad_norm)
+    bad = bad.float()
+    if run.world > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # all ranks skip together
+    fused = optimizer.defaults["fused"]
+    optimizer.found_inf = bad if fused else None
+    if fused or not bad:  # an unfused step cannot skip itself: a sync
+        scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, bad
+
+
+class Progress:
+    """
+    The log line's bookkeeping: the losses summed on the device, the steps not yet
+    checked for skips (the host reads the device once per log line), and the time
+    spent in steps alone (evals and saves excluded).
+    """
+
+    def __init__(self, run: Run):
+        self.run, self.metrics = run, None
+        self.loss_sum = torch.zeros((), device=run.device)
+        self.pending = []  # (step, bad flag on the device, utterance ids)
+        self.n_bad = 0  # skipped steps in a row
+        self.t_log, self.step_seconds = time.time(), 0.0
+        scaler = run.scaler
+        self.last_scale = scaler.get_scale() if scaler.is_enabled() else 0.0
+        if run.master:
+            if run.cfg.resume:
+                # a crash leaves the records of steps after the last save (and perhaps
+                # a torn line): drop them, so that each step is on record once (none,
+                # when no step was saved: the run starts again from step 0)
+                last = run.start or -1  # (no save is made at step 0)
+                _keep_metrics_until(run.out / "metrics.jsonl", last)
+            self.metrics = open(run.out / "metrics.jsonl", "a")
+
+    def add(self, step: int, loss: torch.Tensor, bad: torch.Tensor, ids: list) -> None:
+        self.loss_sum += torch.where(bad > 0, 0.0, loss)
+        self.pending.append((step, bad, ids))
+
+    def record(self, record: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.write(json.dumps({**record, "time": time.time()}) + "\n")
+            self.metrics.flush()
+
+    def check_bad_steps(self, step: int) -> int:
+        """Log the pending steps that were skipped, and stop after max_bad_steps in a
+        row. Returns how many were applied."""
+        flags = torch.stack([bad for _, bad, _ in self.pending]).tolist()  # one sync
+        for (s, _, ids), flag in zip(self.pending, flags):
+            self.n_bad = self.n_bad + 1 if flag else 0
+            if not flag:
+                continue
+            self.run.log(
+                f"step {s}: non-finite loss or gradient, update skipped "
+                f"({self.n_bad} in a row); batch: {', '.join(ids)}"
+            )
+            self.record({"step": s, "skipped": "non-finite", "ids": ids})
+            if self.n_bad >= self.run.cfg.max_bad_steps:
+                raise SystemExit(
+                    f"{self.n_bad} non-finite steps in a row (the last at step {s}), "
+                    f"stopping at step {step} (last bad batch: {', '.join(ids)})"
+                )
+        self.pending.clear()
+        return sum(not flag for flag in flags)
+
+    def log_line(self, step: int, lr: float) -> None:
+        """The step's log line and metrics record, for the steps since the last."""
+        run, n_steps = self.run, len(self.pending)
+        n_good = self.check_bad_steps(step)  # waits for the device: true timings
+        elapsed = time.time() - self.t_log
+        self.step_seconds += elapsed
+        dt = elapsed / n_steps
+        if run.world > 1:
+            dist.all_reduce(self.loss_sum)  # each rank holds its share of the mean
+        record = {"step": step}
+        if run.scaler.is_enabled():
+            # an fp16 overflow skips its update and halves the scale: say so
+            scale = record["loss_scale"] = run.scaler.get_scale()
+            if scale < self.last_scale:
+                run.log(
+                    f"step {step}: fp16 loss scale {self.last_scale:g} -> {scale:g} "
+                    "since the last line (an overflow skips its update)"
+                )
+            self.last_scale = scale
+        if n_good:
+            loss = self.loss_sum.item() / n_good
+            run.log(
+                f"step {step}/{run.cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+                f"{dt * 1000:.0f} ms | {run.cfg.batch_size / dt:.1f} utt/s"
+            )
+            record |= {"loss": loss, "lr": lr, "ms": dt * 1e3}
+        if len(record) > 1:
+            self.record(record)
+        self.loss_sum.zero_()
+        self.t_log = time.time()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (evals, saves) is not step time."""
+        t0 = time.time()
+        yield
+        self.t_log += time.time() - t0
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def save_last(run: Run, step: int) -> None:
+    """last.pt and state.pt of `step` (rank 0)."""
+    if run.master:
+        state = {
+            "run_id": run.run_id,
+            "best_cer": run.best_cer,
+            "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict(),
+            "rng": _rng_state(),
+        }
+        write_last_pair(run.out, run.model, step, state)
+
+
+def eval_step(run: Run, progress: Progress, step: int) -> None:
+    """
+    Dev (and retain) at this step, best.pt kept on dev CER; at step 0, the zero-shot
+    baseline of every part: dev, test, retain, long-form.
+    """
+    record = evaluate(run, step, ["dev", "retain"], "last")
+    if step == 0:
+        record |= evaluate(run, step, ["test", "long"], "zero_shot")
+    cer = record["dev_cer"]
+    finite = torch.stack([p.isfinite().all() for p in run.model.parameters()]).all()
+    if not finite:  # (it writes nothing, which can score better than a bad start)
+        run.log(f"step {step}: the weights are not finite: not a best.pt")
+        cer = math.inf
+    if run.master and cer < run.best_cer:
+        save_checkpoint(run.model, run.out / "best.pt", step=step, cer=cer)
+        for suffix in (".tsv", ".json"):
+            shutil.copyfile(
+                run.out / f"eval_dev_last{suffix}", run.out / f"eval_dev_best{suffix}"
+            )
+    run.best_cer = min(run.best_cer, cer)
+    progress.record(record)
+    retain = (
+        f" | retain {run.cfg.retain_language} wer {record['retain_wer']:.4f} "
+        f"lid {record['retain_lid']:.2f}"
+        if "retain_wer" in record
+        else ""
+    )
+    run.log(f"step {step} | dev cer {cer:.4f} wer {record['dev_wer']:.4f}{retain}")
+    if run.master:
+        plot_curves(read_metrics(run.out), run.out / "curves.png")
+
+
+def final_report(run: Run, progress: Progress, step: int) -> dict:
+    """
+    The run's result: best.pt (picked on dev) scored once on test, on the retain set and
+    long-form; with the zero-shot baseline of step 0, summary.json and its table.
+    """
+    best = run.out / "best.pt"
+    if run.world > 1:
+        dist.barrier()  # rank 0 wrote best.pt
+    checkpoint = load_checked(best)
+    run.model.load_state_dict(checkpoint["model_state_dict"])
+    record = evaluate(run, step, ["test", "retain", "long"], "")
+    record |= {"final": True, "best_step": checkpoint["step"]}
+    progress.record(record)
+    records = read_metrics(run.out) if run.master else []
+    before = next((r for r in records if r["step"] == 0 and "dev_cer" in r), {})
+    best_eval = [
+        r for r in records if r["step"] == checkpoint["step"] and "dev_cer" in r
+    ]
+    after = {**(best_eval[-1] if best_eval else {}), **record}
+    table = summary_table(before, after, run.cfg.target, checkpoint["step"])
+    if run.master:
+        summary = {"before": before, "after": after, "table": table}
+        save_json(run.out / "summary.json", summary)
+        plot_curves(records, run.out / "curves.png")
+        run.log(f"result: {run.out / 'summary.json'}, curves.png, eval_test.tsv")
+    return {"before": before, "after": after, "table": table}
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """metrics.jsonl's records (a line a crash cut short is left out)."""
+    records = []
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            records.append(json.loads(line))
+    return records
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """Rewrite metrics.jsonl with its whole records of steps up to `step` alone."""
+    kept = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass  # the line a crash cut short
+    atomic_write(path, lambda f: f.write("".join(kept).encode()))
+
+
+def train(cfg: TrainConfig, given: Optional[set[str]] = None) -> dict:
+    """
+    Fine-tune, evaluating on dev at step 0, every eval_every steps and at the end, then
+    score best.pt on test. Under torchrun each rank takes its share of every global
+    batch (DDP); rank 0 alone writes.
+
+    given: the options named on the command line (see run_config)
+    """
+    try:
+        run = setup_run(cfg, given)
+    except KeyboardInterrupt:  # Ctrl-C while reading or encoding: nothing to lose
+        out = Path(cfg.resume or cfg.out)
+        if (out / "config.json").is_file():
+            print(
+                "\nstopped before the first step; continue with: "
+                f"python whisper_ft.py train --resume {out}",
+                file=sys.stderr,
+            )
+        raise SystemExit(128 + signal.SIGINT) from None
+    cfg, progress, result = run.cfg, Progress(run), {}
+    stop = _StopFlag()
+    handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if run.start == 0 and cfg.eval_every > 0:
+            with progress.paused():
+                eval_step(run, progress, 0)
+        bar = tqdm(
+            range(run.start + 1, cfg.max_steps + 1),
+            initial=run.start,
+            total=cfg.max_steps,
+            desc="train",
+            unit="step",
+            disable=not run.master,
+        )
+        for step in bar:
+            run.model.train()
+            lr = get_lr(step, cfg.max_steps, cfg.warmup_steps, cfg.lr)
+            for group in run.optimizer.param_groups:
+                if isinstance(group["lr"], torch.Tensor):
+                    group["lr"].fill_(lr)  # read by a captured step, on the device
+                else:
+                    group["lr"] = lr
+            micro_idx, n_labels = plan_step(run, step - 1)
+            micro = [micro_batch(run, idx) for idx in micro_idx]
+            n_labels = to_device(torch.tensor(float(n_labels)), run.device)
+            loss, bad = run_step(run, micro, n_labels)
+            ids = [run.train_utts[i].id for idx in micro_idx for i in idx]
+            progress.add(step, loss, bad, ids)
+            last_step = step == cfg.max_steps
+            if step % cfg.log_every == 0 or last_step:
+                progress.log_line(step, lr)
+            with progress.paused():
+                evaluating = cfg.eval_every > 0 and (
+                    step % cfg.eval_every == 0 or last_step
+                )
+                if evaluating:
+                    eval_step(run, progress, step)
+                # all ranks stop at the same step
+                stopping = _any_rank(bool(stop.signum), run.device, run.world)
+                if stopping and progress.pending:
+                    progress.check_bad_steps(step)  # so the skipped steps are on record
+                saving = cfg.save_every > 0 and step % cfg.save_every == 0
+                if evaluating or saving or last_step or stopping:
+                    save_last(run, step)
+            if stopping:
+                run.log(
+                    f"stopped at step {step}; continue with: "
+                    f"python whisper_ft.py train --resume {run.out}"
+                )
+                raise SystemExit(128 + (stop.signum or signal.SIGTERM))
+        bar.close()
+        if cfg.eval_every > 0:
+            result = final_report(run, progress, cfg.max_steps)
+    except KeyboardInterrupt:  # a second Ctrl-C: at once (the saves are atomic)
+        run.log(
+            f"\nstopped; continue with: python whisper_ft.py train --resume {run.out}"
+        )
+        raise SystemExit(128 + signal.SIGINT) from None
+    finally:
+        progress.close()
+        if run.lock:
+            run.lock.close()
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        if run.world > 1:
+            dist.destroy_process_group()
+    return {
+        "best_cer": run.best_cer,
+        "feature_gib": run.feature_gib,
+        "feature_seconds": run.feature_seconds,
+        "step_seconds": progress.step_seconds,
+        "cuda_graphs": (
+            sum(k[0] == "train" for k in run.graphs.graphs) if run.graphed else 0
+        ),
+        "graph_failure": run.graphs.failed if run.graphed else "",
+        **result,
+    }
+
+
 # -----------------------------------------------------------------------------
 # evaluation: real greedy decoding
 
 
-@torch.no_grad()
 def decode_options(model: Whisper, tokenizer: Tokenizer, fp16: bool):
     """whisper.DecodingOptions of the greedy decoding that eval scores."""
     return whisper.DecodingOptions(
@@ -1627,7 +2641,7 @@ class DecodeBuffers:
     features' dtype (whisper's Linear casts them at every call), one batch's
     cross-attention keys and values (computed once: whisper recomputes none, but
     copies), and its self-attention cache (written in place, where whisper
-    concatenates at every step). A DecodeGraphs keeps them between calls, so that
+    concatenates at every step). CudaGraphs.kept holds them between calls, so that
     its captured steps find them where they were.
     """
 
@@ -1729,71 +2743,12 @@ def decode_step(
     return (x @ b.embedding.T).float()[:, -1]
 
 
-class DecodeGraphs:
-    """
-    greedy_decode's token steps as CUDA graphs, one per batch size (padded to 8, 16,
-    32...), position and length, replayed by every later batch of that size: a step
-    of small matmuls is bound by kernel launches (about 3 ms a step of base at batch
-    32 on an H200). As StepGraphs: a step's first run is eager, on a side stream, its
-    second captured, then replayed; one memory pool (replays follow the capture's
-    order: position after position); eager, with a warning, if capture fails. The
-    graphs run the same kernels on the same shapes as eager steps: the same tokens.
-    """
-
-    def __init__(self, log: Callable = print):
-        self.buffers = {}  # (rows, n_ctx, dtype) -> DecodeBuffers
-        self.graphs = {}  # (rows, n_ctx, dtype, offset, n) -> (graph, x, logits)
-        self.warm = set()
-        self.pool, self.failed, self.log = None, "", log
-
-    def prepare(
-        self, model: Whisper, audio_features: torch.Tensor, n_ctx: int
-    ) -> tuple[DecodeBuffers, Callable]:
-        n = len(audio_features)
-        rows = max(8, 1 << (n - 1).bit_length())  # a few sizes: 8, 16, 32...
-        key = (rows, n_ctx, audio_features.dtype)
-        if key not in self.buffers:
-            self.buffers[key] = DecodeBuffers(
-                model, rows, n_ctx, audio_features.dtype, audio_features.device
-            )
-        b = self.buffers[key]
-        b.load(model, audio_features)
-        return b, functools.partial(self.step, model.decoder, b, key)
-
-    def step(self, decoder, b: DecodeBuffers, key: tuple, x_tokens, offset: int):
-        key = (*key, offset, x_tokens.shape[1])
-        if self.failed:
-            return decode_step(decoder, b, x_tokens, offset)
-        if key not in self.warm:
-            self.warm.add(key)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                logits = decode_step(decoder, b, x_tokens, offset)
-            torch.cuda.current_stream().wait_stream(side)
-            return logits
-        if key not in self.graphs:
-            try:
-                x, graph = x_tokens.clone(), torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
-                    logits = decode_step(decoder, b, x, offset)
-                self.pool, self.graphs[key] = graph.pool(), (graph, x, logits)
-            except Exception as e:  # never fail a decoding that eager would finish
-                self.failed = f"{type(e).__name__}: {e}".splitlines()[0]
-                self.log(f"CUDA graph capture failed, decoding eagerly ({self.failed})")
-                return decode_step(decoder, b, x_tokens, offset)
-        graph, x, logits = self.graphs[key]
-        x.copy_(x_tokens)
-        graph.replay()
-        return logits  # (the next replay overwrites it: the caller is done by then)
-
-
 @torch.no_grad()
 def greedy_decode(
     model: Whisper,
     audio_features: torch.Tensor,
     tokenizer: Tokenizer,
-    graphs: Optional[DecodeGraphs] = None,
+    graphs: Optional["CudaGraphs"] = None,
 ) -> list[list[int]]:
     """
     Batched greedy decoding, token for token what whisper.decode(model, audio_features,
@@ -1818,12 +2773,22 @@ def greedy_decode(
     suppress[suppressed_tokens(tokenizer)] = True
     blank = suppress.clone()  # whisper's SuppressBlank: no space nor eot first
     blank[tokenizer.encode(" ") + [eot]] = True
-    if graphs is not None:
-        b, step_fn = graphs.prepare(model, audio_features, n_ctx)
-    else:
-        b = DecodeBuffers(model, n_batch, n_ctx, audio_features.dtype, device)
-        b.load(model, audio_features)
-        step_fn = functools.partial(decode_step, model.decoder, b)
+    # graphed: a few batch sizes (8, 16, 32...), each with buffers kept for its graphs
+    rows = n_batch if graphs is None else max(8, 1 << (n_batch - 1).bit_length())
+    key = ("decode", rows, n_ctx, audio_features.dtype)
+    b = graphs.kept.get(key) if graphs is not None else None
+    if b is None:
+        b = DecodeBuffers(model, rows, n_ctx, audio_features.dtype, device)
+        if graphs is not None:
+            graphs.kept[key] = b
+    b.load(model, audio_features)
+
+    def step_fn(x_tokens: torch.Tensor, offset: int) -> torch.Tensor:
+        if graphs is None:
+            return decode_step(model.decoder, b, x_tokens, offset)
+        step = functools.partial(decode_step, model.decoder, b, offset=offset)
+        return graphs((*key, offset, x_tokens.shape[1]), step, x_tokens)
+
     tokens = torch.tensor([prefix] * b.n_batch, device=device)  # (rows, n_prefix)
     x_tokens = tokens
     done = torch.arange(b.n_batch, device=device) >= n_batch  # (padding rows: done)
@@ -1843,34 +2808,39 @@ def greedy_decode(
     return [row[: row.index(eot)] if eot in row else row for row in rows]
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class EvalOptions:
+    """How a set is decoded for scoring: greedy, in batches, each rank its share."""
+
+    batch_size: int = 16  # utterances a decoding batch
+    num_workers: int = 0  # audio loading processes (where features are not cached)
+    dtype: torch.dtype = torch.float32  # what the encoder computes in
+    rank: int = 0  # this process decodes items rank::world
+    world: int = 1
+    graphs: Optional["CudaGraphs"] = None  # the token steps as CUDA graphs
+
+
 def decode_batch(
     model: Whisper,
-    x: torch.Tensor,
+    audio_features: torch.Tensor,
     tokenizer: Tokenizer,
-    dtype: torch.dtype = torch.float32,
-    graphs: Optional[DecodeGraphs] = None,
+    graphs: Optional["CudaGraphs"] = None,
 ) -> list[str]:
     """
     Greedy transcripts of a batch (greedy_decode: whisper's decoding, with its
     suppression of non-speech tokens and blank starts, at most n_text_ctx // 2 tokens).
 
-    x: torch.Tensor, shape = (n_batch, n_mels, 3000) log-mel, encoded in `dtype`, or
-       (n_batch, n_audio_ctx, n_audio_state) encoder output, decoded in its own dtype
+    audio_features: torch.Tensor, shape = (n_batch, n_audio_ctx, n_audio_state)
     """
-    if x.shape[-2:] != (model.dims.n_audio_ctx, model.dims.n_audio_state):
-        x = encode(model, x, dtype)
-    tokens = greedy_decode(model, x, tokenizer, graphs)
+    tokens = greedy_decode(model, audio_features, tokenizer, graphs)
     return [tokenizer.decode(t).strip() for t in tokens]
 
 
 def feature_batches(
     model: Whisper,
     utts: Sequence[Utterance],
-    batch_size: int,
-    num_workers: int,
-    audio_features: Optional[torch.Tensor | DiskFeatures],
-    dtype: torch.dtype,
+    options: EvalOptions,
+    audio_features: Optional[Features],
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """
     (indices into utts, encoder output) a batch at a time, the longest audio first: a
@@ -1878,16 +2848,16 @@ def feature_batches(
 
     audio_features: precomputed encoder output in the order of `utts`, or None
     """
-    device, order = model.device, longest_first(utts)
-    batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+    device, order, n = model.device, longest_first(utts), options.batch_size
+    batches = [order[k : k + n] for k in range(0, len(order), n)]
     if audio_features is not None:
         for idx in batches:
-            yield idx, take_rows(audio_features, idx, device)
+            yield idx, audio_features.take(idx, device)
         return
-    loader = audio_batches([utts[i] for i in order], batch_size, num_workers)
+    loader = audio_batches([utts[i] for i in order], n, options.num_workers)
     for idx, audio in zip(batches, loader):
         mel = log_mel_spectrogram(audio.to(device), model.dims.n_mels)
-        yield idx, encode(model, mel, dtype)
+        yield idx, encode(model, mel, options.dtype)
 
 
 @torch.no_grad()
@@ -1895,42 +2865,39 @@ def transcribe_utts(
     model: Whisper,
     utts: Sequence[Utterance],
     tokenizer: Tokenizer,
-    batch_size: int = 16,
-    num_workers: int = 0,
-    audio_features: Optional[torch.Tensor | DiskFeatures] = None,
-    dtype: torch.dtype = torch.float32,
+    options: EvalOptions,
+    audio_features: Optional[Features] = None,
     detect_language: bool = False,
-    graphs: Optional[DecodeGraphs] = None,
-) -> list[str] | tuple[list[str], list[str]]:
+) -> tuple[list[str], list[str]]:
     """
-    Greedy transcripts of utterances, in order; with `detect_language`, also the
-    language whisper.detect_language finds in each (from the same encoder output).
+    Greedy transcripts of utterances, in order, and the language whisper's
+    detect_language finds in each from the same encoder output ("" each, unless
+    `detect_language`).
 
-    audio_features: optional precomputed encoder output, in the order of `utts`,
-        shape = (len(utts), n_audio_ctx, n_audio_state)
+    audio_features: the utterances' encoder output, in their order, or None
     """
     hyps, languages = [""] * len(utts), [""] * len(utts)
     codes = dict(zip(tokenizer.all_language_tokens, tokenizer.all_language_codes))
     was_training = model.training
     model.eval()
-    batches = feature_batches(
-        model, utts, batch_size, num_workers, audio_features, dtype
-    )
-    n_batches = math.ceil(len(utts) / batch_size)
+    batches = feature_batches(model, utts, options, audio_features)
+    n_batches = math.ceil(len(utts) / options.batch_size)
     for idx, x in tqdm(
         batches, desc="eval", unit="batch", leave=False, total=n_batches
     ):
-        for i, hyp in zip(idx, decode_batch(model, x, tokenizer, dtype, graphs)):
+        for i, hyp in zip(idx, decode_batch(model, x, tokenizer, options.graphs)):
             hyps[i] = hyp
         if detect_language:
             found, _ = whisper.detect_language(model, x, tokenizer)
             for i, token in zip(idx, found.tolist()):
                 languages[i] = codes[token]
     model.train(was_training)
-    return (hyps, languages) if detect_language else hyps
+    return hyps, languages
 
 
-def repetition(text: str, spaced: bool, windows: Optional[Sequence[str]] = None) -> str:
+def find_repetition(
+    text: str, spaced: bool, windows: Optional[Sequence[str]] = None
+) -> str:
     """
     Why a hypothesis looks like a decoding loop, or "": whisper's own test (a zlib
     compression ratio over 2.4, on which whisper.transcribe retries a window), or a
@@ -1952,7 +2919,9 @@ def repetition(text: str, spaced: bool, windows: Optional[Sequence[str]] = None)
     return f"{m[1].strip()!r} x{len(m[0]) // len(m[1])}" if m else ""
 
 
-def score(utts: Sequence[Utterance], hyps: Sequence[str], spaced: bool = False) -> dict:
+def score_hyps(
+    utts: Sequence[Utterance], hyps: Sequence[str], spaced: bool = False
+) -> dict:
     """
     CER on normalize_text() forms without spaces (edits over all reference characters),
     and WER with words split at spaces (an unspaced Japanese utterance is one word: for
@@ -1971,7 +2940,7 @@ def score(utts: Sequence[Utterance], hyps: Sequence[str], spaced: bool = False) 
                 "ref": u.target,
                 "hyp": hyp,
                 "cer": jiwer.cer(ref_c, hyp_c),
-                "repeat": repetition(hyp, spaced),
+                "repeat": find_repetition(hyp, spaced),
             }
         )
     return {
@@ -1983,205 +2952,15 @@ def score(utts: Sequence[Utterance], hyps: Sequence[str], spaced: bool = False) 
     }
 
 
-def write_eval(result: dict, tsv: str | os.PathLike) -> None:
-    """Per-utterance TSV (id, ref, hyp, cer, repeat...), and a summary JSON beside."""
-
-    def cell(v) -> str:
-        v = f"{v:.4f}" if isinstance(v, float) else str(v)
-        return v.replace("\t", " ").replace("\n", " ")
-
-    columns = list(result["rows"][0]) if result["rows"] else ["id", "ref", "hyp"]
-    lines = ["\t".join(columns)]
-    lines += ["\t".join(cell(r[c]) for c in columns) for r in result["rows"]]
-    atomic_write(tsv, lambda f: f.write(("\n".join(lines) + "\n").encode()))
-    summary = {k: v for k, v in result.items() if k != "rows"}
-    save_json(Path(tsv).with_suffix(".json"), summary)
-
-
-# -----------------------------------------------------------------------------
-# evaluation: long-form, the way users transcribe
-
-LONG_FORM_GAP = 0.3  # seconds of silence between joined utterances
-
-
-def join_recordings(
-    durations: Sequence[float], min_seconds: float = 60.0, max_seconds: float = 120.0
-) -> list[list[int]]:
-    """
-    Consecutive items grouped into recordings of min_seconds to max_seconds (with
-    LONG_FORM_GAP between items): a group closes once it is long enough, and a short
-    remainder joins the last group if it fits. Items of at most max_seconds -
-    min_seconds each (30-s utterances, 60-120 s) give groups within the bounds, but
-    for a remainder that did not fit, or a total under min_seconds.
-    """
-    groups, group, total = [], [], 0.0
-    for i, d in enumerate(durations):
-        if group and total + LONG_FORM_GAP + d > max_seconds:
-            groups.append(group)
-            group, total = [], 0.0
-        total += d + (LONG_FORM_GAP if group else 0.0)
-        group.append(i)
-        if total >= min_seconds:
-            groups.append(group)
-            group, total = [], 0.0
-    if group:
-        if groups:
-            last = sum(durations[i] + LONG_FORM_GAP for i in groups[-1])
-            if last + total <= max_seconds:
-                groups[-1] += group
-                return groups
-        groups.append(group)
-    return groups
-
-
-def timestamps_ok(
-    segments: Sequence[dict], duration: float, timestamp_begin: int
-) -> bool:
-    """
-    Whether whisper.transcribe's segments carry timestamps that make sense: each holds
-    timestamp tokens (a window decoded without any comes back as one segment spanning
-    it), starts do not go back, each ends after it starts, none past the audio's end.
-    """
-    if not segments:
-        return False
-    starts = [s["start"] for s in segments]
-    return (
-        all(any(t >= timestamp_begin for t in s["tokens"]) for s in segments)
-        and starts == sorted(starts)
-        and all(0 <= s["start"] < s["end"] <= duration + 1.0 for s in segments)
-    )
-
-
-def coverage(segments: Sequence[dict], duration: float) -> float:
-    """The share of [0, duration] that the segments' [start, end] intervals cover."""
-    covered, reach = 0.0, 0.0
-    for s in sorted(segments, key=lambda s: s["start"]):
-        start, end = max(s["start"], reach), min(s["end"], duration)
-        covered += max(0.0, end - start)
-        reach = max(reach, end)
-    return covered / duration if duration > 0 else 0.0
-
-
-@torch.no_grad()
-def long_form_eval(
-    model: Whisper,
-    utts: Sequence[Utterance],
-    language: str,
-    rank: int = 0,
-    world: int = 1,
-    **decode_options,
-) -> dict:
-    """
-    The utterances joined into 60-120 s recordings, each transcribed by
-    whisper.transcribe with the whisper CLI's defaults (timestamps, beam 5 with 5
-    candidates, temperature fallback 0-1 by 0.2, compression and logprob thresholds,
-    conditioning on the previous window), as `whisper --model best.pt` gives users.
-    Scores CER against the joined references, the share of recordings whose segments
-    carry sane timestamps, the share of the audio their segments cover, and loops.
-    """
-    spaced = language not in LANGUAGES_WITHOUT_SPACES
-    # in speaker order: a recording changes voice only where a speaker's run ends
-    ordered = sorted(utts, key=lambda u: (u.speaker, u.id))
-    seconds = [min(soundfile.info(u.path).duration, CHUNK_LENGTH) for u in ordered]
-    groups = join_recordings(seconds)
-    tokenizer = model_tokenizer(model.dims, language)
-    was_training, rows = model.training, []
-    model.eval()
-    for group in groups[rank::world]:
-        gap = torch.zeros(int(LONG_FORM_GAP * SAMPLE_RATE))
-        pieces = [
-            p for i in group for p in (gap, load_wave(ordered[i].path)[:N_SAMPLES])
-        ]
-        audio = torch.cat(pieces[1:])
-        result = whisper.transcribe(
-            model,
-            audio,
-            language=language,
-            temperature=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
-            beam_size=5,
-            best_of=5,
-            fp16=model.device.type == "cuda",
-            verbose=None,
-            **decode_options,  # (tests cap sample_len: random models ramble)
-        )
-        duration = len(audio) / SAMPLE_RATE
-        ref = (" " if spaced else "").join(ordered[i].target for i in group)
-        rows.append(
-            {
-                "id": f"{ordered[group[0]].id}+{len(group) - 1}",
-                "ref": ref,
-                "hyp": result["text"].strip(),
-                "cer": jiwer.cer(normalize_text(ref), normalize_text(result["text"])),
-                "repeat": repetition(
-                    result["text"], spaced, [seg["text"] for seg in result["segments"]]
-                ),
-                "seconds": duration,
-                "timestamped": timestamps_ok(
-                    result["segments"], duration, tokenizer.timestamp_begin
-                ),
-                "coverage": coverage(result["segments"], duration),
-            }
-        )
-    model.train(was_training)
-    rows = _gather_list(rows, len(groups), world)
-    if not rows:
-        return {"n": 0, "rows": []}
-    return {
-        "cer": jiwer.cer(
-            [normalize_text(r["ref"]) for r in rows],
-            [normalize_text(r["hyp"]) for r in rows],
-        ),
-        "n": len(rows),
-        "seconds": sum(r["seconds"] for r in rows),
-        "timestamped": sum(r["timestamped"] for r in rows) / len(rows),
-        "coverage": sum(r["coverage"] * r["seconds"] for r in rows)
-        / sum(r["seconds"] for r in rows),
-        "repeats": sum(bool(r["repeat"]) for r in rows),
-        "rows": rows,
-    }
-
-
-# -----------------------------------------------------------------------------
-# evaluation during a run: dev picks best.pt, test is the result, and what it costs
-
-
-@dataclass
-class EvalSet:
-    """Utterances scored together: dev, test, or the retain set in another language."""
-
-    name: str  # dev | test | retain: the prefix of its metrics and TSV files
-    utts: list[Utterance]
-    tokenizer: Tokenizer  # its language's prefix
-    features: Optional[torch.Tensor | DiskFeatures] = None  # cached encoder output
-    detect_language: bool = False  # also score whisper's language ID against it
-
-
-def score_set(
-    model: Whisper,
-    s: EvalSet,
-    batch_size: int,
-    num_workers: int,
-    dtype: torch.dtype,
-    rank: int = 0,
-    world: int = 1,
-    graphs: Optional[DecodeGraphs] = None,
-) -> dict:
+def score_set(model: Whisper, s: EvalSet, options: EvalOptions) -> dict:
     """Greedy decoding of an EvalSet, each rank its share; scored on every rank."""
+    rank, world = options.rank, options.world
     x = None if s.features is None else s.features[rank::world]
-    out = transcribe_utts(
-        model,
-        s.utts[rank::world],
-        s.tokenizer,
-        batch_size,
-        num_workers,
-        x,
-        dtype,
-        s.detect_language,
-        graphs,
+    hyps, languages = transcribe_utts(
+        model, s.utts[rank::world], s.tokenizer, options, x, s.detect_language
     )
-    hyps, languages = out if s.detect_language else (out, None)
     spaced = s.tokenizer.language not in LANGUAGES_WITHOUT_SPACES
-    result = score(s.utts, _gather_list(hyps, len(s.utts), world), spaced)
+    result = score_hyps(s.utts, _gather_list(hyps, len(s.utts), world), spaced)
     if s.detect_language:
         languages = _gather_list(languages, len(s.utts), world)
         for row, language in zip(result["rows"], languages):
@@ -2208,16 +2987,15 @@ def evaluate(run: "Run", step: int, parts: Sequence[str], when: str) -> dict:
             )
         elif part in run.evals:
             cfg = run.cfg
-            result = score_set(
-                run.model,
-                run.evals[part],
+            options = EvalOptions(
                 cfg.eval_batch_size,
                 cfg.num_workers,
                 run.dtype,
                 run.rank,
                 run.world,
-                run.decode_graphs,
+                run.graphs,
             )
+            result = score_set(run.model, run.evals[part], options)
         else:
             continue
         if run.master:
@@ -2228,6 +3006,21 @@ def evaluate(run: "Run", step: int, parts: Sequence[str], when: str) -> dict:
             if isinstance(v, (int, float)) and not isinstance(v, bool)
         }
     return record
+
+
+def write_eval(result: dict, tsv: str | os.PathLike) -> None:
+    """Per-utterance TSV (id, ref, hyp, cer, repeat...), and a summary JSON beside."""
+
+    def cell(v) -> str:
+        v = f"{v:.4f}" if isinstance(v, float) else str(v)
+        return v.replace("\t", " ").replace("\n", " ")
+
+    columns = list(result["rows"][0]) if result["rows"] else ["id", "ref", "hyp"]
+    lines = ["\t".join(columns)]
+    lines += ["\t".join(cell(r[c]) for c in columns) for r in result["rows"]]
+    atomic_write(tsv, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    summary = {k: v for k, v in result.items() if k != "rows"}
+    save_json(Path(tsv).with_suffix(".json"), summary)
 
 
 def summary_table(before: dict, after: dict, target: str, best_step: int) -> str:
@@ -2306,1184 +3099,204 @@ def plot_curves(records: Sequence[dict], png: Path) -> bool:
 
 
 # -----------------------------------------------------------------------------
-# training: the set-up, made once
+# evaluation: long-form, the way users transcribe
 
 
-class OptionError(ValueError):
-    """A bad option, refused in one line before any work (exit 2, as argparse does)."""
-
-
-@dataclass
-class Run:
-    """What the loop reads, made once by setup_run: names, not closures."""
-
-    cfg: TrainConfig
-    out: Path  # the run directory
-    rank: int  # this process of `world` (torchrun); rank 0 alone writes
-    world: int
-    device: torch.device
-    dtype: torch.dtype  # what steps compute in (autocast), and features are kept in
-    model: Whisper
-    net: torch.nn.Module  # what a step runs: the decoder on cached features, or all
-    tokenizer: Tokenizer
-    n_prefix: int  # labels masked at the start of each sequence (the sot sequence)
-    train_utts: list[Utterance]
-    train_x: Optional[torch.Tensor | DiskFeatures]  # cached encoder output, or None
-    evals: dict[str, EvalSet]  # dev, test, and retain if there is one
-    run_id: str  # split.json's; every state.pt carries it
-    lock: Optional[object]  # the run directory's lock file (rank 0), held open
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    lengths: list[int] = field(default_factory=list)  # train_utts' token counts
-    audio: Optional[Iterator[torch.Tensor]] = None  # uncached: micro-batches' audio
-    casts: Optional["CastWeights"] = None  # the decoder's weights in the step's dtype
-    graphs: Optional["StepGraphs"] = None  # train_step replayed as CUDA graphs
-    decode_graphs: Optional[DecodeGraphs] = None  # greedy decoding's token steps
-    start: int = 0  # the step saved last: the loop goes on from start + 1
-    best_cer: float = math.inf  # dev CER of best.pt
-    feature_seconds: float = 0.0
-    feature_gib: float = 0.0
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def cached(self) -> bool:
-        return self.train_x is not None
-
-    def log(self, message: str) -> None:
-        if self.master:
-            tqdm.write(message, file=sys.stderr)  # under the progress bar
-
-
-# what a numeric option must be, said as argparse would: (options, test, wording)
-OPTION_RANGES = [
-    (("batch_size", "grad_accum", "max_steps", "log_every"), lambda v: v >= 1, ">= 1"),
-    (("max_bad_steps", "eval_batch_size"), lambda v: v >= 1, ">= 1"),
-    (
-        ("warmup_steps", "eval_every", "save_every", "max_eval"),
-        lambda v: v >= 0,
-        ">= 0",
-    ),
-    (
-        ("num_workers", "feature_ram_gib", "weight_decay", "grad_clip"),
-        lambda v: v >= 0,
-        ">= 0",
-    ),
-    (("lr",), lambda v: v > 0, "> 0"),
-    (("eval_speakers", "test_fraction"), lambda v: 0 < v < 1, "in (0, 1)"),
-]
-# what a resumed run may change: where its inputs are, how long it goes, how it runs
-RESUME_OPTIONS = {
-    "data",
-    "eval_data",
-    "retain_data",
-    "max_steps",
-    "device",
-    "num_workers",
-    "eval_batch_size",
-    "feature_cache",
-    "feature_ram_gib",
-    "log_every",
-    "eval_every",
-    "save_every",
-    "max_bad_steps",
-}
-
-
-def check_config(cfg: TrainConfig) -> None:
-    """Options that are wrong whatever the data: refused before anything is read."""
-    for names, ok, wording in OPTION_RANGES:
-        for name in names:
-            value = getattr(cfg, name)
-            if not ok(value) or not math.isfinite(value):
-                flag = "--" + name.replace("_", "-")
-                raise OptionError(f"{flag} {value}: must be {wording}")
-    if cfg.language not in whisper.tokenizer.LANGUAGES:
-        raise OptionError(f"--language {cfg.language}: not a whisper language code")
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
-        raise OptionError(f"--device {cfg.device}: not auto, cpu, mps, cuda or cuda:N")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise OptionError(f"--device {cfg.device}: no CUDA device here")
-    if cfg.device == "mps" and not torch.backends.mps.is_available():
-        raise OptionError("--device mps: no MPS device here")
-    data = Path(cfg.data)
-    if cfg.data and data.is_dir():  # JVS layout: a name no speaker has is a typo
-        found = {
-            p.name
-            for speaker in data.iterdir()
-            if speaker.is_dir()
-            for p in speaker.iterdir()
-            if p.is_dir()
-        }
-        for subset in cfg.subsets.split(","):
-            if subset not in found and subset not in JVS_SUBSETS:
-                raise OptionError(
-                    f"--subsets {cfg.subsets}: no speaker of {cfg.data} has a "
-                    f"{subset!r} (there are: {', '.join(sorted(found)) or 'none'})"
-                )
-    if cfg.retain_data:
-        language = cfg.retain_language
-        if not language:
-            raise OptionError(
-                f"--retain-data {cfg.retain_data}: its language is needed "
-                "(--retain-language, e.g. en)"
-            )
-        if language not in whisper.tokenizer.LANGUAGES:
-            raise OptionError(f"--retain-language {language}: not a whisper language")
-        if language == cfg.language:
-            raise OptionError(
-                f"--retain-data {cfg.retain_data} is in {language}, the language "
-                "fine-tuned on: a retain set measures what another language keeps"
-            )
-
-
-def read_json(path: Path):
-    """A JSON file, or one line that says why it is not one."""
-    try:
-        return json.loads(path.read_text())
-    except OSError as e:
-        raise CorpusError(f"{path}: {e.strerror}") from None
-    except ValueError as e:
-        raise CorpusError(f"{path}: not valid JSON ({e})") from None
-
-
-def load_config(path: Path) -> TrainConfig:
-    """A run's config.json; options this version no longer has are left out, said."""
-    saved = read_json(path)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    if gone := sorted(saved.keys() - known):
-        print(f"{path}: options no longer known, left out: {gone}", file=sys.stderr)
-    return TrainConfig(**{k: v for k, v in saved.items() if k in known})
-
-
-def run_config(
-    cfg: TrainConfig, given: Optional[set[str]] = None
-) -> tuple[TrainConfig, Path, dict]:
+def join_recordings(
+    durations: Sequence[float], min_seconds: float = 60.0, max_seconds: float = 120.0
+) -> list[list[int]]:
     """
-    The run's config and directory, paths made absolute (so that --resume works from
-    any directory). A resumed run's config is the one it started with, changed where
-    `given` (the options named on the command line) says and RESUME_OPTIONS allows:
-    --data somewhere else, --max-steps further... Also returns those changes,
-    name -> (old, new).
+    Consecutive items grouped into recordings of min_seconds to max_seconds (with
+    LONG_FORM_GAP between items): a group closes once it is long enough, and a short
+    remainder joins the last group if it fits. Items of at most max_seconds -
+    min_seconds each (30-s utterances, 60-120 s) give groups within the bounds, but
+    for a remainder that did not fit, or a total under min_seconds.
     """
-    changes = {}
-    if given is None:  # called from Python: what differs from the defaults was given
-        given = {
-            f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default
-        }
-    cfg = _absolute_paths(cfg)
-    if cfg.resume:
-        out = Path(cfg.resume)
-        if not (out / "config.json").is_file():
-            raise CorpusError(f"{out}: no config.json, so not a run to resume")
-        saved = load_config(out / "config.json")
-        changed = {
-            k for k in given - {"resume"} if getattr(cfg, k) != getattr(saved, k)
-        }
-        for name in sorted(changed - RESUME_OPTIONS):
-            flag = "--" + name.replace("_", "-")
-            raise OptionError(
-                f"{flag} {getattr(cfg, name)}: a resumed run keeps its own "
-                f"({getattr(saved, name)!r}); it may change only "
-                + ", ".join("--" + k.replace("_", "-") for k in sorted(RESUME_OPTIONS))
-            )
-        changes = {k: (getattr(saved, k), getattr(cfg, k)) for k in sorted(changed)}
-        cfg = dataclasses.replace(
-            saved, resume=str(out), **{k: getattr(cfg, k) for k in changed}
-        )
-    out = Path(cfg.resume or cfg.out).absolute()
-    cfg = dataclasses.replace(cfg, out=str(out), resume=cfg.resume and str(out))
-    return cfg, out, changes
+    groups, group, total = [], [], 0.0
+    for i, d in enumerate(durations):
+        if group and total + LONG_FORM_GAP + d > max_seconds:
+            groups.append(group)
+            group, total = [], 0.0
+        total += d + (LONG_FORM_GAP if group else 0.0)
+        group.append(i)
+        if total >= min_seconds:
+            groups.append(group)
+            group, total = [], 0.0
+    if group:
+        if groups:
+            last = sum(durations[i] + LONG_FORM_GAP for i in groups[-1])
+            if last + total <= max_seconds:
+                groups[-1] += group
+                return groups
+        groups.append(group)
+    return groups
 
 
-def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
-    paths = ("data", "eval_data", "exclude", "retain_data", "feature_cache", "out")
-    new = {
-        name: os.path.abspath(getattr(cfg, name))
-        for name in paths
-        if getattr(cfg, name)
-    }
-    if os.path.exists(cfg.model):  # a file or directory, not a whisper name
-        new["model"] = os.path.abspath(cfg.model)
-    return dataclasses.replace(cfg, **new)
-
-
-def lock_run(out: Path):
+def timestamps_ok(
+    segments: Sequence[dict], duration: float, timestamp_begin: int
+) -> bool:
     """
-    The run directory's lock, held while this process lives (or until closed): two
-    processes on one run would overwrite each other's saves and records.
+    Whether whisper.transcribe's segments carry timestamps that make sense: each holds
+    timestamp tokens (a window decoded without any comes back as one segment spanning
+    it), starts do not go back, each ends after it starts, none past the audio's end.
     """
-    f = open(out / ".lock", "a+")
-    if fcntl is not None:  # (POSIX; elsewhere, no lock)
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            raise CorpusError(f"{out}: in use by another whisper_ft process") from None
-    return f
-
-
-def run_dir(out: Path) -> None:
-    """Make the run directory, or say in one line why it cannot be."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write_test.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        why = e.strerror or type(e).__name__
-        raise CorpusError(f"{out}: cannot hold a run there ({why})") from None
-
-
-def load_data(
-    cfg: TrainConfig, dims: ModelDimensions, tokenizer: Tokenizer, out: Path, log
-) -> tuple[list[Utterance], dict[str, list[Utterance]], dict]:
-    """
-    Every utterance read and validated, then split into train, dev and test (see
-    split_corpus); a resumed run takes its split from split.json, never recomputed, so
-    that a changed corpus cannot move a trained utterance into dev or test.
-    """
-    read = functools.partial(
-        read_corpus,
-        tokenizer=tokenizer,
-        target=cfg.target,
-        subsets=cfg.subsets.split(","),
-        exclude=cfg.exclude,
-        n_text_ctx=dims.n_text_ctx,
-        max_seconds=math.inf if cfg.allow_trim else CHUNK_LENGTH,
-    )
-    utts, report = read(cfg.data)
-    log(report.summary(cfg.data))
-    held = utts
-    if cfg.eval_data:
-        held, eval_report = read(cfg.eval_data)
-        log(eval_report.summary(cfg.eval_data))
-    if cfg.resume:
-        split = read_json(out / "split.json")
-        if "test" not in split:
-            raise CorpusError(f"{out}/split.json: from an older whisper_ft, no test")
-        train = apply_split(utts, split, "train")
-        dev, test = apply_split(held, split, "dev"), apply_split(held, split, "test")
-        log(f"split: as {out / 'split.json'} lists it")
-    elif cfg.eval_data:
-        dev, test, dropped = split_dev_test(held, cfg.test_fraction)
-        train = drop_leaks(utts, held)
-        kept = {u.id for u in train}
-        dropped += [u for u in utts if u.id not in kept]
-        split = {**split_info(train, dev, test, dropped), "eval_data": cfg.eval_data}
-    else:
-        train, dev, test, split = split_corpus(
-            utts, cfg.eval_speakers, cfg.test_fraction
-        )
-    if len(train) < cfg.batch_size:
-        raise CorpusError(
-            f"the split left {len(train)} training utterances, fewer than "
-            f"--batch-size {cfg.batch_size}"
-        )
-    if cfg.max_eval and len(dev) > cfg.max_eval:
-        # a fixed, spread-out subset: every k-th, so all dev speakers stay in it
-        dev = dev[:: math.ceil(len(dev) / cfg.max_eval)][: cfg.max_eval]
-    log(
-        f"split: {len(train)} train, {split['n_dev']} dev ({len(dev)} decoded at each "
-        f"eval), {len(test)} test, {split['n_dropped']} dropped so that no dev or test "
-        f"sentence is a training sentence -> {out / 'split.json'}"
-    )
-    return train, {"dev": dev, "test": test}, split
-
-
-def load_retain(cfg: TrainConfig, dims: ModelDimensions, log) -> Optional[EvalSet]:
-    """The retain set (another language, transcripts as written), or None."""
-    if not cfg.retain_data:
-        return None
-    if dims.n_vocab < 51865:
-        raise CorpusError(
-            f"--retain-data: {cfg.model} is English-only, it has no other language"
-        )
-    tokenizer = model_tokenizer(dims, cfg.retain_language)
-    data = Path(cfg.retain_data)
-    manifests = sorted(data.glob("*.tsv")) if data.is_dir() else []
-    utts, report = read_corpus(
-        str(manifests[0]) if len(manifests) == 1 else cfg.retain_data,
-        tokenizer,
-        target="text",
-        subsets=cfg.subsets.split(","),
-        n_text_ctx=dims.n_text_ctx,
-    )
-    log(report.summary(f"retain set ({cfg.retain_language}) {cfg.retain_data}"))
-    if not utts:
-        raise CorpusError(f"{cfg.retain_data}: no usable utterance in the retain set")
-    return EvalSet("retain", utts, tokenizer, detect_language=True)
-
-
-def cache_features(run: Run) -> None:
-    """
-    The frozen encoder's output for every utterance the run reads (train, dev, test,
-    retain), computed once: in RAM (or on the GPU) when it fits, else in the feature
-    cache directory, read a batch at a time. Each rank encodes every world-th
-    utterance, then all ranks share the rows.
-    """
-    cfg, model, device, world = run.cfg, run.model, run.device, run.world
-    evals = list(run.evals.values()) if cfg.eval_every > 0 else []  # (0: no evals)
-    sets = [run.train_utts] + [s.utts for s in evals]
-    everything = [u for utts in sets for u in utts]
-    dims, itemsize = model.dims, run.dtype.itemsize
-    n_bytes = len(everything) * dims.n_audio_ctx * dims.n_audio_state * itemsize
-    ram = cfg.feature_ram_gib * 2**30 or available_ram() / 2
-    # every rank on this machine holds them all; and all ranks must choose alike, or
-    # they would wait on each other's different gathers
-    n_local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    in_ram = not _any_rank(n_bytes * n_local > ram, device, world)
-    gib = n_bytes / 2**30
-    cache_dir = cfg.feature_cache or ("" if in_ram else str(run.out / "features"))
-    if not in_ram:
-        run.log(
-            f"encoder features: {gib:.2f} GiB x {n_local} processes, over the "
-            f"{ram / 2**30:.2f} GiB for them in RAM: kept in {cache_dir}, read a "
-            "batch at a time"
-        )
-    t0 = time.time()
-    model.eval()
-    # on a GPU: kept there when they fit (no host-to-device copy per step), in big
-    # batches (the encoder, not launches, bounds them)
-    gpu = device.type == "cuda"
-    on_device = gpu and in_ram and n_bytes < torch.cuda.mem_get_info()[0] // 3
-    local = encode_audio(
-        model,
-        everything[run.rank :: world],
-        max(64, cfg.eval_batch_size) if gpu else cfg.eval_batch_size,
-        cfg.num_workers,
-        run.dtype,
-        Path(cache_dir) if cache_dir else None,
-        in_ram,
-        on_device=on_device and world == 1,
-    )
-    if in_ram:
-        features = _gather_rows(local, len(everything), world, device)
-        if on_device:
-            features = features.to(device)
-    else:
-        paths = _gather_list(local.paths, len(everything), world)
-        features = DiskFeatures(paths, run.dtype)
-    bounds = np.cumsum([0] + [len(utts) for utts in sets]).tolist()
-    parts = [features[a:b] for a, b in zip(bounds, bounds[1:])]
-    run.train_x = parts[0]
-    for s, x in zip(evals, parts[1:]):
-        s.features = x
-    run.feature_seconds, run.feature_gib = time.time() - t0, gib
-    run.log(
-        f"encoder features: {len(features)} in {run.feature_seconds:.1f} s, "
-        f"{gib:.2f} GiB"
-    )
-
-
-def setup_run(cfg: TrainConfig, given: Optional[set[str]] = None) -> Run:
-    """Processes, model, data and its split, features, optimizer, and a resume."""
-    cfg, out, changes = run_config(cfg, given)
-    check_config(cfg)
-    rank, world, device = _dist_setup(cfg.device)
-    if not cfg.resume and (out / "last.pt").exists():
-        raise SystemExit(
-            f"{out} holds a run: continue it with --resume {out}, or pick --out"
-        )
-    if cfg.batch_size % (cfg.grad_accum * world):
-        raise OptionError(
-            f"--batch-size {cfg.batch_size} is not a multiple of "
-            f"--grad-accum {cfg.grad_accum} x {world} processes"
-        )
-    for data in (cfg.data, cfg.eval_data, cfg.retain_data):
-        if data and not os.path.exists(data):
-            raise CorpusError(f"{data}: no such file or directory")
-    created = not out.exists()
-    run_dir(out)
-    lock = lock_run(out) if rank == 0 else None
-    try:
-        return _setup_run(cfg, out, changes, rank, world, device, lock)
-    except BaseException:
-        if lock:
-            lock.close()
-            # a run that failed before writing anything (a bad corpus, say) leaves no
-            # empty run directory behind it; one the user made is theirs
-            if created and {p.name for p in out.iterdir()} <= {".lock"}:
-                shutil.rmtree(out, ignore_errors=True)
-        raise
-
-
-def _setup_run(
-    cfg: TrainConfig,
-    out: Path,
-    changes: dict,
-    rank: int,
-    world: int,
-    device: torch.device,
-    lock,
-) -> Run:
-    """setup_run, once the options are checked and the run directory locked."""
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    dtype = pick_dtype(device, cfg.dtype)
-    # "auto" resolved, and kept so: a run resumed on another device computes alike
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-    cfg = dataclasses.replace(cfg, dtype=names[dtype])
-
-    def log(message: str) -> None:
-        if rank == 0:
-            tqdm.write(message, file=sys.stderr)
-
-    saved = resume_point(cfg, out, changes, log) if cfg.resume else None
-    # model first: the tokenizer (and so the targets) depends on it
-    model = load_model(cfg.model, cfg.init, cfg.seed)
-    tokenizer = model_tokenizer(model.dims, cfg.language)
-    n_prefix = len(tokenizer.sot_sequence_including_notimestamps) - 1
-    train_utts, held, split = load_data(cfg, model.dims, tokenizer, out, log)
-    evals = {name: EvalSet(name, utts, tokenizer) for name, utts in held.items()}
-    if retain := load_retain(cfg, model.dims, log):
-        evals["retain"] = retain
-    # a run's saves carry its id: a pair copied in from another run is refused
-    new_id = "run_id" not in split
-    run_id = split.setdefault("run_id", uuid.uuid4().hex)
-    if saved and saved[1].get("run_id", run_id) != run_id:
-        step = saved[1]["step"]
-        raise CorpusError(
-            f"{out}: its last.pt/state.pt (step {step}) are another run's"
-        )
-    if rank == 0:
-        save_json(out / "config.json", dataclasses.asdict(cfg))
-        if not cfg.resume or new_id:
-            save_json(out / "split.json", split)
-
-    model.to(device)
-    model.encoder.requires_grad_(cfg.train_encoder)
-    groups = param_groups(model, cfg.weight_decay)
-    fused = device.type in ("cuda", "cpu")  # one kernel for all parameters
-    graphed = (
-        cfg.cuda_graphs
-        and device.type == "cuda"
-        and world == 1
-        and cfg.grad_accum == 1
-        and dtype != torch.float16  # the GradScaler's own syncs: eager
-        and cfg.cache_features
-        and not cfg.train_encoder
-    )
-    # a captured step reads its lr and step count from the device: so does eager
-    lr = torch.tensor(cfg.lr, device=device) if graphed else cfg.lr
-    run = Run(
-        cfg=cfg,
-        out=out,
-        rank=rank,
-        world=world,
-        device=device,
-        dtype=dtype,
-        model=model,
-        net=model,
-        tokenizer=tokenizer,
-        n_prefix=0 if cfg.train_prefix else n_prefix,
-        train_utts=train_utts,
-        lengths=[len(u.tokens) for u in train_utts],
-        train_x=None,
-        evals=evals,
-        run_id=run_id,
-        lock=lock,
-        optimizer=torch.optim.AdamW(groups, lr=lr, fused=fused, capturable=graphed),
-        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-    )
-    if cfg.cache_features and not cfg.train_encoder:
-        cache_features(run)
-        run.net = model.decoder  # a step runs the decoder on the cached features
-    if cfg.grad_checkpoint:
-        checkpoint_blocks(model)
-    if dtype != torch.float32 and world == 1 and run.cached:
-        # (a step that runs the encoder too is bound by its arithmetic, not by its
-        # kernel count: the copies' memory would buy little there)
-        run.casts = CastWeights(run.net, dtype)
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [device.index] if device.type == "cuda" else None
-        run.net = DistributedDataParallel(run.net, device_ids=ids)
-    if graphed:
-        run.graphs = StepGraphs()
-    if cfg.cuda_graphs and device.type == "cuda":
-        run.decode_graphs = DecodeGraphs(log)
-    if saved:
-        checkpoint, state = saved
-        model.load_state_dict(checkpoint["model_state_dict"])
-        lrs = [group["lr"] for group in run.optimizer.param_groups]
-        run.optimizer.load_state_dict(state["optimizer"])
-        for group, lr in zip(run.optimizer.param_groups, lrs):
-            # the saved lr (a CPU tensor, where graphed) would replace the device
-            # tensor that the loop sets and a captured step reads
-            group["lr"], group["capturable"] = lr, graphed
-        run.scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
-        run.start, run.best_cer = state["step"], state["best_cer"]
-        log(f"resuming {out} at step {run.start}")
-    if not run.cached:
-        run.audio = audio_loader(run)
-    return run
-
-
-def resume_point(
-    cfg: TrainConfig, out: Path, changes: dict, log: Callable
-) -> Optional[tuple[dict, dict]]:
-    """
-    The last/state pair a resumed run goes on from (None: the run saved no step yet,
-    and starts from step 0 with its config and split), with what changed said; exits
-    at once when the run is finished and --max-steps does not extend it.
-    """
-    for name, (old, new) in changes.items():
-        log(f"resume: --{name.replace('_', '-')} {old} -> {new}")
-    saved = load_run(out, log)
-    if saved is None:
-        log(f"{out} saved no step yet: starting it from step 0, with its config")
-        return None
-    step = saved[1]["step"]
-    if step > cfg.max_steps:
-        raise OptionError(f"--max-steps {cfg.max_steps}: {out} is at step {step}")
-    if step == cfg.max_steps and (cfg.eval_every == 0 or _reported(out, step)):
-        log(f"{out} finished at step {step}: --max-steps N (> {step}) extends it")
-        raise SystemExit(0)
-    if step == cfg.max_steps:
-        log(f"{out} stopped at step {step} before its final report: making it")
-    if "max_steps" in changes:
-        old, new = changes["max_steps"]
-        warmup = min(cfg.warmup_steps, cfg.max_steps - 1)  # (as get_lr caps it)
-        lr = get_lr(step + 1, cfg.max_steps, cfg.warmup_steps, cfg.lr)
-        log(
-            f"{'extended' if new > old else 'shortened'}: the lr now goes linearly "
-            f"to 0 at step {cfg.max_steps} (warmup {warmup} steps), {lr:.2e} at "
-            f"step {step + 1}"
-        )
-    if cfg.eval_every > 0 and step > 0:
-        try:
-            load_checked(out / "best.pt")
-        except CorpusError as e:  # lost or damaged: the next eval picks one anew
-            log(f"{e}: the next eval picks best.pt anew")
-            saved[1]["best_cer"] = math.inf
-    return saved
-
-
-def _reported(out: Path, step: int) -> bool:
-    """Whether the run's final report, of this step, was made."""
-    try:
-        return json.loads((out / "summary.json").read_text())["after"]["step"] == step
-    except (OSError, ValueError, KeyError):
+    if not segments:
         return False
+    starts = [s["start"] for s in segments]
+    return (
+        all(any(t >= timestamp_begin for t in s["tokens"]) for s in segments)
+        and starts == sorted(starts)
+        and all(0 <= s["start"] < s["end"] <= duration + 1.0 for s in segments)
+    )
+
+
+def measure_coverage(segments: Sequence[dict], duration: float) -> float:
+    """The share of [0, duration] that the segments' [start, end] intervals cover."""
+    covered, reach = 0.0, 0.0
+    for s in sorted(segments, key=lambda s: s["start"]):
+        start, end = max(s["start"], reach), min(s["end"], duration)
+        covered += max(0.0, end - start)
+        reach = max(reach, end)
+    return covered / duration if duration > 0 else 0.0
+
+
+@torch.no_grad()
+def long_form_eval(
+    model: Whisper,
+    utts: Sequence[Utterance],
+    language: str,
+    rank: int = 0,
+    world: int = 1,
+    **decode_options,
+) -> dict:
+    """
+    The utterances joined into 60-120 s recordings, each transcribed by
+    whisper.transcribe with the whisper CLI's defaults (timestamps, beam 5 with 5
+    candidates, temperature fallback 0-1 by 0.2, compression and logprob thresholds,
+    conditioning on the previous window), as `whisper --model best.pt` gives users.
+    Scores CER against the joined references, the share of recordings whose segments
+    carry sane timestamps, the share of the audio their segments cover, and loops.
+    """
+    spaced = language not in LANGUAGES_WITHOUT_SPACES
+    # in speaker order: a recording changes voice only where a speaker's run ends
+    ordered = sorted(utts, key=lambda u: (u.speaker, u.id))
+    seconds = [min(soundfile.info(u.path).duration, CHUNK_LENGTH) for u in ordered]
+    groups = join_recordings(seconds)
+    tokenizer = model_tokenizer(model.dims, language)
+    was_training, rows = model.training, []
+    model.eval()
+    for group in groups[rank::world]:
+        gap = torch.zeros(int(LONG_FORM_GAP * SAMPLE_RATE))
+        pieces = [
+            p for i in group for p in (gap, load_wave(ordered[i].path)[:N_SAMPLES])
+        ]
+        audio = torch.cat(pieces[1:])
+        result = whisper.transcribe(
+            model,
+            audio,
+            language=language,
+            temperature=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
+            beam_size=5,
+            best_of=5,
+            fp16=model.device.type == "cuda",
+            verbose=None,
+            **decode_options,  # (tests cap sample_len: random models ramble)
+        )
+        duration = len(audio) / SAMPLE_RATE
+        ref = (" " if spaced else "").join(ordered[i].target for i in group)
+        rows.append(
+            {
+                "id": f"{ordered[group[0]].id}+{len(group) - 1}",
+                "ref": ref,
+                "hyp": result["text"].strip(),
+                "cer": jiwer.cer(normalize_text(ref), normalize_text(result["text"])),
+                "repeat": find_repetition(
+                    result["text"], spaced, [seg["text"] for seg in result["segments"]]
+                ),
+                "seconds": duration,
+                "timestamped": timestamps_ok(
+                    result["segments"], duration, tokenizer.timestamp_begin
+                ),
+                "coverage": measure_coverage(result["segments"], duration),
+            }
+        )
+    model.train(was_training)
+    rows = _gather_list(rows, len(groups), world)
+    if not rows:
+        return {"n": 0, "rows": []}
+    return {
+        "cer": jiwer.cer(
+            [normalize_text(r["ref"]) for r in rows],
+            [normalize_text(r["hyp"]) for r in rows],
+        ),
+        "n": len(rows),
+        "seconds": sum(r["seconds"] for r in rows),
+        "timestamped": sum(r["timestamped"] for r in rows) / len(rows),
+        "coverage": sum(r["coverage"] * r["seconds"] for r in rows)
+        / sum(r["seconds"] for r in rows),
+        "repeats": sum(bool(r["repeat"]) for r in rows),
+        "rows": rows,
+    }
 
 
 # -----------------------------------------------------------------------------
-# training: the step, and the loop
+# CUDA graphs: a step captured once, replayed
 
 
-def plan_step(run: Run, step: int) -> tuple[list[list[int]], int]:
-    """This rank's micro-batches of update `step` (from 0), and the label count of
-    the whole update (all micro-batches of all ranks)."""
-    idx = batch_indices(step, run.lengths, run.cfg.batch_size, run.cfg.seed)
-    n_labels = sum(run.lengths[i] - 1 - run.n_prefix for i in idx)
-    mine = idx[run.rank :: run.world]
-    n = len(mine) // run.cfg.grad_accum
-    return [mine[k * n : (k + 1) * n] for k in range(run.cfg.grad_accum)], n_labels
-
-
-def audio_loader(run: Run) -> Iterator[torch.Tensor]:
-    """Uncached: every micro-batch's audio from here to the end, in worker processes
-    that load, resample and pin it ahead of the steps."""
-    parts = [
-        part
-        for step in range(run.start, run.cfg.max_steps)
-        for part in plan_step(run, step)[0]
-    ]
-    return iter(
-        torch.utils.data.DataLoader(
-            AudioDataset(run.train_utts),
-            batch_sampler=parts,
-            collate_fn=pad_waves,
-            num_workers=run.cfg.num_workers,
-            pin_memory=run.device.type == "cuda",
-            prefetch_factor=4 if run.cfg.num_workers else None,
-        )
-    )
-
-
-def micro_batch(run: Run, part: list[int]) -> tuple[torch.Tensor, ...]:
+class CudaGraphs:
     """
-    (audio_features or mel, tokens, labels) of the utterances `part`, on the device.
-
-    Returns
-    -------
-    x: shape = (n, n_audio_ctx, n_audio_state) cached features, or (n, n_mels, 3000)
-    tokens, labels: shape = (n, n_ctx)
-    """
-    seqs = [run.train_utts[i].tokens for i in part]
-    n_pad_to = 0
-    if run.device.type == "cuda":  # a few shapes: each new one costs, a graph each
-        n_pad_to = bucket_length(max(map(len, seqs)) - 1, run.model.dims.n_text_ctx)
-    tokens, labels = collate_tokens(seqs, run.tokenizer.eot, run.n_prefix, n_pad_to)
-    if run.cached:
-        x = take_rows(run.train_x, part, run.device)
-    else:
-        audio = next(run.audio).to(run.device, non_blocking=True)  # pinned
-        x = log_mel_spectrogram(audio, run.model.dims.n_mels)
-    return x, to_device(tokens, run.device), to_device(labels, run.device)
-
-
-class CastWeights:
-    """
-    Whisper's Linear layers cast their weights to the activations' dtype at every
-    call, and autograd casts each weight's gradient back in every backward: two
-    kernels a weight a step, a third of a decoder step's (train_step on the CPU,
-    bf16, views and allocations aside: base's decoder dispatches 686 tensor
-    operations, 472 with these copies; small's 1,310 and 880), each a kernel of its
-    own even in a replayed graph, where a small batch's step is bound by its kernel
-    count. Here the decoder's trainable Linear weights are kept as copies in the
-    step's dtype instead: within `with casts:` (one micro-batch's forward and
-    backward) the layers compute with the copies, refreshed first from the fp32
-    weights, and on leaving, the copies' gradients are widened into the fp32
-    weights' own (on CUDA one multi-tensor kernel each; later micro-batches of an
-    update add theirs a weight at a time). The optimizer, clipping and every save see
-    the fp32 weights alone, and the numbers are the same to the bit: a copy is the
-    cast the layer would make, a widened gradient the one autograd would. A weight
-    that two layers share is left to cast itself: its copy would sum its two
-    gradients in the low precision. The cost is memory: 2 bytes a copied weight, and
-    2 more while a backward's gradients wait to be widened (base: 50 MB; large-v3's
-    decoder: 1.7 GB each).
+    Steps run as CUDA graphs, one per key (the step's input shapes), each replayed
+    with a handful of launches instead of one a kernel: a small batch's train step
+    and greedy decoding's token steps are bound by launches. A key's first call runs
+    eagerly on a side stream (capture cannot initialise what the step uses), its
+    second is captured, every later one replays. All graphs share one memory pool,
+    so replays must come in the order of their captures (step after step, position
+    after position). Should a capture fail, it says why and runs eagerly from then
+    on. A replay runs the eager step's kernels on its shapes: the same numbers.
     """
 
-    def __init__(self, decoder: torch.nn.Module, dtype: torch.dtype):
-        slots = [
-            (module, name, p)
-            for module in decoder.modules()
-            if isinstance(module, Linear)
-            for name, p in module.named_parameters(recurse=False)
-            if p.requires_grad
-        ]
-        uses = Counter(id(p) for *_, p in slots)
-        self.slots = [(module, name) for module, name, p in slots if uses[id(p)] == 1]
-        self.params = [getattr(module, name) for module, name in self.slots]
-        self.copies = [torch.nn.Parameter(p.detach().to(dtype)) for p in self.params]
-
-    def __enter__(self) -> None:
-        with torch.no_grad():  # (torch._foreach_copy_ casts too)
-            torch._foreach_copy_(self.copies, self.params)
-        for (module, name), copy in zip(self.slots, self.copies):
-            module._parameters[name] = copy
-
-    def __exit__(self, error, *_) -> None:
-        for (module, name), p in zip(self.slots, self.params):
-            module._parameters[name] = p
-        grads = [copy.grad for copy in self.copies]
-        for copy in self.copies:
-            copy.grad = None
-        if error is not None:  # a failed step leaves no gradient behind
-            return
-        # the first micro-batch of an update widens, later ones add (in fp32)
-        pairs = [(p, g) for p, g in zip(self.params, grads) if g is not None]
-        first = [(p, g) for p, g in pairs if p.grad is None]
-        later = [(p, g) for p, g in pairs if p.grad is not None]
-        for p, _ in first:
-            p.grad = torch.empty_like(p)
-        with torch.no_grad():
-            if first:
-                torch._foreach_copy_([p.grad for p, _ in first], [g for _, g in first])
-            if later:
-                torch._foreach_add_([p.grad for p, _ in later], [g for _, g in later])
-
-
-def train_step(
-    run: Run, micro: Sequence[tuple[torch.Tensor, ...]], n_labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """
-    One optimizer update: forward and backward over the micro-batches, gradient
-    clipping, and the AdamW step, which a non-finite loss or gradient skips on the
-    device. No host sync, so that it can also run as a captured CUDA graph
-    (StepGraphs): the same function, replayed.
-
-    n_labels: the update's label count (all micro-batches, all ranks), a device scalar
-
-    Returns
-    -------
-    loss: the update's mean loss over its label tokens, a device scalar
-    bad: 1.0 if the update was skipped, else 0.0, a device scalar
-    """
-    net, scaler, optimizer = run.net, run.scaler, run.optimizer
-    step_loss = torch.zeros((), device=run.device)
-    for k, (x, tokens, labels) in enumerate(micro):
-        # DDP averages gradients over ranks at the last micro-batch only
-        sync = run.world == 1 or k == len(micro) - 1
-        with nullcontext() if sync else net.no_sync(), run.casts or nullcontext():
-            # (autocast's cache of cast weights would outlive a graph's capture)
-            with autocast(run.device, run.dtype, cache=run.graphs is None):
-                logits = net(tokens, x) if run.cached else net(x, tokens)  # (B, T, V)
-                loss = F.cross_entropy(
-                    logits.flatten(0, 1).float(),
-                    labels.flatten(),
-                    ignore_index=IGNORE_INDEX,
-                    reduction="sum",
-                )
-            # the update's mean over every label token of every micro-batch on every
-            # rank: the same loss, whatever the batch is split into (DDP averages over
-            # ranks, hence the * world)
-            loss = loss / n_labels
-            if scaler.is_enabled():
-                # GradScaler.step skips on non-finite gradients alone, and a non-finite
-                # loss can have finite ones (a -inf label logit): make them NaN, so that
-                # it skips this update too
-                loss = loss * torch.where(loss.isfinite(), 1.0, math.nan)
-            scaler.scale(loss * run.world).backward()
-        step_loss += loss.detach()
-    scaler.unscale_(optimizer)
-    max_norm = run.cfg.grad_clip if run.cfg.grad_clip > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)
-    # A non-finite loss or gradient skips the update, decided on the device: the fused
-    # AdamW step reads `found_inf` (as it does from a GradScaler), so the host need not
-    # wait for the step to end. With fp16 the GradScaler skips overflows itself (and
-    # lowers its scale): they are not counted as bad.
-    bad = ~torch.isfinite(step_loss)
-    if not scaler.is_enabled():
-        bad |= ~torch.isfinite(grad_norm)
-    bad = bad.float()
-    if run.world > 1:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # all ranks skip together
-    fused = optimizer.defaults["fused"]
-    optimizer.found_inf = bad if fused else None
-    if fused or not bad:  # an unfused step cannot skip itself: a sync
-        scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return step_loss, bad
-
-
-def bucket_length(n: int, n_text_ctx: int = 448) -> int:
-    """
-    The padded token length of a batch whose longest sequence has n inputs: a multiple
-    of 16 up to 128, of 64 above, at most n_text_ctx. A run meets a handful of shapes
-    (JVS: 5), where exact lengths bring a new one at almost every step of the first
-    epoch, each costing a GPU about 250 ms the first time (and a graph capture here).
-    Padding changes neither the loss nor the gradients (IGNORE_INDEX labels).
-    """
-    step = 16 if n <= 128 else 64
-    return min(-(-n // step) * step, n_text_ctx)
-
-
-class StepGraphs:
-    """
-    train_step as one CUDA graph per input shape: forward, backward, clipping, the
-    non-finite skip and the fused AdamW update, replayed with a handful of kernel
-    launches instead of thousands (a small batch's eager step is bound by launches).
-    The first step of each shape runs eagerly, on a side stream (as PyTorch's notes
-    ask: it initialises what capture cannot); the second is captured, then replayed,
-    as every later one. All graphs share one memory pool. Should capture fail (a new
-    torch, an op that cannot be captured), the run goes on eagerly, with a warning.
-    """
-
-    def __init__(self):
-        self.graphs = {}  # input shapes -> (graph, static inputs, static outputs)
-        self.warm = set()  # shapes whose eager step has run
-        self.pool = None  # the memory pool all graphs share
-        self.failed = ""  # why capture failed: eager from then on
+    def __init__(self, log: Callable = print):
+        self.graphs = {}  # key -> (graph, static inputs, static outputs)
+        self.warm = set()  # keys whose eager call has run
+        self.kept = {}  # what the graphs read, kept with them (decoding's buffers)
+        self.pool, self.failed, self.log = None, "", log
 
     def __call__(
-        self, run: Run, micro: Sequence[tuple[torch.Tensor, ...]], n_labels
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = [*micro[0], n_labels]
-        key = tuple(tuple(t.shape) for t in inputs)
+        self, key, fn: Callable, *inputs: torch.Tensor, before_capture=lambda: None
+    ):
+        """fn(*inputs), from a graph once one is captured for `key`; then its outputs
+        are the graph's own, overwritten by the next replay."""
         if self.failed:
-            return train_step(run, micro, n_labels)
+            return fn(*inputs)
         if key not in self.warm:
             self.warm.add(key)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                out = train_step(run, micro, n_labels)
+                out = fn(*inputs)
             torch.cuda.current_stream().wait_stream(side)
             return out
         if key not in self.graphs:
             try:
-                self.graphs[key] = self.capture(run, inputs)
-            except Exception as e:  # never crash a run that eager would finish
+                before_capture()
+                static, graph = [t.clone() for t in inputs], torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    out = fn(*static)
+                self.pool, self.graphs[key] = graph.pool(), (graph, static, out)
+            except Exception as e:  # never fail what an eager step would finish
                 self.failed = f"{type(e).__name__}: {e}".splitlines()[0]
-                run.optimizer.zero_grad(set_to_none=True)
-                run.log(f"CUDA graph capture failed, steps run eagerly ({self.failed})")
-                return train_step(run, micro, n_labels)
-        graph, static, outputs = self.graphs[key]
+                self.log(f"CUDA graph capture failed, running eagerly ({self.failed})")
+                before_capture()
+                return fn(*inputs)
+        graph, static, out = self.graphs[key]
         for buffer, t in zip(static, inputs):
             buffer.copy_(t, non_blocking=True)
         graph.replay()
-        return tuple(t.clone() for t in outputs)  # the next replay overwrites them
-
-    def capture(self, run: Run, inputs: list[torch.Tensor]) -> tuple:
-        static = [t.clone() for t in inputs]
-        run.optimizer.zero_grad(set_to_none=True)  # the graph allocates its gradients
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            outputs = train_step(run, [tuple(static[:-1])], static[-1])
-        self.pool = graph.pool()
-        return graph, static, outputs
-
-
-class Progress:
-    """
-    The log line's bookkeeping: the losses summed on the device, the steps not yet
-    checked for skips (the host reads the device once per log line), and the time
-    spent in steps alone (evals and saves excluded).
-    """
-
-    def __init__(self, run: Run):
-        self.run, self.metrics = run, None
-        self.loss_sum = torch.zeros((), device=run.device)
-        self.pending = []  # (step, bad flag on the device, utterance ids)
-        self.n_bad = 0  # skipped steps in a row
-        self.t_log, self.step_seconds = time.time(), 0.0
-        scaler = run.scaler
-        self.last_scale = scaler.get_scale() if scaler.is_enabled() else 0.0
-        if run.master:
-            if run.cfg.resume:
-                # a crash leaves the records of steps after the last save (and perhaps
-                # a torn line): drop them, so that each step is on record once (none,
-                # when no step was saved: the run starts again from step 0)
-                last = run.start or -1  # (no save is made at step 0)
-                _keep_metrics_until(run.out / "metrics.jsonl", last)
-            self.metrics = open(run.out / "metrics.jsonl", "a")
-
-    def add(self, step: int, loss: torch.Tensor, bad: torch.Tensor, ids: list) -> None:
-        self.loss_sum += torch.where(bad > 0, 0.0, loss)
-        self.pending.append((step, bad, ids))
-
-    def record(self, record: dict) -> None:
-        if self.metrics is not None:
-            self.metrics.write(json.dumps({**record, "time": time.time()}) + "\n")
-            self.metrics.flush()
-
-    def check_bad_steps(self, step: int) -> int:
-        """Log the pending steps that were skipped, and stop after max_bad_steps in a
-        row. Returns how many were applied."""
-        flags = torch.stack([bad for _, bad, _ in self.pending]).tolist()  # one sync
-        for (s, _, ids), flag in zip(self.pending, flags):
-            self.n_bad = self.n_bad + 1 if flag else 0
-            if not flag:
-                continue
-            self.run.log(
-                f"step {s}: non-finite loss or gradient, update skipped "
-                f"({self.n_bad} in a row); batch: {', '.join(ids)}"
-            )
-            self.record({"step": s, "skipped": "non-finite", "ids": ids})
-            if self.n_bad >= self.run.cfg.max_bad_steps:
-                raise SystemExit(
-                    f"{self.n_bad} non-finite steps in a row (the last at step {s}), "
-                    f"stopping at step {step} (last bad batch: {', '.join(ids)})"
-                )
-        self.pending.clear()
-        return sum(not flag for flag in flags)
-
-    def log_line(self, step: int, lr: float) -> None:
-        """The step's log line and metrics record, for the steps since the last."""
-        run, n_steps = self.run, len(self.pending)
-        n_good = self.check_bad_steps(step)  # waits for the device: true timings
-        elapsed = time.time() - self.t_log
-        self.step_seconds += elapsed
-        dt = elapsed / n_steps
-        if run.world > 1:
-            dist.all_reduce(self.loss_sum)  # each rank holds its share of the mean
-        record = {"step": step}
-        if run.scaler.is_enabled():
-            # an fp16 overflow skips its update and halves the scale: say so
-            scale = record["loss_scale"] = run.scaler.get_scale()
-            if scale < self.last_scale:
-                run.log(
-                    f"step {step}: fp16 loss scale {self.last_scale:g} -> {scale:g} "
-                    "since the last line (an overflow skips its update)"
-                )
-            self.last_scale = scale
-        if n_good:
-            loss = self.loss_sum.item() / n_good
-            run.log(
-                f"step {step}/{run.cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-                f"{dt * 1000:.0f} ms | {run.cfg.batch_size / dt:.1f} utt/s"
-            )
-            record |= {"loss": loss, "lr": lr, "ms": dt * 1e3}
-        if len(record) > 1:
-            self.record(record)
-        self.loss_sum.zero_()
-        self.t_log = time.time()
-
-    @contextlib.contextmanager
-    def paused(self):
-        """Time spent inside (evals, saves) is not step time."""
-        t0 = time.time()
-        yield
-        self.t_log += time.time() - t0
-
-    def close(self) -> None:
-        if self.metrics is not None:
-            self.metrics.close()
-
-
-def save_state(run: Run, step: int) -> None:
-    """last.pt and state.pt of `step` (rank 0)."""
-    if run.master:
-        state = {
-            "run_id": run.run_id,
-            "best_cer": run.best_cer,
-            "optimizer": run.optimizer.state_dict(),
-            "scaler": run.scaler.state_dict(),
-            "rng": _rng_state(),
-        }
-        save_run(run.out, run.model, step, state)
-
-
-def eval_step(run: Run, progress: Progress, step: int) -> None:
-    """
-    Dev (and retain) at this step, best.pt kept on dev CER; at step 0, the zero-shot
-    baseline of every part: dev, test, retain, long-form.
-    """
-    record = evaluate(run, step, ["dev", "retain"], "last")
-    if step == 0:
-        record |= evaluate(run, step, ["test", "long"], "zero_shot")
-    cer = record["dev_cer"]
-    finite = torch.stack([p.isfinite().all() for p in run.model.parameters()]).all()
-    if not finite:  # (it writes nothing, which can score better than a bad start)
-        run.log(f"step {step}: the weights are not finite: not a best.pt")
-        cer = math.inf
-    if run.master and cer < run.best_cer:
-        save_checkpoint(run.model, run.out / "best.pt", step=step, cer=cer)
-        for suffix in (".tsv", ".json"):
-            shutil.copyfile(
-                run.out / f"eval_dev_last{suffix}", run.out / f"eval_dev_best{suffix}"
-            )
-    run.best_cer = min(run.best_cer, cer)
-    progress.record(record)
-    retain = (
-        f" | retain {run.cfg.retain_language} wer {record['retain_wer']:.4f} "
-        f"lid {record['retain_lid']:.2f}"
-        if "retain_wer" in record
-        else ""
-    )
-    run.log(f"step {step} | dev cer {cer:.4f} wer {record['dev_wer']:.4f}{retain}")
-    if run.master:
-        plot_curves(read_metrics(run.out), run.out / "curves.png")
-
-
-def final_report(run: Run, progress: Progress, step: int) -> dict:
-    """
-    The run's result: best.pt (picked on dev) scored once on test, on the retain set and
-    long-form; with the zero-shot baseline of step 0, summary.json and its table.
-    """
-    best = run.out / "best.pt"
-    if run.world > 1:
-        dist.barrier()  # rank 0 wrote best.pt
-    checkpoint = load_checked(best)
-    run.model.load_state_dict(checkpoint["model_state_dict"])
-    record = evaluate(run, step, ["test", "retain", "long"], "")
-    record |= {"final": True, "best_step": checkpoint["step"]}
-    progress.record(record)
-    records = read_metrics(run.out) if run.master else []
-    before = next((r for r in records if r["step"] == 0 and "dev_cer" in r), {})
-    best_eval = [
-        r for r in records if r["step"] == checkpoint["step"] and "dev_cer" in r
-    ]
-    after = {**(best_eval[-1] if best_eval else {}), **record}
-    table = summary_table(before, after, run.cfg.target, checkpoint["step"])
-    if run.master:
-        summary = {"before": before, "after": after, "table": table}
-        save_json(run.out / "summary.json", summary)
-        plot_curves(records, run.out / "curves.png")
-        run.log(f"result: {run.out / 'summary.json'}, curves.png, eval_test.tsv")
-    return {"before": before, "after": after, "table": table}
-
-
-def read_metrics(out: Path) -> list[dict]:
-    """metrics.jsonl's records (a line a crash cut short is left out)."""
-    records = []
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            records.append(json.loads(line))
-    return records
-
-
-def train(cfg: TrainConfig, given: Optional[set[str]] = None) -> dict:
-    """
-    Fine-tune, evaluating on dev at step 0, every eval_every steps and at the end, then
-    score best.pt on test. Under torchrun each rank takes its share of every global
-    batch (DDP); rank 0 alone writes.
-
-    given: the options named on the command line (see run_config)
-    """
-    try:
-        run = setup_run(cfg, given)
-    except KeyboardInterrupt:  # Ctrl-C while reading or encoding: nothing to lose
-        out = Path(cfg.resume or cfg.out)
-        if (out / "config.json").is_file():
-            print(
-                "\nstopped before the first step; continue with: "
-                f"python whisper_ft.py train --resume {out}",
-                file=sys.stderr,
-            )
-        raise SystemExit(128 + signal.SIGINT) from None
-    cfg, progress, result = run.cfg, Progress(run), {}
-    stop = _StopFlag()
-    handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        if run.start == 0 and cfg.eval_every > 0:
-            with progress.paused():
-                eval_step(run, progress, 0)
-        bar = tqdm(
-            range(run.start + 1, cfg.max_steps + 1),
-            initial=run.start,
-            total=cfg.max_steps,
-            desc="train",
-            unit="step",
-            disable=not run.master,
-        )
-        for step in bar:
-            run.model.train()
-            lr = get_lr(step, cfg.max_steps, cfg.warmup_steps, cfg.lr)
-            for group in run.optimizer.param_groups:
-                if isinstance(group["lr"], torch.Tensor):
-                    group["lr"].fill_(lr)  # read by a captured step, on the device
-                else:
-                    group["lr"] = lr
-            parts, n_labels = plan_step(run, step - 1)
-            micro = [micro_batch(run, part) for part in parts]
-            n_labels = to_device(torch.tensor(float(n_labels)), run.device)
-            step_fn = run.graphs or train_step
-            loss, bad = step_fn(run, micro, n_labels)
-            progress.add(
-                step, loss, bad, [run.train_utts[i].id for p in parts for i in p]
-            )
-            last_step = step == cfg.max_steps
-            if step % cfg.log_every == 0 or last_step:
-                progress.log_line(step, lr)
-            with progress.paused():
-                evaluating = cfg.eval_every > 0 and (
-                    step % cfg.eval_every == 0 or last_step
-                )
-                if evaluating:
-                    eval_step(run, progress, step)
-                # all ranks stop at the same step
-                stopping = _any_rank(bool(stop.signum), run.device, run.world)
-                if stopping and progress.pending:
-                    progress.check_bad_steps(step)  # so the skipped steps are on record
-                saving = cfg.save_every > 0 and step % cfg.save_every == 0
-                if evaluating or saving or last_step or stopping:
-                    save_state(run, step)
-            if stopping:
-                run.log(
-                    f"stopped at step {step}; continue with: "
-                    f"python whisper_ft.py train --resume {run.out}"
-                )
-                raise SystemExit(128 + (stop.signum or signal.SIGTERM))
-        bar.close()
-        if cfg.eval_every > 0:
-            result = final_report(run, progress, cfg.max_steps)
-    except KeyboardInterrupt:  # a second Ctrl-C: at once (the saves are atomic)
-        run.log(
-            f"\nstopped; continue with: python whisper_ft.py train --resume {run.out}"
-        )
-        raise SystemExit(128 + signal.SIGINT) from None
-    finally:
-        progress.close()
-        if run.lock:
-            run.lock.close()
-        for s, h in handlers.items():
-            signal.signal(s, h)
-        if run.world > 1:
-            dist.destroy_process_group()
-    return {
-        "best_cer": run.best_cer,
-        "feature_gib": run.feature_gib,
-        "feature_seconds": run.feature_seconds,
-        "step_seconds": progress.step_seconds,
-        "cuda_graphs": len(run.graphs.graphs) if run.graphs else 0,
-        "graph_failure": run.graphs.failed if run.graphs else "",
-        **result,
-    }
-
-
-def _keep_metrics_until(path: Path, step: int) -> None:
-    """Rewrite metrics.jsonl with its whole records of steps up to `step` alone."""
-    kept = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            pass  # the line a crash cut short
-    atomic_write(path, lambda f: f.write("".join(kept).encode()))
+        return out
 
 
 # -----------------------------------------------------------------------------
-# export and import
-
-EXPORT_FORMATS = ("ct2", "hf", "ggml")
-EXPORT_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-# The decoder's settings that ctranslate2's converter writes as scalars for a Whisper
-# decoder (TransformerDecoderSpec): (name, dtype, value). Activation 3 is GELU.
-CT2_DECODER_SCALARS = [
-    ("activation", torch.int8, 3),
-    ("alibi", torch.int8, 0),
-    ("alignment_heads", torch.int16, 1),
-    ("alignment_layer", torch.int16, -1),
-    ("pre_norm", torch.int8, 1),
-    ("scale_embeddings", torch.int8, 0),
-    ("start_from_zero_embedding", torch.int8, 0),
-]
-GGML_MAGIC = 0x67676D6C  # "ggml" (ggml.h GGML_FILE_MAGIC)
-# ggml.h: GGML_TYPE_* per tensor, GGML_FTYPE_* for the file (whisper.cpp's hparams)
-GGML_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 30}
-GGML_FTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 24}
-# whisper.cpp's hparams, in its file's order (then ftype)
-GGML_HPARAMS = [
-    "n_vocab",
-    "n_audio_ctx",
-    "n_audio_state",
-    "n_audio_head",
-    "n_audio_layer",
-    "n_text_ctx",
-    "n_text_state",
-    "n_text_head",
-    "n_text_layer",
-    "n_mels",
-]
-# openai-whisper -> transformers names, applied in order to each state_dict key (as in
-# transformers' convert_openai_to_hf.py); ".attn." never matches inside "cross_attn."
-HF_RENAMES = [
-    ("blocks", "layers"),
-    ("mlp.0", "fc1"),
-    ("mlp.2", "fc2"),
-    ("mlp_ln", "final_layer_norm"),
-    (".attn.query", ".self_attn.q_proj"),
-    (".attn.key", ".self_attn.k_proj"),
-    (".attn.value", ".self_attn.v_proj"),
-    (".attn_ln", ".self_attn_layer_norm"),
-    (".attn.out", ".self_attn.out_proj"),
-    (".cross_attn.query", ".encoder_attn.q_proj"),
-    (".cross_attn.key", ".encoder_attn.k_proj"),
-    (".cross_attn.value", ".encoder_attn.v_proj"),
-    (".cross_attn_ln", ".encoder_attn_layer_norm"),
-    (".cross_attn.out", ".encoder_attn.out_proj"),
-    ("decoder.ln.", "decoder.layer_norm."),
-    ("token_embedding", "embed_tokens"),
-    ("encoder.positional_embedding", "encoder.embed_positions.weight"),
-    ("decoder.positional_embedding", "decoder.embed_positions.weight"),
-    ("ln_post", "layer_norm"),
-]
-# whisper/tokenizer.py's split pattern (GPT-2's), which tiktoken applies before BPE
-WHISPER_PAT = (
-    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-)
-# what the export check transcribes when the user gives no audio (pyopenjtalk's voice)
-CHECK_SENTENCES = [
-    "こんにちは、今日はいい天気ですね。",
-    "音声認識のモデルを日本語で微調整しました。",
-    "明日の会議は午後三時から始まります。",
-    "駅までの道を教えてください。",
-]
+# model formats: CTranslate2, transformers and ggml, each reader beside its writer
 
 
 def export_dtype(name: str) -> torch.dtype:
@@ -3499,29 +3312,43 @@ def export_dtype(name: str) -> torch.dtype:
     return EXPORT_DTYPES[name]
 
 
+def read_model_dir(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]:
+    """A CTranslate2 (model.bin) or transformers (config.json) Whisper directory."""
+    model_dir = Path(model_dir)
+    if (model_dir / "model.bin").is_file():
+        try:
+            return read_ct2_model(model_dir)
+        except (ValueError, RuntimeError, KeyError, IndexError) as e:
+            if isinstance(e, UserError):
+                raise
+            # a cut-off file ends in the middle of a name or a tensor
+            raise UserError(
+                f"{model_dir}/model.bin: truncated or not a CTranslate2 Whisper "
+                f"model ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+            ) from None
+    if (model_dir / "config.json").is_file():
+        return read_hf_model(model_dir)
+    raise UserError(
+        f"{model_dir}: no model.bin (CTranslate2) nor config.json (transformers)"
+    )
+
+
+def is_ggml_file(path: str | os.PathLike) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == struct.pack("<I", GGML_MAGIC)
+
+
 # --- tokenizer files, made offline from whisper's own tiktoken vocabulary
-
-
-def _byte_chars() -> list[str]:
-    """GPT-2's printable stand-in for each byte: byte-level BPE writes tokens so."""
-    printable = {
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    }
-    chars, n = [], 0
-    for b in range(256):
-        chars.append(chr(b) if b in printable else chr(256 + n))
-        n += b not in printable
-    return chars
 
 
 def vocab_tokens(tokenizer: Tokenizer) -> list[str]:
     """
     Every id's token as transformers and CTranslate2 spell it: the BPE pieces (ids
-    below eot) in byte-level characters, then whisper's special tokens by name.
+    below eot) in GPT-2's byte-level characters, then whisper's special tokens by name.
     """
-    encoding, chars = tokenizer.encoding, _byte_chars()
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    encoding, chars = tokenizer.encoding, bytes_to_unicode()
     tokens = [
         "".join(chars[b] for b in encoding.decode_single_token_bytes(i))
         for i in range(tokenizer.eot)  # the BPE pieces are the ids below eot
@@ -3534,123 +3361,34 @@ def vocab_tokens(tokenizer: Tokenizer) -> list[str]:
     return tokens + [name for _, name in specials]
 
 
-def _bpe_merges(pieces: list[bytes]) -> list[tuple[bytes, bytes]]:
-    """
-    The merge list of a byte-level BPE that tokenizes as tiktoken does with these
-    ranks: every split of each piece into two pieces, in the order of the piece's
-    rank (transformers' TikTokenConverter builds it the same way).
-    """
-    rank = {piece: i for i, piece in enumerate(pieces)}
-    merges = []
-    for piece in pieces:
-        splits = [
-            (piece[:i], piece[i:])
-            for i in range(1, len(piece))
-            if piece[:i] in rank and piece[i:] in rank
-        ]
-        merges += sorted(splits, key=lambda lr: (rank[lr[0]], rank[lr[1]]))
-    return merges
-
-
 def tokenizer_json(tokenizer: Tokenizer) -> dict:
     """
     A HF `tokenizers` tokenizer.json that encodes and decodes as whisper's tiktoken
     tokenizer does, ids included (faster-whisper and transformers read it), made
-    from whisper's own vocabulary with no download.
+    offline from whisper's own .tiktoken file by transformers' TikTokenConverter.
     """
-    encoding, chars = tokenizer.encoding, _byte_chars()
-    pieces = [encoding.decode_single_token_bytes(i) for i in range(tokenizer.eot)]
+    from tokenizers import AddedToken, processors
+    from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    def text(piece: bytes) -> str:
-        return "".join(chars[b] for b in piece)
-
-    specials = vocab_tokens(tokenizer)[tokenizer.eot :]
-    added = [
-        {
-            "id": tokenizer.eot + i,
-            "content": name,
-            "single_word": False,
-            "lstrip": False,
-            "rstrip": False,
-            "normalized": False,
-            # transformers leaves timestamps out of the special tokens, so that
-            # decode(skip_special_tokens=True) keeps them
-            "special": not re.fullmatch(r"<\|\d+\.\d+\|>", name),
-        }
-        for i, name in enumerate(specials)
-    ]
-    return {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": added,
-        "normalizer": None,
-        **_tokenizer_steps(encoding),
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": None,
-            "continuing_subword_prefix": "",
-            "end_of_word_suffix": "",
-            "fuse_unk": False,
-            "byte_fallback": False,
-            # a word that is one piece is that piece, before any merge (as tiktoken)
-            "ignore_merges": True,
-            "vocab": {text(p): i for i, p in enumerate(pieces)},
-            "merges": [f"{text(a)} {text(b)}" for a, b in _bpe_merges(pieces)],
-        },
-    }
-
-
-def _tokenizer_steps(encoding) -> dict:
-    """tokenizer.json's pre-tokenizer (whisper's split, then bytes as characters),
-    post-processor and decoder."""
+    vocab_file = Path(whisper.__file__).parent / "assets" / tokenizer.encoding.name
+    hf = TikTokenConverter(str(vocab_file), pattern=WHISPER_PAT).converted()
+    # transformers leaves timestamps out of the special tokens, so that
+    # decode(skip_special_tokens=True) keeps them; ids follow in order of adding
+    for name in vocab_tokens(tokenizer)[tokenizer.eot :]:
+        timestamp = re.fullmatch(r"<\|\d+\.\d+\|>", name)
+        add = hf.add_tokens if timestamp else hf.add_special_tokens
+        add([AddedToken(name, normalized=False, special=not timestamp)])
     # transformers' Whisper tokenizers write <|startoftranscript|><|notimestamps|> ...
     # <|endoftext|> around encoded text (they set their own when given a language)
     sot, no_ts, eot = "<|startoftranscript|>", "<|notimestamps|>", "<|endoftext|>"
-
-    def template(seqs: list[str]) -> list[dict]:
-        return [
-            *({"SpecialToken": {"id": t, "type_id": 0}} for t in (sot, no_ts)),
-            *({"Sequence": {"id": s, "type_id": n}} for n, s in enumerate(seqs)),
-            {"SpecialToken": {"id": eot, "type_id": len(seqs) - 1}},
-        ]
-
-    ids = {t: encoding.encode_single_token(t) for t in (sot, no_ts, eot)}
-    split = {"Regex": WHISPER_PAT}
-    return {
-        "pre_tokenizer": {
-            "type": "Sequence",
-            "pretokenizers": [
-                {
-                    "type": "Split",
-                    "pattern": split,
-                    "behavior": "Isolated",
-                    "invert": False,
-                },
-                {
-                    "type": "ByteLevel",
-                    "add_prefix_space": False,
-                    "trim_offsets": True,
-                    "use_regex": False,
-                },
-            ],
-        },
-        "post_processor": {
-            "type": "TemplateProcessing",
-            "single": template(["A"]),
-            "pair": template(["A", "B"]),
-            "special_tokens": {
-                t: {"id": t, "ids": [i], "tokens": [t]} for t, i in ids.items()
-            },
-        },
-        "decoder": {
-            "type": "ByteLevel",
-            "add_prefix_space": True,
-            "trim_offsets": True,
-            "use_regex": True,
-        },
-    }
+    hf.post_processor = processors.TemplateProcessing(
+        single=f"{sot} {no_ts} $A:0 {eot}:0",
+        pair=f"{sot} {no_ts} $A:0 $B:1 {eot}:1",
+        special_tokens=[
+            (t, tokenizer.encoding.encode_single_token(t)) for t in (sot, no_ts, eot)
+        ],
+    )
+    return json.loads(hf.to_str())
 
 
 def preprocessor_config(dims: ModelDimensions) -> dict:
@@ -3687,6 +3425,144 @@ def _language_ids(tokenizer: Tokenizer) -> dict[str, int]:
 
 
 # --- CTranslate2 (faster-whisper)
+
+
+def read_ct2_model(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]:
+    """
+    A CTranslate2 (faster-whisper) model directory as openai-whisper dims and
+    state_dict. model.bin (binary version 6, little-endian): u32 version, str spec, u32
+    revision, u32 n_vars, then per variable: str name, u8 rank, rank x u32 dims, u8
+    dtype, u32 n_bytes, the bytes; str is u16 length (with the NUL), UTF-8, NUL.
+    """
+    path = Path(model_dir) / "model.bin"
+    if not path.is_file():
+        raise UserError(
+            f"{model_dir}: no model.bin (not a CTranslate2 model directory)"
+        )
+    buf = bytearray(path.read_bytes())
+    pos = 0
+
+    def take(fmt: str):
+        nonlocal pos
+        value = np.frombuffer(buf, dtype=fmt, count=1, offset=pos)[0]
+        pos += np.dtype(fmt).itemsize
+        return int(value)
+
+    def take_str() -> str:
+        nonlocal pos
+        n = take("<u2")
+        s = buf[pos : pos + n - 1].decode()  # n counts the trailing NUL
+        pos += n
+        return s
+
+    dtypes = {i: dtype for dtype, i in CT2_DTYPE_IDS.items()}
+    version = take("<u4")
+    if version != 6:
+        raise UserError(f"{path}: CTranslate2 binary version {version}, expected 6")
+    spec, _ = take_str(), take("<u4")
+    if spec != "WhisperSpec":
+        raise UserError(f"{path}: a {spec}, not a Whisper model")
+    v = {}
+    for _ in range(take("<u4")):
+        name, rank = take_str(), take("<u1")
+        shape = [take("<u4") for _ in range(rank)]
+        dtype, n_bytes = dtypes[take("<u1")], take("<u4")
+        n = n_bytes // torch.empty((), dtype=dtype).element_size()
+        v[name] = torch.frombuffer(buf, dtype=dtype, count=n, offset=pos).reshape(shape)
+        pos += n_bytes
+    if any(name.endswith("weight_scale") for name in v):
+        raise UserError(f"{path}: quantized (int8) models cannot be converted")
+    return _ct2_to_openai(v)
+
+
+def ct2_layout(n_audio_layer: int, n_text_layer: int) -> list[tuple[str, str, list]]:
+    """
+    CTranslate2's WhisperSpec variables and the openai-whisper weights each holds:
+    (its name, how, openai names). How: "linear" (its weight and bias), "norm" (gamma
+    and beta: openai's weight and bias), "fused" (q,k,v or k,v in one matrix, zeros
+    in the bias where openai's key has none), "tensor" (as it is). The reader and the
+    writer of model.bin both follow it.
+    """
+    layout = []
+
+    def add(name: str, how: str, *srcs: str) -> None:
+        layout.append((name, how, list(srcs)))
+
+    def block(dst: str, src: str, cross: bool) -> None:
+        a, c = f"{src}.attn", f"{src}.cross_attn"
+        qkv = (f"{a}.query", f"{a}.key", f"{a}.value")
+        add(f"{dst}/self_attention/linear_0", "fused", *qkv)
+        add(f"{dst}/self_attention/linear_1", "linear", f"{a}.out")
+        add(f"{dst}/self_attention/layer_norm", "norm", f"{src}.attn_ln")
+        if cross:
+            add(f"{dst}/attention/linear_0", "linear", f"{c}.query")
+            add(f"{dst}/attention/linear_1", "fused", f"{c}.key", f"{c}.value")
+            add(f"{dst}/attention/linear_2", "linear", f"{c}.out")
+            add(f"{dst}/attention/layer_norm", "norm", f"{src}.cross_attn_ln")
+        add(f"{dst}/ffn/linear_0", "linear", f"{src}.mlp.0")
+        add(f"{dst}/ffn/linear_1", "linear", f"{src}.mlp.2")
+        add(f"{dst}/ffn/layer_norm", "norm", f"{src}.mlp_ln")
+
+    add("encoder/conv1", "linear", "encoder.conv1")
+    add("encoder/conv2", "linear", "encoder.conv2")
+    add(
+        "encoder/position_encodings/encodings", "tensor", "encoder.positional_embedding"
+    )
+    for i in range(n_audio_layer):
+        block(f"encoder/layer_{i}", f"encoder.blocks.{i}", cross=False)
+    add("encoder/layer_norm", "norm", "encoder.ln_post")
+    add("decoder/embeddings/weight", "tensor", "decoder.token_embedding.weight")
+    add(
+        "decoder/position_encodings/encodings", "tensor", "decoder.positional_embedding"
+    )
+    for i in range(n_text_layer):
+        block(f"decoder/layer_{i}", f"decoder.blocks.{i}", cross=True)
+    add("decoder/layer_norm", "norm", "decoder.ln")
+    return layout
+
+
+def _ct2_to_openai(v: dict[str, torch.Tensor]) -> tuple[ModelDimensions, dict]:
+    def n_layers(side: str) -> int:
+        layers = (re.match(rf"{side}/layer_(\d+)/", k) for k in v)
+        return 1 + max(int(m[1]) for m in layers if m)
+
+    sd = {}
+    for name, how, srcs in ct2_layout(n_layers("encoder"), n_layers("decoder")):
+        if how == "tensor":
+            sd[srcs[0]] = v[name]
+        elif how == "fused":
+            n = len(srcs)
+            pieces = zip(v[f"{name}/weight"].chunk(n), v[f"{name}/bias"].chunk(n))
+            for src, (w, b) in zip(srcs, pieces):
+                sd[f"{src}.weight"] = w
+                if not src.endswith("key"):  # (the fused bias holds zeros there)
+                    sd[f"{src}.bias"] = b
+        else:
+            for part, openai in zip(CT2_PARTS[how], ("weight", "bias")):
+                sd[f"{srcs[0]}.{openai}"] = v[f"{name}/{part}"]
+
+    sd = {k: t.float() for k, t in sd.items()}  # fp32 master weights for training
+    n_audio_state, n_text_state = (
+        sd["encoder.conv1.weight"].shape[0],
+        sd["decoder.ln.weight"].shape[0],
+    )
+    heads = {
+        side: int(v[f"{side}/num_heads"]) if f"{side}/num_heads" in v else None
+        for side in ("encoder", "decoder")
+    }
+    dims = ModelDimensions(
+        n_mels=sd["encoder.conv1.weight"].shape[1],
+        n_audio_ctx=sd["encoder.positional_embedding"].shape[0],
+        n_audio_state=n_audio_state,
+        n_audio_head=heads["encoder"] or n_audio_state // 64,
+        n_audio_layer=n_layers("encoder"),
+        n_vocab=sd["decoder.token_embedding.weight"].shape[0],
+        n_text_ctx=sd["decoder.positional_embedding"].shape[0],
+        n_text_state=n_text_state,
+        n_text_head=heads["decoder"] or n_text_state // 64,
+        n_text_layer=n_layers("decoder"),
+    )
+    return dims, sd
 
 
 def _ct2_variables(state: dict, dims: ModelDimensions, dtype) -> dict:
@@ -3792,7 +3668,7 @@ def hf_names(dims: ModelDimensions) -> dict[str, str]:
 def hf_config(dims: ModelDimensions, tokenizer: Tokenizer, dtype) -> dict:
     """config.json of a WhisperForConditionalGeneration with these dims."""
     if dims.n_audio_state != dims.n_text_state:
-        raise CorpusError("transformers' Whisper needs n_audio_state == n_text_state")
+        raise UserError("transformers' Whisper needs n_audio_state == n_text_state")
     return {
         "architectures": ["WhisperForConditionalGeneration"],
         "model_type": "whisper",
@@ -3898,7 +3774,7 @@ def _hf_weights(model_dir: Path) -> dict:
         shards = sorted(set(read_json(index)["weight_map"].values()))
         missing = [s for s in shards if not (model_dir / s).is_file()]
         if missing:
-            raise CorpusError(f"{model_dir}: shard {missing[0]} is missing")
+            raise UserError(f"{model_dir}: shard {missing[0]} is missing")
         return {
             k: t
             for s in shards
@@ -3908,7 +3784,7 @@ def _hf_weights(model_dir: Path) -> dict:
         return torch.load(
             model_dir / "pytorch_model.bin", map_location="cpu", weights_only=True
         )
-    raise CorpusError(f"{model_dir}: no model.safetensors (nor pytorch_model.bin)")
+    raise UserError(f"{model_dir}: no model.safetensors (nor pytorch_model.bin)")
 
 
 def read_hf_model(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]:
@@ -3918,15 +3794,15 @@ def read_hf_model(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]:
     """
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
-        raise CorpusError(f"{model_dir}: no config.json (not a transformers model)")
+        raise UserError(f"{model_dir}: no config.json (not a transformers model)")
     c = read_json(model_dir / "config.json")
     if c.get("model_type") != "whisper":
-        raise CorpusError(
+        raise UserError(
             f"{model_dir}: not whisper: no model.bin (CTranslate2), and config.json's "
             f"model_type is {c.get('model_type')!r} (transformers' Whisper: 'whisper')"
         )
     if c["encoder_ffn_dim"] != 4 * c["d_model"] or c.get("scale_embedding"):
-        raise CorpusError(f"{model_dir}: not an openai-whisper architecture")
+        raise UserError(f"{model_dir}: not an openai-whisper architecture")
     dims = ModelDimensions(
         n_mels=c["num_mel_bins"],
         n_audio_ctx=c["max_source_positions"],
@@ -3945,11 +3821,11 @@ def read_hf_model(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]:
     embedding = weights.get("model.decoder.embed_tokens.weight")
     proj_out = weights.pop("proj_out.weight", None)
     if proj_out is not None and embedding is not None and not proj_out.equal(embedding):
-        raise CorpusError(f"{model_dir}: proj_out is not tied to the token embedding")
+        raise UserError(f"{model_dir}: proj_out is not tied to the token embedding")
     state = {}
     for name, hf in hf_names(dims).items():
         if hf not in weights:
-            raise CorpusError(f"{model_dir}: weight {hf} is missing")
+            raise UserError(f"{model_dir}: weight {hf} is missing")
         state[name] = weights[hf].float()
     return dims, state
 
@@ -4002,13 +3878,13 @@ def read_ggml_model(path: str | os.PathLike) -> tuple[ModelDimensions, dict]:
     def take(fmt: str) -> tuple:
         nonlocal pos
         if pos + struct.calcsize(fmt) > len(buf):
-            raise CorpusError(f"{path}: truncated ({len(buf)} bytes)")
+            raise UserError(f"{path}: truncated ({len(buf)} bytes)")
         values = struct.unpack_from(fmt, buf, pos)
         pos += struct.calcsize(fmt)
         return values
 
     if len(buf) < 48 or take("<I")[0] != GGML_MAGIC:
-        raise CorpusError(f"{path}: not a ggml whisper model (no 'ggml' magic)")
+        raise UserError(f"{path}: not a ggml whisper model (no 'ggml' magic)")
     *hparams, _ftype = take("<11i")
     dims = ModelDimensions(**dict(zip(GGML_HPARAMS, hparams)))
     n_filters = math.prod(take("<2i"))
@@ -4024,11 +3900,11 @@ def read_ggml_model(path: str | os.PathLike) -> tuple[ModelDimensions, dict]:
         name = buf[pos : pos + n_name].decode()
         pos += n_name
         if ttype not in sizes:
-            raise CorpusError(f"{path}: {name} is quantized (ggml type {ttype})")
+            raise UserError(f"{path}: {name} is quantized (ggml type {ttype})")
         dtype, size = sizes[ttype]
         n_bytes = math.prod(shape) * size
         if pos + n_bytes > len(buf):
-            raise CorpusError(f"{path}: truncated ({len(buf)} bytes) inside {name}")
+            raise UserError(f"{path}: truncated ({len(buf)} bytes) inside {name}")
         t = torch.frombuffer(bytearray(buf[pos : pos + n_bytes]), dtype=dtype)
         state[name] = t.reshape(shape).float()
         pos += n_bytes
@@ -4037,46 +3913,17 @@ def read_ggml_model(path: str | os.PathLike) -> tuple[ModelDimensions, dict]:
             state[name] = state[name].flatten()
     missing = set(state_keys(dims)) - set(state)
     if missing:
-        raise CorpusError(f"{path}: tensor {sorted(missing)[0]} is missing")
+        raise UserError(f"{path}: tensor {sorted(missing)[0]} is missing")
     return dims, state
 
 
-def is_ggml_file(path: str | os.PathLike) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == struct.pack("<I", GGML_MAGIC)
-
-
-def read_model_dir(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]:
-    """A CTranslate2 (model.bin) or transformers (config.json) Whisper directory."""
-    model_dir = Path(model_dir)
-    if (model_dir / "model.bin").is_file():
-        try:
-            return read_ct2_model(model_dir)
-        except (ValueError, RuntimeError, KeyError, IndexError) as e:
-            if isinstance(e, CorpusError):
-                raise
-            # a cut-off file ends in the middle of a name or a tensor
-            raise CorpusError(
-                f"{model_dir}/model.bin: truncated or not a CTranslate2 Whisper "
-                f"model ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
-            ) from None
-    if (model_dir / "config.json").is_file():
-        return read_hf_model(model_dir)
-    raise CorpusError(
-        f"{model_dir}: no model.bin (CTranslate2) nor config.json (transformers)"
-    )
-
-
-# --- running the export in its own runtime
+# --- export, and the check that runs it in its own runtime
 
 
 def check_clips(n: int = 4) -> list[torch.Tensor]:
     """A few Japanese sentences in pyopenjtalk's voice at 16 kHz: the default audio
     of the export check (deterministic; no file needed)."""
-    with contextlib.redirect_stdout(sys.stderr):  # its "ONNX Runtime" notice
-        import pyopenjtalk
-
-    clips = []
+    pyopenjtalk, clips = _import_pyopenjtalk(), []
     for i, text in enumerate((CHECK_SENTENCES * n)[:n]):
         wave, rate = pyopenjtalk.tts(text, speed=1.0 + 0.1 * (i // 4), half_tone=i % 4)
         wave = torch.from_numpy(wave).float() / 32768  # int16 scale -> [-1, 1]
@@ -4141,9 +3988,7 @@ def _decode_hf(out: Path, mel: torch.Tensor, tokenizer: Tokenizer, n_max: int) -
     return [t[len(prefix) :] if t[: len(prefix)] == prefix else t for t in tokens]
 
 
-def _ggml_worker(
-    path: str, mel: np.ndarray, language: str, n_max: int, flash_attn: bool = False
-) -> list:
+def _ggml_worker(path: str, mel: np.ndarray, language: str, n_max: int) -> list:
     """
     Greedy-decode log-mels (n, n_mels, n_frames) with whisper.cpp (in a child
     process: a failed GGML_ASSERT aborts the process it runs in). Its default CPU
@@ -4156,7 +4001,7 @@ def _ggml_worker(
     os.environ["GGML_NO_BACKTRACE"] = "1"  # its backtrace attaches gdb and can hang
     pw.whisper_log_set(lambda *_: None)  # whisper.cpp logs every tensor it loads
     context = pw.whisper_context_default_params()
-    context.flash_attn = flash_attn
+    context.flash_attn = False
     ctx = pw.whisper_init_from_file_with_params(path, context)
     params = pw.whisper_full_default_params(
         pw.whisper_sampling_strategy.WHISPER_SAMPLING_GREEDY
@@ -4215,21 +4060,12 @@ def _decode_ggml(
         tokens = None
     child.join()
     if tokens is None:
-        raise CorpusError(
+        raise UserError(
             f"{out}: whisper.cpp died decoding it (exit code {child.exitcode}; its "
             "message is above). whisper.cpp before 1.9.2 aborts on float32 files "
             "on a CPU (its conv wants f16 kernels): export float16 for it"
         )
     return tokens
-
-
-def _edit_distance(a: str, b: str) -> int:
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, start=1):
-        prev, row[0] = row[0], i
-        for j, cb in enumerate(b, start=1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[-1]
 
 
 def check_export(
@@ -4275,7 +4111,8 @@ def check_export(
     seconds = time.time() - t0
     got = [[t for t in g if t != tokenizer.eot] for g in got]  # runtimes keep eot
     texts = [(tokenizer.decode(r), tokenizer.decode(g)) for r, g in zip(ref, got)]
-    errors = sum(_edit_distance(r, g) for r, g in texts)
+    edits = jiwer.process_characters([r for r, _ in texts], [g for _, g in texts])
+    errors = edits.substitutions + edits.deletions + edits.insertions
     diff = [i for i, (r, g) in enumerate(zip(ref, got)) if r != g]
     return {
         "n": len(ref),
@@ -4300,11 +4137,11 @@ def export_model(
     the model that was exported (float32, CPU)
     """
     if fmt not in EXPORT_FORMATS:
-        raise CorpusError(f"format {fmt!r}: one of {', '.join(EXPORT_FORMATS)}")
+        raise UserError(f"format {fmt!r}: one of {', '.join(EXPORT_FORMATS)}")
     torch_dtype = export_dtype(dtype)
     out = Path(out)
     if out.exists():
-        raise CorpusError(f"{out} exists: remove it or choose another output")
+        raise UserError(f"{out} exists: remove it or choose another output")
     model = load_model(ckpt).float().eval()
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -4321,13 +4158,6 @@ def export_model(
             shutil.rmtree(tmp)
         tmp.unlink(missing_ok=True)
     return model
-
-
-RUNTIMES = {  # format: (module the check imports, pip package)
-    "ct2": ("ctranslate2", "faster-whisper"),
-    "hf": ("transformers", "transformers safetensors"),
-    "ggml": ("_pywhispercpp", "pywhispercpp"),
-}
 
 
 def cmd_export(args) -> None:
@@ -4398,21 +4228,6 @@ def add_export_args(add_parser: Callable) -> None:
 
 # -----------------------------------------------------------------------------
 # benchmark: the seed recipe against whisper_ft's paths, side by side in one process
-
-BENCH_DIMS = {  # tiny dims for a CPU run in minutes; official names for real ones
-    "test": ModelDimensions(
-        n_mels=80,
-        n_audio_ctx=1500,
-        n_audio_state=64,
-        n_audio_head=2,
-        n_audio_layer=2,
-        n_vocab=51865,
-        n_text_ctx=448,
-        n_text_state=64,
-        n_text_head=2,
-        n_text_layer=2,
-    ),
-}
 
 
 def write_bench_corpus(root: Path, n_utts: int, seed: int = 0) -> Path:
@@ -4556,7 +4371,7 @@ def decode_costs(
 
     # on a GPU, greedy_decode replays CUDA graphs: the warm-up runs eagerly, the
     # first timed run captures, the others replay; every run's tokens are compared
-    graphs = DecodeGraphs() if device.type == "cuda" else None
+    graphs = CudaGraphs() if device.type == "cuda" else None
     theirs = [r.tokens for r in whisper.decode(model, features, options)]
     runs = [greedy_decode(model, features, tokenizer, graphs)]  # (both warmed up)
     t_theirs, t_ours = math.inf, math.inf
@@ -4596,6 +4411,17 @@ def bench_dir(out: Path) -> None:
     (out / ".bench").touch()
 
 
+def peak_gib(device: torch.device, reset: bool = False) -> Optional[float]:
+    """The GPU's peak memory since the last reset, in GiB (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    if reset:
+        torch.cuda.reset_peak_memory_stats()
+    return peak
+
+
 def bench(args) -> dict:
     """Run (a) the seed recipe, (b) frozen-encoder and (c) full whisper_ft, report."""
     device = pick_device(args.device)
@@ -4608,9 +4434,7 @@ def bench(args) -> dict:
     out = Path(args.out)
     bench_dir(out)
     dims = BENCH_DIMS.get(args.dims) or model_dims(args.dims)
-    torch.manual_seed(0)
-    model = Whisper(dims)
-    torch.nn.init.normal_(model.decoder.positional_embedding, std=0.01)
+    model = random_model(dims, seed=0)
     save_checkpoint(model, out / "model.pt")
     corpus = write_bench_corpus(out / "corpus", n_utts)
     tokenizer = model_tokenizer(dims, "ja")
@@ -4623,28 +4447,18 @@ def bench(args) -> dict:
     n_trained = n_steps * batch_size
     lr = 1e-5
 
-    def peak_reset():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-
-    def peak_gib():
-        return (
-            torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-        )
-
     rows, cfgs = {}, {}
-    peak_reset()
+    peak_gib(device, reset=True)
     seconds, step_seconds = seed_recipe(model.to(device), utts, batch_size, epochs, lr)
     rows["a_seed"] = {
         "utt_per_s": n_trained / seconds,
         "seconds": seconds,
-        "peak_gib": peak_gib(),
+        "peak_gib": peak_gib(device),
         "step_utt_per_s": n_trained / step_seconds,
     }
     del model
     for name, train_encoder in (("b_frozen", False), ("c_full", True)):
-        peak_reset()
+        peak_gib(device, reset=True)
         cfg = TrainConfig(
             data=str(corpus),
             model=str(out / "model.pt"),
@@ -4670,7 +4484,7 @@ def bench(args) -> dict:
         rows[name] = {
             "utt_per_s": n / seconds,  # the cache build amortised over the epochs
             "seconds": seconds,
-            "peak_gib": peak_gib(),
+            "peak_gib": peak_gib(device),
             "cache_seconds": r["feature_seconds"],
             "cache_gib": r["feature_gib"],
             "step_utt_per_s": n / r["step_seconds"],
@@ -4775,21 +4589,6 @@ def print_bench(report: dict) -> None:
 # -----------------------------------------------------------------------------
 # demo: a small JVS-layout corpus synthesised with pyopenjtalk's voice
 
-DEMO_SENTENCES = Path(__file__).with_name("data") / "demo_sentences.txt"
-# (speed, half_tone) per speaker: the last ones are held out, so eval voices are unseen
-DEMO_VOICES = [
-    (1.0, 0.0),
-    (0.9, -2.0),
-    (1.1, 2.0),
-    (0.95, 4.0),
-    (1.05, -4.0),
-    (0.85, 1.0),
-    (1.15, -1.0),
-    (1.0, 3.0),
-    (0.92, -3.0),
-    (1.08, 5.0),
-]
-
 
 def make_demo_corpus(root: str | os.PathLike, n_parallel: int = 30) -> Path:
     """
@@ -4830,16 +4629,6 @@ def make_demo_corpus(root: str | os.PathLike, n_parallel: int = 30) -> Path:
     return root
 
 
-DEMO_SENTENCES_EN = Path(__file__).with_name("data") / "demo_sentences_en.txt"
-# speaker: (eSpeak NG voice, words a minute, pitch 0-100); sentence i by speaker i % 4
-DEMO_VOICES_EN = {
-    "en_us_m": ("en-us", 165, 45),
-    "en_us_f": ("en-us+f3", 175, 60),
-    "en_gb_m": ("en-gb-x-rp+m3", 155, 40),
-    "en_gb_f": ("en+f2", 185, 55),
-}
-
-
 def speak_english(
     jobs: Sequence[tuple[str, str, int, int]],
 ) -> tuple[list[np.ndarray], int]:
@@ -4866,7 +4655,7 @@ def speak_english(
     data = espeakng_loader.get_data_path().encode()
     sample_rate = lib.espeak_Initialize(2, 0, data, 0x8000)
     if sample_rate <= 0:
-        raise CorpusError(f"eSpeak NG did not start (its data: {data.decode()})")
+        raise UserError(f"eSpeak NG did not start (its data: {data.decode()})")
     chunks = []
 
     @ctypes.CFUNCTYPE(
@@ -4988,13 +4777,6 @@ def language_code(text: str) -> str:
     return text
 
 
-CHOICES = {
-    "target": ["kana", "text"],
-    "init": ["pretrained", "random"],
-    "dtype": ["auto", "bf16", "fp16", "fp32"],
-}
-
-
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """
     One --flag per TrainConfig field, its help the field's comment. The defaults are
@@ -5003,22 +4785,14 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     """
     helps = _field_help(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
         default = f" (default: {f.default})" if f.default != "" else ""
         if f.type is bool:
-            parser.add_argument(
-                flag,
-                action=argparse.BooleanOptionalAction,
-                help=helps[f.name] + default,
-            )
+            kind = {"action": argparse.BooleanOptionalAction}
         else:
-            parser.add_argument(
-                flag,
-                type=f.type,
-                choices=CHOICES.get(f.name),
-                metavar=f.name.upper(),
-                help=helps[f.name] + default,
-            )
+            kind = {"type": f.type, "choices": CHOICES.get(f.name)}
+            kind["metavar"] = f.name.upper()
+        flag = "--" + f.name.replace("_", "-")
+        parser.add_argument(flag, help=helps[f.name] + default, **kind)
 
 
 def cmd_train(args) -> None:
@@ -5125,9 +4899,9 @@ def cmd_eval(args) -> None:
     model = load_model(args.ckpt).to(device).eval()
     dtype = pick_dtype(device, args.dtype)
     utts, tokenizer = eval_utts(args, model.dims)
-    graphs = DecodeGraphs() if device.type == "cuda" else None
-    options = (args.batch_size, args.num_workers, dtype, 0, 1, graphs)
-    result = score_set(model, EvalSet("eval", utts, tokenizer), *options)
+    graphs = CudaGraphs() if device.type == "cuda" else None
+    options = EvalOptions(args.batch_size, args.num_workers, dtype, graphs=graphs)
+    result = score_set(model, EvalSet("eval", utts, tokenizer), options)
     write_eval(result, tsv)
     line = _metrics_line(result, "")
     retain_data = args.retain_data
@@ -5145,7 +4919,7 @@ def cmd_eval(args) -> None:
         )
         check_config(cfg)
         retain = load_retain(cfg, model.dims, lambda m: print(m, file=sys.stderr))
-        result = score_set(model, retain, *options)
+        result = score_set(model, retain, options)
         write_eval(result, tsv.with_name(tsv.stem + "_retain.tsv"))
         line += _metrics_line(result, "retain_")
     if args.long_form:
@@ -5180,8 +4954,8 @@ def cmd_transcribe(args) -> None:
         try:
             audio = load_wave(path)
             if not torch.isfinite(audio).all():
-                raise CorpusError(f"{path}: NaN or infinite samples")
-        except CorpusError as e:  # say so, and go on with the next file
+                raise UserError(f"{path}: NaN or infinite samples")
+        except UserError as e:  # say so, and go on with the next file
             print(f"error: {e}", file=sys.stderr)
             n_failed += 1
             continue
@@ -5192,7 +4966,7 @@ def cmd_transcribe(args) -> None:
             )
         audio = whisper.pad_or_trim(audio).to(model.device)
         mel = log_mel_spectrogram(audio, model.dims.n_mels)[None]
-        text = decode_batch(model, mel, tokenizer, dtype)[0]
+        text = decode_batch(model, encode(model, mel, dtype), tokenizer)[0]
         print(text if len(args.files) == 1 else f"{path}\t{text}")
     if n_failed:
         raise SystemExit(f"{n_failed} of {len(args.files)} files not transcribed")
@@ -5207,7 +4981,7 @@ def cmd_check(args) -> None:
 
 def cmd_convert(args) -> None:
     if os.path.exists(args.out):
-        raise CorpusError(f"{args.out} exists: remove it or choose another output")
+        raise UserError(f"{args.out} exists: remove it or choose another output")
     model = load_model(args.src)
     save_checkpoint(model, args.out)
     n_params = sum(p.numel() for p in model.parameters())
@@ -5255,7 +5029,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         args.func(args)
     except OptionError as e:  # as argparse says it: a usage error, exit 2
         parser.subcommands[args.command].error(str(e))
-    except (CorpusError, OSError) as e:  # bad input, a full disk: a sentence
+    except (UserError, OSError) as e:  # bad input, a full disk: a sentence
         raise SystemExit(f"error: {e} (--debug: the traceback)")
 
 
@@ -5341,6 +5115,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_check)
 
+    add_tool_args(add_parser)
+
+    parser.subcommands = sub.choices  # (main's errors are said as theirs)
+    return parser
+
+
+def add_tool_args(add_parser: Callable) -> None:
+    """The subcommands around training: bench, export, convert, demo."""
     p = add_parser("bench", help="time the seed recipe against whisper_ft's paths")
     p.add_argument(
         "--dims",
@@ -5389,9 +5171,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=at_least(1e-12, float), default=TrainConfig.lr)
     p.add_argument("--device", type=device_name, default="auto")
     p.set_defaults(func=cmd_demo)
-
-    parser.subcommands = sub.choices  # (main's errors are said as theirs)
-    return parser
 
 
 if __name__ == "__main__":
