@@ -3249,10 +3249,11 @@ class CudaGraphs:
     with a handful of launches instead of one a kernel: a small batch's train step
     and greedy decoding's token steps are bound by launches. A key's first call runs
     eagerly on a side stream (capture cannot initialise what the step uses), its
-    second is captured, every later one replays. All graphs share one memory pool,
-    so replays must come in the order of their captures (step after step, position
-    after position). Should a capture fail, it says why and runs eagerly from then
-    on. A replay runs the eager step's kernels on its shapes: the same numbers.
+    second is captured, every later one replays. All graphs share one memory pool:
+    safe, since nothing in it outlives a replay (a step's outputs are read or cloned
+    before the next replay of any graph; weights, optimizer state and decoding's
+    buffers live outside it). Should a capture fail, it says why, and every step runs
+    eagerly from then on. A replay runs the eager step's kernels: the same numbers.
     """
 
     def __init__(self, log: Callable = print):
@@ -3265,7 +3266,7 @@ class CudaGraphs:
         self, key, fn: Callable, *inputs: torch.Tensor, before_capture=lambda: None
     ):
         """fn(*inputs), from a graph once one is captured for `key`; then its outputs
-        are the graph's own, overwritten by the next replay."""
+        are the graph's own, overwritten by the next replay of any graph."""
         if self.failed:
             return fn(*inputs)
         if key not in self.warm:
