@@ -1329,6 +1329,22 @@ def train_config(options: dict) -> wf.TrainConfig:
     )
 
 
+def train_killed_after(step: int, options: dict, monkeypatch) -> None:
+    """train(options), killed right after its save of `step`: no chance to do more."""
+    save_last = wf.save_last
+
+    def killed(run, at):
+        save_last(run, at)
+        if at == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(wf, "save_last", killed)
+    with pytest.raises(SystemExit) as exit:  # (train says how to go on, exits 130)
+        wf.train(train_config(options))
+    assert exit.value.code == 130
+    monkeypatch.setattr(wf, "save_last", save_last)
+
+
 def final_weights(run: Path) -> dict:
     return torch.load(run / "last.pt", weights_only=True)["model_state_dict"]
 
@@ -1695,19 +1711,8 @@ def test_cuda_graphed_run_resumes_exactly(tiny_run, buckets_corpus, monkeypatch)
         target="text",
     )
     wf.train(train_config({**options, "out": tiny_run / "graphed_full"}))
-    save_state = wf.save_last
-
-    def killed_after_6(run, step):
-        save_state(run, step)
-        if step == 6:
-            raise KeyboardInterrupt  # as a kill: no chance to do anything more
-
-    monkeypatch.setattr(wf, "save_last", killed_after_6)
     out = tiny_run / "graphed_cut"
-    with pytest.raises(SystemExit) as exit:  # (train says how to go on, exits 130)
-        wf.train(train_config({**options, "out": out}))
-    assert exit.value.code == 130
-    monkeypatch.setattr(wf, "save_last", save_state)
+    train_killed_after(6, {**options, "out": out}, monkeypatch)
     result = wf.train(train_config({"resume": out, "device": "cuda"}))
     assert result["cuda_graphs"] >= 2
     assert_same_weights(tiny_run / "graphed_full", out)
@@ -1982,6 +1987,202 @@ def assert_skipped_then_stopped(
 
 
 # -----------------------------------------------------------------------------
+# the top N encoder blocks trained on cached lower-layer states; deep SpecAugment
+
+TINY2 = dataclasses.replace(TINY, n_audio_layer=2)
+
+
+@pytest.fixture(scope="module")
+def tiny2(tiny_run) -> Path:
+    """A tiny checkpoint with two encoder blocks."""
+    path = tiny_run / "tiny2.pt"
+    if not path.exists():
+        wf.save_checkpoint(tiny_model(0, TINY2), path)
+    return path
+
+
+def test_cached_partial_step_is_the_uncached_step_with_those_blocks_frozen():
+    tok = TOKENIZERS["multilingual"]
+    model = tiny_model(1, TINY2)
+    mel = wf.log_mel_spectrogram(torch.randn(2, 16000) * 0.1)
+    prefix = list(tok.sot_sequence_including_notimestamps)
+    seqs = [prefix + tok.encode(t) + [tok.eot] for t in ("アメ", "ハレノヒ")]
+    tokens, labels = wf.collate_tokens(seqs, tok.eot, len(prefix) - 1)
+    model.encoder.requires_grad_(False)
+    model.encoder.blocks[1].requires_grad_(True)
+    model.encoder.ln_post.requires_grad_(True)
+
+    def loss_and_grads(net, x):
+        model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(net(x, tokens).transpose(1, 2), labels)
+        loss.backward()
+        params = model.named_parameters()
+        return loss.detach(), {k: p.grad for k, p in params if p.grad is not None}
+
+    loss, grads = loss_and_grads(wf.StepNet(model, None), mel)
+    with torch.no_grad():
+        hidden = wf.encode(model, mel, torch.float32, n_top=1)
+        assert torch.allclose(wf.encode_top(model, hidden, 1), model.encoder(mel))
+    cached_loss, cached_grads = loss_and_grads(wf.StepNet(model, 1), hidden)
+    assert torch.allclose(cached_loss, loss, atol=1e-6)
+    assert cached_grads.keys() == grads.keys()
+    assert not any(k.startswith(("encoder.blocks.0.", "encoder.conv")) for k in grads)
+    assert any(k.startswith("encoder.blocks.1.") for k in grads)
+    for k in grads:
+        assert torch.allclose(cached_grads[k], grads[k], atol=1e-6), k
+
+
+def test_feature_cache_key_follows_n_and_the_frozen_weights_alone():
+    model = tiny_model(0, TINY2)
+
+    def keys() -> list[str]:
+        return [wf._encoder_key(model, torch.float32, n) for n in (0, 1, 2)]
+
+    before = keys()
+    assert len(set(before)) == 3  # one key per N
+    with torch.no_grad():  # what N = 1 and N = 2 train: only N = 0 sees it
+        model.encoder.blocks[1].mlp[0].weight.add_(1.0)
+        model.encoder.ln_post.weight.add_(1.0)
+    after = keys()
+    assert after[0] != before[0] and after[1:] == before[1:]
+    with torch.no_grad():  # below the top block: N = 1's cache goes stale, not N = 2's
+        model.encoder.blocks[0].attn.query.weight.add_(1.0)
+    assert keys()[1] != after[1] and keys()[2] == after[2]
+
+
+def test_only_the_top_blocks_ln_post_and_the_decoder_reach_the_optimizer(
+    tiny_run, tiny2
+):
+    options = tiny_train(tiny_run, model=tiny2, train_encoder_layers=1, eval_every=0)
+    run = wf.setup_run(train_config({**options, "out": tiny_run / "top1_setup"}))
+    run.lock.close()
+    names = {name for group in run.optimizer.param_groups for name in group["names"]}
+    trained = ("decoder.", "encoder.blocks.1.", "encoder.ln_post.")
+    expected = {k for k, _ in run.model.named_parameters() if k.startswith(trained)}
+    assert names == expected and any(k.startswith("encoder.blocks.1.") for k in names)
+    assert run.cached and run.train_x.rows.shape[1:] == (1500, TINY2.n_audio_state)
+
+
+@pytest.mark.parametrize("n_top", [1, 2])
+def test_cli_trains_the_top_encoder_blocks_and_whisper_decodes_the_result(
+    tiny_run, tiny2, n_top
+):
+    out = tiny_run / f"top{n_top}"
+    options = tiny_train(tiny_run, model=tiny2, max_steps=4, eval_every=2, out=out)
+    run_cli("train", **options, train_encoder_layers=n_top)
+    start = torch.load(tiny2, weights_only=True)["model_state_dict"]
+    last = final_weights(out)
+    changed = {k for k in last if not torch.equal(last[k], start[k])}
+    frozen = [f"encoder.blocks.{i}." for i in range(2 - n_top)] + ["encoder.conv"]
+    assert not any(k.startswith(tuple(frozen)) for k in changed)
+    assert {f"encoder.blocks.{1}.mlp.0.weight", "encoder.ln_post.weight"} <= changed
+    assert any(k.startswith("decoder.") for k in changed)
+    # the run scored best.pt on test from cached states through the top blocks;
+    # `eval` runs the whole model from the audio: the same CER
+    summary = json.loads((out / "summary.json").read_text())
+    line = eval_line(run_cli("eval", out / "best.pt", device="cpu", num_workers=0))
+    assert line["cer"] == pytest.approx(summary["after"]["test_cer"], abs=1e-6)
+    # the same parts read from a copy of the corpus (`--data COPY --part`)
+    if n_top == 1:
+        shutil.copytree(tiny_run / "jvs", tiny_run / "jvs_copy", dirs_exist_ok=True)
+        copy = run_cli(
+            "eval",
+            out / "best.pt",
+            device="cpu",
+            num_workers=0,
+            out=out / "copy.tsv",
+            data=tiny_run / "jvs_copy",
+            part="test",
+        )
+        assert eval_line(copy)["cer"] == line["cer"]
+    # whisper's own loader and decoding give eval's transcripts
+    model = whisper.load_model(str(out / "best.pt"), device="cpu")
+    rows = (out / "best.eval.tsv").read_text().splitlines()[1:]
+    split = json.loads((out / "split.json").read_text())
+    utts, _ = wf.read_corpus(str(tiny_run / "jvs"), TOKENIZERS["multilingual"])
+    by_id = {u.id: u for u in utts}
+    options = wf.decode_options(model, TOKENIZERS["multilingual"], fp16=False)
+    for row in rows:
+        utt_id, hyp = row.split("\t")[0], row.split("\t")[2]
+        audio = wf.load_wave(by_id[utt_id].path)
+        mel = wf.log_mel_spectrogram(audio)
+        assert utt_id in split["test"]
+        assert whisper.decode(model, mel, options).text.strip() == hyp
+
+
+def test_the_harder_copy_keeps_ids_and_texts_and_is_deterministic(tmp_path):
+    write_jvs(tmp_path / "c", {"jvs001": {"A": "一。", "B": "二つ。"}})
+    wf.make_hard_copy(tmp_path / "c", tmp_path / "h1")
+    wf.make_hard_copy(tmp_path / "c", tmp_path / "h2")
+    tok = TOKENIZERS["multilingual"]
+    clean, _ = wf.read_corpus(str(tmp_path / "c"), tok)
+    hard, _ = wf.read_corpus(str(tmp_path / "h1"), tok)
+    assert [(u.id, u.text) for u in hard] == [(u.id, u.text) for u in clean]
+    for u, h in zip(clean, hard):
+        a, rate = soundfile.read(u.path)
+        b, hard_rate = soundfile.read(h.path)
+        assert hard_rate == rate
+        assert len(b) == pytest.approx(len(a) / 1.08 + 0.3 * rate, abs=2)
+        other = Path(h.path.replace("/h1/", "/h2/"))
+        assert other.read_bytes() == Path(h.path).read_bytes()  # from the seed
+        snr = 10 * np.log10((a**2).mean() / ((b[: len(a)] - a[: len(b)]) ** 2).mean())
+        assert snr < 5  # not the clean audio
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(wf.UserError, match="not a harder copy the demo made"):
+        wf.make_hard_copy(tmp_path / "c", tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    n_positions=st.lists(st.integers(0, 1600), min_size=1, max_size=4),
+)
+def test_spec_augment_masks_spans_within_bounds_reproducibly(seed, n_positions):
+    x = torch.ones(len(n_positions), 1500, 40)
+    torch.manual_seed(seed)
+    masked = wf.spec_augment(x, n_positions)
+    torch.manual_seed(seed)
+    assert torch.equal(wf.spec_augment(x, n_positions), masked)  # from the RNG
+    zero = masked == 0
+    times, channels = zero.all(dim=2), zero.all(dim=1)  # (n, 1500), (n, 40)
+    assert torch.equal(zero, times[:, :, None] | channels[:, None, :])  # spans only
+    for i, n in enumerate(n_positions):
+        n = min(max(n, 1), 1500)
+        at = times[i].nonzero().flatten()
+        assert (at < n).all()  # within the item's audio
+        assert len(at) <= 2 * math.floor(0.1 * n)  # two spans of up to 10 %
+        assert channels[i].sum() <= 2 * math.floor(0.1 * 40)
+
+
+def test_spec_augment_and_top_blocks_resume_bitwise_after_a_kill(
+    tiny_run, tiny2, monkeypatch
+):
+    options = tiny_train(
+        tiny_run,
+        model=tiny2,
+        max_steps=8,
+        eval_every=0,
+        save_every=1,
+        train_encoder_layers=1,
+        spec_augment=True,
+    )
+    wf.train(train_config({**options, "out": tiny_run / "spec_full"}))
+    out = tiny_run / "spec_cut"
+    train_killed_after(4, {**options, "out": out}, monkeypatch)
+    wf.train(train_config({"resume": out}))
+    assert_same_weights(tiny_run / "spec_full", out)
+    # and the masks did something: without them, other weights
+    plain = tiny_run / "spec_off"
+    wf.train(train_config({**options, "out": plain, "spec_augment": False}))
+    assert not torch.equal(
+        final_weights(plain)["decoder.ln.weight"],
+        final_weights(out)["decoder.ln.weight"],
+    )
+
+
+# -----------------------------------------------------------------------------
 # a damaged run never trains on garbage; bad options and audio refused before work
 
 
@@ -2065,6 +2266,13 @@ def test_damaged_saves_are_never_trained_on(tiny_run):
         (["--dtype", "fp8"], "invalid choice: 'fp8'"),
         (["--lr", "inf"], "--lr inf: must be > 0"),
         (["--language", "xx"], "--language xx: not a whisper language code"),
+        (["--train-encoder-layers", "-1"], "--train-encoder-layers -1: must be >= 0"),
+        (["--train-encoder-layers", "5"], "layers 5: " + "{tiny}" + " has 1 encoder"),
+        (
+            ["--train-encoder", "--train-encoder-layers", "2"],
+            "--train-encoder trains every layer already",
+        ),
+        (["--spec-augment", "--no-cache-features"], "masks the cached features"),
     ],
 )
 def test_bad_options_are_refused_before_any_work(tiny_run, flags, said, capsys):
@@ -2073,6 +2281,7 @@ def test_bad_options_are_refused_before_any_work(tiny_run, flags, said, capsys):
     with pytest.raises(SystemExit) as exit:
         wf.main(argv + ["--model", str(tiny_run / "tiny.pt"), *flags])
     assert time.process_time() - t0 < 1.0  # no corpus read, no model loaded
+    said = said.replace("{tiny}", str(tiny_run / "tiny.pt"))
     assert exit.value.code == 2 and said in capsys.readouterr().err
     assert not (tiny_run / "x").exists()
 
@@ -2083,7 +2292,7 @@ def test_bad_options_are_refused_before_any_work(tiny_run, flags, said, capsys):
         (["eval", "x.pt", "--batch-size", "0"], "0: must be >= 1"),
         (["eval", "x.pt", "--num-workers", "-1"], "-1: must be >= 0"),
         (["eval", "x.pt", "--device", "gpu"], "not auto, cpu, mps, cuda or cuda:N"),
-        (["eval", "x.pt", "--data", "d", "--part", "dev"], "not with --data"),
+        (["bench", "--train-encoder-layers", "0"], "0: must be >= 1"),
         (["transcribe", "x.pt", "a.wav", "--language", "zz"], "zz: not a whisper"),
         (["bench", "--dims", "huge"], "invalid choice: 'huge'"),
         (["bench", "--n-utts", "4", "--batch-size", "8"], "at least 2 batches of 8"),
@@ -3030,11 +3239,17 @@ def test_bench_runs_all_three_paths_and_reports_ratios(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
     m = re.fullmatch(
-        r"frozen_speedup=([\d.]+) full_speedup=([\d.]+) data_speedup=([\d.]+)", last
+        r"frozen_speedup=([\d.]+) full_speedup=([\d.]+) data_speedup=([\d.]+) "
+        r"partial_speedup=([\d.]+)",
+        last,
     )
     assert m, proc.stdout
     report = json.loads((out / "bench.json").read_text())
-    assert set(report["rows"]) == {"a_seed", "b_frozen", "c_full"}
+    assert set(report["rows"]) == {"a_seed", "b_frozen", "c_full", "d_partial"}
+    assert report["partial_layers"] == 2  # (bench's test dims have 2 encoder blocks)
+    a, d = report["rows"]["a_seed"], report["rows"]["d_partial"]
+    assert report["partial_speedup"] == pytest.approx(d["utt_per_s"] / a["utt_per_s"])
+    assert float(m[4]) == pytest.approx(report["partial_speedup"], abs=0.01)
     assert report["grad_checkpoint"] and report["epochs"] == 1
     a, b = report["rows"]["a_seed"], report["rows"]["b_frozen"]
     assert report["frozen_speedup"] == pytest.approx(b["utt_per_s"] / a["utt_per_s"])
@@ -3045,7 +3260,7 @@ def test_bench_runs_all_three_paths_and_reports_ratios(tmp_path):
     assert report["decode"]["identical"] and report["decode"]["batch"] == 16
     assert "identical tokens: True" in proc.stdout
     # each of whisper_ft's paths again under the profiler: its ops, most time first
-    for name in ("b_frozen", "c_full"):
+    for name in ("b_frozen", "c_full", "d_partial"):
         path = out / f"profile_{name}.txt"
         assert report["profiles"][name] == str(path)
         assert f"profile of {name} (untimed): {path}" in proc.stdout
