@@ -15,6 +15,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import unicodedata
 import warnings
@@ -1405,8 +1406,10 @@ def test_cli_train_eval_transcribe(tiny_run):
     assert torch.equal(last["encoder.conv1.weight"], first["encoder.conv1.weight"])
 
     # eval of a run's checkpoint, no --data: its test part, the CER the run reported
-    common = dict(device="cpu", num_workers=0, out=tiny_run / "eval.tsv")
-    got = eval_line(run_cli("eval", out / "best.pt", **common))
+    common = dict(device="cpu", num_workers=0)  # (--out: a new file each, as it must)
+    got = eval_line(
+        run_cli("eval", out / "best.pt", **common, out=tiny_run / "eval.tsv")
+    )
     assert got["n"] == split["n_test"] and got["cer"] == pytest.approx(
         final["test_cer"]
     )
@@ -1415,12 +1418,16 @@ def test_cli_train_eval_transcribe(tiny_run):
     assert [r.split("\t")[0] for r in rows[1:]] == split["test"]
     saved = json.loads((tiny_run / "eval.json").read_text())
     assert saved["n"] == got["n"] and saved["cer"] == pytest.approx(got["cer"])
-    got = eval_line(run_cli("eval", out / "best.pt", part="dev", **common))
+    dev_tsv = tiny_run / "eval_dev.tsv"
+    got = eval_line(run_cli("eval", out / "best.pt", part="dev", **common, out=dev_tsv))
     assert got["n"] == split["n_dev"]
     # eval of the training corpus: what the run trained on is not scored...
     # ... nor dev (which picked best.pt), nor what a training voice or sentence made:
     # of this corpus, only the test part is left
-    proc = run_cli("eval", out / "best.pt", data=tiny_run / "jvs", **common)
+    corpus_tsv = tiny_run / "eval_corpus.tsv"
+    proc = run_cli(
+        "eval", out / "best.pt", data=tiny_run / "jvs", **common, out=corpus_tsv
+    )
     n_train, n_dev = split["n_train"], split["n_dev"]
     for said in (
         "of its 19 utterances, ",
@@ -1430,7 +1437,7 @@ def test_cli_train_eval_transcribe(tiny_run):
         f"scoring the other {split['n_test']}",
     ):
         assert said in proc.stderr, said
-    rows = (tiny_run / "eval.tsv").read_text().splitlines()[1:]
+    rows = corpus_tsv.read_text().splitlines()[1:]
     assert sorted(r.split("\t")[0] for r in rows) == sorted(split["test"])
     # ... unless asked for
     proc = run_cli("eval", "--include-train", out / "best.pt", data=tiny_run / "jvs")
@@ -1529,10 +1536,17 @@ def test_cli_sigint_saves_and_resumes(tiny_run):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    while proc.poll() is None and not (out / "metrics.jsonl").exists():
-        time.sleep(0.02)  # metrics.jsonl appears once the loop (and its handler) is on
+    said = []  # stderr, a character at a time: tqdm's bar ends no line
+    reader = threading.Thread(
+        target=lambda: said.extend(iter(lambda: proc.stderr.read(1), ""))
+    )
+    reader.start()
+    while proc.poll() is None and "train:" not in "".join(said):
+        time.sleep(0.02)  # the loop's bar: the steps (after step 0's eval) are on
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=300)
+    proc.wait(timeout=300)
+    reader.join(timeout=60)  # (to the end of stderr)
+    stderr = "".join(said)
     assert proc.returncode == 130, stderr
     assert torch.load(out / "state.pt", weights_only=True)["step"] < 12
     assert f"--resume {out}" in stderr
@@ -1951,11 +1965,11 @@ def test_non_finite_loss_with_finite_gradients_is_skipped(tiny_run, dtype, monke
 
 
 def nan_model(path: Path) -> Whisper:
-    """A tiny model whose decoder's last norm is NaN (every step is non-finite),
-    saved at `path`."""
+    """A tiny model whose decoder's last norm is 3e38, saved at `path`: finite, so it
+    loads (NaN weights are refused), but every step overflows to inf and NaN."""
     model = tiny_model(0)
     with torch.no_grad():
-        model.decoder.ln.weight.fill_(float("nan"))
+        model.decoder.ln.weight.fill_(3e38)
     wf.save_checkpoint(model, path)
     return model
 
@@ -2495,7 +2509,7 @@ def test_one_line_errors_where_tracebacks_were(tiny_run, tmp_path):
     (tmp_path / "made").mkdir()
     for out in (tmp_path / "runs" / "new", tmp_path / "made"):
         said = fails("train", **tiny_train(tiny_run, data=empty, out=out))
-        assert "cannot hold out a speaker of 0" in said
+        assert "no usable utterance" in said
     assert not (tmp_path / "runs" / "new").exists()
     assert (tmp_path / "made").is_dir()
     # convert never writes over a file (not even the one it reads)
@@ -3272,3 +3286,476 @@ def test_bench_runs_all_three_paths_and_reports_ratios(tmp_path):
         # (the frozen run's encoder runs too, in its feature build: forward only)
         trains_encoder = "aten::convolution_backward" in ops
         assert "aten::mm" in ops and trains_encoder == (name == "c_full")
+
+
+# -----------------------------------------------------------------------------
+# the second hostile-input round: no output written over, no hang, no blow-up, one line
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, tiny_run) -> Path:
+    """A finished tiny run (best.pt, split.json, summary.json...) on its own copy of
+    the corpus, which tests may edit."""
+    root = tmp_path_factory.mktemp("small_run")
+    shutil.copytree(tiny_run / "jvs", root / "jvs")
+    options = tiny_train(tiny_run, data=root / "jvs", out=root / "run", max_steps=2)
+    run_cli("train", **options, eval_every=2)
+    return root / "run"
+
+
+def fails(*args, code=1, **options) -> str:
+    """A command that fails in one line (exit `code`, no traceback): its stderr."""
+    proc = run_cli(*args, check=False, **options)
+    assert proc.returncode == code and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()[-1]) > 10, proc.stderr
+    return proc.stderr
+
+
+def test_eval_and_train_never_write_over_a_file(small_run, tiny_run, tmp_path):
+    run = small_run
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    for out, name in [
+        ("best.pt", "best.pt"),
+        ("config.tsv", "config.json"),  # its summary, beside it
+        ("eval_test.tsv", "eval_test.tsv"),
+    ]:
+        said = fails("eval", run / "best.pt", out=run / out)
+        assert f"{run / name} exists" in said, said
+    after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert after == before
+    # its own default output is ours to replace: eval twice
+    for _ in range(2):
+        run_cli("eval", run / "best.pt")
+    # train --out: a directory of a user's files, or a run pruned of its last.pt
+    user = tmp_path / "mine"
+    user.mkdir()
+    for name in ("config.json", "split.json"):
+        (user / name).write_text("a user's\n")
+    pruned = tmp_path / "pruned"
+    pruned.mkdir()
+    for name in ("best.pt", "summary.json", "eval_test.tsv"):
+        shutil.copyfile(run / name, pruned / name)
+    for out in (user, pruned):
+        kept = {p.name: p.read_bytes() for p in out.iterdir()}
+        said = fails("train", **tiny_train(tiny_run, out=out))
+        assert f"--out {out}: holds" in said and "--resume" in said, said
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == kept
+    # an empty directory the user made is fine (and is kept on failure)
+
+
+def test_final_renames_refuse_a_target_made_meanwhile(tmp_path):
+    # a file appears at the target while the output is being written
+    target = tmp_path / "out.pt"
+
+    def write(f):
+        target.write_bytes(b"a user's")
+        f.write(b"ours")
+
+    with pytest.raises(wf.UserError, match="exists"):
+        wf.atomic_write(target, write, replace=False)
+    assert target.read_bytes() == b"a user's"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.pt"]  # no temp left
+    # a directory
+    (tmp_path / "d.tmp").mkdir()
+    (tmp_path / "d.tmp" / "model.bin").write_bytes(b"ours")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x").write_bytes(b"a user's")
+    with pytest.raises(wf.UserError, match="exists"):
+        wf.publish(tmp_path / "d.tmp", tmp_path / "d")
+    assert (tmp_path / "d" / "x").read_bytes() == b"a user's"
+    wf.publish(tmp_path / "d.tmp", tmp_path / "e")
+    assert (tmp_path / "e" / "model.bin").read_bytes() == b"ours"
+    assert not (tmp_path / "d.tmp").exists()
+    # export: a file made at the target while the model loads
+    load_model = wf.load_model
+
+    def slow_load(spec, *a, **k):
+        (tmp_path / "m.bin").write_bytes(b"a user's")
+        return load_model(spec, *a, **k)
+
+    wf.save_checkpoint(tiny_model(0), tmp_path / "tiny.pt")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(wf, "load_model", slow_load)
+        with pytest.raises(wf.UserError, match="exists"):
+            wf.export_model(str(tmp_path / "tiny.pt"), "ggml", tmp_path / "m.bin")
+    assert (tmp_path / "m.bin").read_bytes() == b"a user's"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")
+def test_fifos_and_devices_are_skipped_never_opened(tmp_path):
+    os.mkfifo(tmp_path / "fifo.wav")
+    write_wav(tmp_path / "a.wav")
+    write_wav(tmp_path / "b.wav")
+    manifest = tmp_path / "list.tsv"
+    manifest.write_text(
+        "a.wav\t雨が降る。\tA\nfifo.wav\t山に登る。\tA\n/dev/zero\t海。\tB\nb.wav\t本。\tB\n"
+    )
+    old = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("hung on a FIFO"))
+    signal.alarm(20)
+    try:
+        utts, report = wf.read_corpus(str(manifest), TOKENIZERS["multilingual"], "text")
+        with pytest.raises(wf.UserError, match="fifo.wav: not a regular file"):
+            wf.load_wave(tmp_path / "fifo.wav")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert [u.id for u in utts] == ["a", "b"]
+    where = report.skipped["not a regular file (a FIFO, device or socket)"]
+    assert where == [
+        f"{manifest}:2 ({tmp_path / 'fifo.wav'})",
+        f"{manifest}:3 (/dev/zero)",
+    ]
+
+
+def test_odd_sample_rates_resample_cheaply_and_check_agrees(tmp_path):
+    write_wav(tmp_path / "odd.wav", seconds=2.0, rate=44101)
+    write_wav(tmp_path / "cd.wav", seconds=2.0, rate=44100)
+    t0 = time.time()
+    odd = wf.load_wave(tmp_path / "odd.wav")
+    assert time.time() - t0 < 5
+    cd = wf.load_wave(tmp_path / "cd.wav")
+    assert abs(len(odd) - len(cd)) <= 1
+    # read as 44,100 Hz: a pitch 23 ppm off, a phase drift too small to see in 0.1 s
+    assert torch.allclose(odd[:1600], cd[:1600], atol=1e-2)
+    assert wf.probe_audio(tmp_path / "odd.wav")[0] is None
+    # a rate no recording has: refused by check and by the reader, in the same words
+    write_wav(tmp_path / "huge.wav", seconds=0.01, rate=999_983)
+    why, _, _ = wf.probe_audio(tmp_path / "huge.wav")
+    assert why and why.startswith("sample rate 999983 Hz")
+    with pytest.raises(wf.UserError, match=re.escape(f"huge.wav: {why}")):
+        wf.load_wave(tmp_path / "huge.wav")
+
+
+def run_capped(code: str, extra_gib: float = 1.0) -> subprocess.CompletedProcess:
+    """Python `code` after `import whisper_ft as wf`, in a process whose address space
+    may grow by `extra_gib` past what the imports took: a crafted file that makes a
+    reader allocate GBs fails the test with a MemoryError instead of the machine."""
+    prelude = (
+        "import resource, re, whisper_ft as wf\n"
+        "vm = int(re.search(r'VmSize:\\s+(\\d+)', open('/proc/self/status').read())[1])\n"
+        f"cap = vm * 1024 + int({extra_gib} * 2**30)\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (cap, cap))\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", prelude + code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=HERE,
+    )
+
+
+def refused_quickly(path) -> str:
+    """load_model(path): refused in one line within a second, without blowing up."""
+    code = (
+        "import time\nt0 = time.time()\n"
+        f"try:\n    wf.load_model({str(path)!r})\n    print('loaded')\n"
+        "except wf.UserError as e:\n    print(f'{time.time() - t0:.2f} {e}')\n"
+    )
+    proc = run_capped(code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seconds, said = proc.stdout.strip().split(" ", 1)
+    assert float(seconds) < 1.0 and "\n" not in said, proc.stdout
+    return said
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc, RLIMIT_AS")
+def test_declared_sizes_are_checked_before_anything_is_allocated(tmp_path):
+    model = tiny_model(0)
+    ggml = tmp_path / "m.bin"
+    wf.write_ggml_model(model, ggml, torch.float16)
+    data = bytearray(ggml.read_bytes())
+    head = 48 + 8 + 4 * TINY.n_mels * 201  # hparams, mel filters
+    # a vocabulary of 2^31-1 pieces whose first has length -4
+    looping = data[:head] + struct.pack("<ii", 2**31 - 1, -4) + bytes(64)
+    (tmp_path / "loop.bin").write_bytes(looping)
+    assert "loop.bin" in refused_quickly(tmp_path / "loop.bin")
+    # n_vocab 2,000,000, and 10^8 text layers, in the header
+    for name, index, value in [("vocab", 1, 2_000_000), ("layers", 9, 10**8)]:
+        crafted = bytearray(data)
+        struct.pack_into("<i", crafted, 4 * index, value)
+        (tmp_path / f"{name}.bin").write_bytes(crafted)
+        assert f"{name}.bin" in refused_quickly(tmp_path / f"{name}.bin")
+    # the same in a .pt's dims and an HF config
+    ckpt = torch.load(tiny_run_ckpt(tmp_path), weights_only=True)
+    del ckpt["sha256"]
+    ckpt["dims"]["n_text_layer"] = 10**8
+    torch.save(ckpt, tmp_path / "layers.pt")
+    assert "its dims make" in refused_quickly(tmp_path / "layers.pt")
+    pytest.importorskip("safetensors")
+    (tmp_path / "hf").mkdir()
+    wf.write_hf_model(model, tmp_path / "hf", torch.float16)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(
+        json.dumps(config | {"vocab_size": 2_000_000})
+    )
+    assert "config.json: its dims make" in refused_quickly(tmp_path / "hf")
+    # a .pt zip bomb: 3 MB that would inflate to 3 GB
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("bomb/data.pkl", b"\x80\x02}q\x00.")
+        with z.open("bomb/data/0", "w", force_zip64=True) as f:
+            zeros = bytes(2**24)
+            for _ in range(3 * 2**30 // 2**24):
+                f.write(zeros)
+    assert bomb.stat().st_size < 5 * 2**20
+    assert "inflate" in refused_quickly(bomb)
+    # a 2-GB sparse CTranslate2 model.bin of another binary version
+    (tmp_path / "ct2").mkdir()
+    with open(tmp_path / "ct2" / "model.bin", "wb") as f:
+        f.write(struct.pack("<I", 5))
+        f.truncate(2**31)
+    assert "version 5" in refused_quickly(tmp_path / "ct2")
+
+
+def tiny_run_ckpt(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.pt"
+    if not path.exists():
+        wf.save_checkpoint(tiny_model(0), path)
+    return path
+
+
+def test_non_finite_or_integer_weights_are_refused_at_load(tmp_path):
+    ckpt = torch.load(tiny_run_ckpt(tmp_path), weights_only=True)
+    del ckpt["sha256"]
+    state = ckpt["model_state_dict"]
+    nan = {**state, "decoder.ln.weight": state["decoder.ln.weight"].clone()}
+    nan["decoder.ln.weight"][3] = math.nan
+    ints = {**state, "encoder.ln_post.bias": state["encoder.ln_post.bias"].long()}
+    for name, bad, tensor in [
+        ("nan", nan, "decoder.ln.weight"),
+        ("int", ints, "ln_post"),
+    ]:
+        torch.save({**ckpt, "model_state_dict": bad}, tmp_path / f"{name}.pt")
+        with pytest.raises(wf.UserError) as e:
+            wf.load_model(str(tmp_path / f"{name}.pt"))
+        assert f"{name}.pt" in one_line(e) and tensor in str(e.value)
+
+
+def test_eval_filters_exports_and_edited_test_sentences(small_run, tmp_path):
+    run, corpus = small_run, small_run.parent / "jvs"
+    split = json.loads((run / "split.json").read_text())
+    n_heldout = len(split["test"]) + len(split.get("dev", []))
+    run_cli("export", run / "best.pt", tmp_path / "x", to="ct2", no_check=True)
+    shutil.move(tmp_path / "x", run / "ct2")
+    try:
+        proc = run_cli("eval", run / "ct2", data=corpus, out=tmp_path / "ct2.tsv")
+    finally:
+        shutil.rmtree(run / "ct2")
+    assert "trained on" in proc.stderr
+    assert eval_line(proc)["n"] <= n_heldout - len(split.get("dev", []))
+    # a test utterance whose text was edited into a training sentence
+    copy = tmp_path / "copy"
+    shutil.copytree(corpus, copy)
+    test_id = split["test"][0]
+    speaker, utt = test_id.split("/")[0], test_id.split("/")[-1]
+    transcript = next((copy / speaker).glob(f"*/{wf.JVS_TRANSCRIPT}"))
+    lines = transcript.read_text(encoding="utf-8").splitlines()
+    lines = [f"{utt}:今日は晴れ。" if s.startswith(f"{utt}:") else s for s in lines]
+    transcript.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "e.tsv"
+    proc = run_cli(
+        "eval", run / "best.pt", data=copy, part="test", out=out, check=False
+    )
+    assert "1 read a training sentence" in proc.stderr
+    if len(split["test"]) > 1:
+        assert eval_line(proc)["n"] == len(split["test"]) - 1
+    else:
+        assert proc.returncode == 1 and "every utterance overlaps" in proc.stderr
+
+
+def test_late_and_misleading_messages(small_run, tiny_run, tmp_path):
+    run = small_run
+    # --include-train means nothing without --data
+    assert "--include-train" in fails(
+        "eval", run / "best.pt", "--include-train", code=2
+    )
+    # a retain set in the run's own language: refused before the test part is decoded
+    out = tmp_path / "e.tsv"
+    said = fails(
+        "eval",
+        run / "best.pt",
+        retain_data=run.parent / "jvs",
+        retain_language="ja",
+        out=out,
+        code=2,
+    )
+    assert "retain" in said and not out.exists()
+    # nothing usable: say so, not "cannot hold out a speaker of 0"
+    empty = tmp_path / "silent"
+    write_jvs(empty, {"jvs001": {"U0": "", "U1": ""}, "jvs002": {"U0": ""}})
+    said = fails("train", **tiny_train(tiny_run, data=empty, out=tmp_path / "r"))
+    assert "no usable utterance" in said and "speaker of 0" not in said
+    # --max-steps -5 from a config.json edited by hand: said as config.json's
+    copy = tmp_path / "resumed"
+    shutil.copytree(run, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(config | {"max_steps": -5}))
+    said = fails("train", resume=copy)
+    assert "config.json" in said and "max_steps" in said
+    # config.json edited into something else
+    for bad in [
+        '"a string"',
+        "[1, 2]",
+        "null",
+        json.dumps(config | {"seed": "abc"}),
+        json.dumps(config | {"max_steps": 3.5}),
+    ]:
+        (copy / "config.json").write_text(bad)
+        assert "config.json" in fails("train", resume=copy)
+    # split.json without test
+    split = json.loads((run / "split.json").read_text())
+    shutil.copytree(run, tmp_path / "nosplit")
+    del split["test"]
+    (tmp_path / "nosplit" / "split.json").write_text(json.dumps(split))
+    assert "split.json" in fails("eval", tmp_path / "nosplit" / "best.pt")
+    # an unwritable output is named as given, not as our temp file
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not os.access(locked, os.W_OK):  # (root writes anyway)
+            said = fails("convert", run / "best.pt", locked / "x.pt")
+            assert f"{locked / 'x.pt'}" in said and ".tmp" not in said
+    finally:
+        locked.chmod(0o700)
+
+
+def test_demo_refuses_its_out_before_synthesising(tmp_path, monkeypatch, capsys):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "last.pt").write_bytes(b"x")
+    monkeypatch.setattr(wf, "make_demo_corpus", lambda *a: pytest.fail("synthesised"))
+    with pytest.raises(SystemExit) as e:
+        wf.main(["demo", "--out", str(tmp_path / "old")])
+    assert f"--out {tmp_path / 'old'}: exists" in str(e.value)
+
+
+def test_crafted_model_files_fail_in_one_line(tmp_path):
+    pytest.importorskip("safetensors")
+    model = tiny_model(0)
+    (tmp_path / "hf").mkdir()
+    wf.write_hf_model(model, tmp_path / "hf", torch.float16)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cases = {
+        "missing key": {k: v for k, v in config.items() if k != "d_model"},
+        "string dim": config | {"encoder_layers": "4"},
+        "negative layers": config | {"decoder_layers": -1},
+    }
+    for why, bad in cases.items():
+        (tmp_path / "hf" / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(wf.UserError) as e:
+            wf.load_model(str(tmp_path / "hf"))
+        assert "config.json" in one_line(e), why
+    (tmp_path / "hf" / "config.json").write_text("[1, 2]")
+    with pytest.raises(wf.UserError) as e:
+        wf.load_model(str(tmp_path / "hf"))
+    assert "config.json" in one_line(e)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    weights = tmp_path / "hf" / "model.safetensors"
+    whole = weights.read_bytes()
+    for cut in (whole[:-100], b"\xff" * 8 + whole[8:]):
+        weights.write_bytes(cut)
+        with pytest.raises(wf.UserError) as e:
+            wf.load_model(str(tmp_path / "hf"))
+        assert "model.safetensors" in one_line(e)
+    weights.unlink()
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(wf.UserError) as e:
+        wf.load_model(str(tmp_path / "hf"))
+    assert "weight_map" in one_line(e)
+    # ggml: negative dims, a name that is not UTF-8
+    wf.write_ggml_model(model, tmp_path / "g.bin", torch.float16)
+    data = (tmp_path / "g.bin").read_bytes()
+    negative = bytearray(data)
+    struct.pack_into("<i", negative, 4 * 3, -384)  # n_audio_state
+    (tmp_path / "neg.bin").write_bytes(negative)
+    name = b"encoder.positional_embedding"
+    (tmp_path / "utf.bin").write_bytes(data.replace(name, b"\xff" * len(name), 1))
+    for path in (tmp_path / "neg.bin", tmp_path / "utf.bin"):
+        with pytest.raises(wf.UserError) as e:
+            wf.load_model(str(path))
+        assert path.name in one_line(e)
+    # a CTranslate2 model whose head count is negative, or does not divide its width
+    (tmp_path / "ct2").mkdir()
+    wf.write_ct2_model(model, tmp_path / "ct2", torch.float16)
+    path = tmp_path / "ct2" / "model.bin"
+    data = path.read_bytes()
+    name = b"encoder/num_heads\0"
+    at = data.index(name) + len(name) + 1 + 1 + 4  # rank, dtype, n_bytes: its int16
+    for heads in (-3, 7):
+        crafted = bytearray(data)
+        struct.pack_into("<h", crafted, at, heads)
+        path.write_bytes(crafted)
+        with pytest.raises(wf.UserError) as e:
+            wf.load_model(str(tmp_path / "ct2"))
+        assert "n_audio_head" in one_line(e)
+
+
+def test_anything_that_escapes_a_command_is_one_line(monkeypatch, capsys):
+    def broken(args):
+        raise ValueError("an internal slip")
+
+    monkeypatch.setattr(wf, "cmd_check", broken)
+    with pytest.raises(SystemExit) as e:
+        wf.main(["check", "--data", "x"])
+    assert "ValueError: an internal slip" in str(e.value)
+    assert "--debug" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError):
+        wf.main(["check", "--data", "x", "--debug"])
+
+
+def test_sigterm_during_an_eval_stops_in_seconds_and_resumes_it(
+    tiny_run, tmp_path, monkeypatch
+):
+    options = tiny_train(tiny_run, out=tmp_path / "run", max_steps=4, eval_every=2)
+    evaluate = wf.evaluate
+
+    def slow_eval(run, step, parts, when):  # minutes on a real dev set
+        if step == 2 and when == "last":
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)  # (the signal's handler ends this)
+        return evaluate(run, step, parts, when)
+
+    monkeypatch.setattr(wf, "evaluate", slow_eval)
+    t0 = time.time()
+    with pytest.raises(SystemExit) as exit:
+        wf.train(train_config(options))
+    assert exit.value.code == 128 + signal.SIGTERM and time.time() - t0 < 30
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    assert state["step"] == 2 and state["eval_due"]
+    assert [r["step"] for r in read_records(tmp_path / "run") if "dev_cer" in r] == [0]
+    monkeypatch.setattr(wf, "evaluate", evaluate)
+    wf.train(train_config({"resume": tmp_path / "run"}))  # makes step 2's eval first
+    steps = [r["step"] for r in read_records(tmp_path / "run") if "dev_cer" in r]
+    assert steps == [0, 2, 4]
+
+
+def test_a_second_signal_during_a_save_lets_it_finish(tiny_run, tmp_path, monkeypatch):
+    options = tiny_train(tiny_run, out=tmp_path / "run", max_steps=3, eval_every=0)
+    write_last_pair = wf.write_last_pair
+
+    def interrupted(out, model, step, state):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # the user means it: after this save
+        write_last_pair(out, model, step, state)
+
+    monkeypatch.setattr(wf, "write_last_pair", interrupted)
+    with pytest.raises(SystemExit) as exit:
+        wf.train(train_config(options | {"save_every": 1}))
+    assert exit.value.code == 128 + signal.SIGINT
+    last, state = wf.read_last_pair(tmp_path / "run", log=lambda m: None)
+    assert last["step"] == state["step"] == 1
+
+
+def test_export_refuses_nan_audio_and_notes_a_long_clip(tmp_path, capsys):
+    wf.save_checkpoint(tiny_model(0), tmp_path / "tiny.pt")
+    nan = np.r_[np.zeros(8000), [np.nan]].astype(np.float32)
+    soundfile.write(tmp_path / "nan.wav", nan, 16000, subtype="FLOAT")
+    argv = ["export", str(tmp_path / "tiny.pt"), str(tmp_path / "x"), "--to", "ggml"]
+    with pytest.raises(SystemExit) as e:
+        wf.main([*argv, "--no-check", "--audio", str(tmp_path / "nan.wav")])
+    assert "nan.wav: NaN or infinite samples" in str(e.value)
+    assert not (tmp_path / "x").exists()
+    write_wav(tmp_path / "long.wav", seconds=31, rate=16000)
+    wf.main([*argv, "--no-check", "--audio", str(tmp_path / "long.wav")])
+    assert "long.wav: over 30 s" in capsys.readouterr().err

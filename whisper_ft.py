@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import functools
 import hashlib
 import importlib.util
@@ -44,6 +45,7 @@ import sys
 import time
 import unicodedata
 import uuid
+import zipfile
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -92,6 +94,7 @@ _WHISPER_DIMS = {  # name: (n_state, n_head, n_audio_layer, n_text_layer)
 }
 FEATURE_VERSION = 1  # bump when log_mel_spectrogram's numbers change: caches go stale
 LONG_FORM_GAP = 0.3  # seconds of silence between joined utterances
+AUDIO_RATES = range(1_000, 768_001)  # Hz, audio files' sample rates that are read
 CHOICES = {
     "target": ["kana", "text"],
     "init": ["pretrained", "random"],
@@ -143,6 +146,18 @@ GGML_HPARAMS = (  # whisper.cpp's hparams, in its file's order (then ftype)
     "n_vocab n_audio_ctx n_audio_state n_audio_head n_audio_layer "
     "n_text_ctx n_text_state n_text_head n_text_layer n_mels".split()
 )
+HF_DIMS = {  # ModelDimensions' field -> transformers' WhisperConfig key
+    "n_mels": "num_mel_bins",
+    "n_audio_ctx": "max_source_positions",
+    "n_audio_state": "d_model",
+    "n_audio_head": "encoder_attention_heads",
+    "n_audio_layer": "encoder_layers",
+    "n_vocab": "vocab_size",
+    "n_text_ctx": "max_target_positions",
+    "n_text_state": "d_model",
+    "n_text_head": "decoder_attention_heads",
+    "n_text_layer": "decoder_layers",
+}
 # openai-whisper -> transformers names, applied in order to each state_dict key (as in
 # transformers' convert_openai_to_hf.py); ".attn." never matches inside "cross_attn."
 HF_RENAMES = [
@@ -282,12 +297,16 @@ def _sinc_kernel(orig_freq: int, new_freq: int) -> tuple[torch.Tensor, int, int,
 def resample(wave: torch.Tensor, orig_freq: int, new_freq: int) -> torch.Tensor:
     """torchaudio.transforms.Resample(orig_freq, new_freq)(wave), to float rounding: its
     filter as a matmul over overlapping frames (each o input samples give n output
-    samples; o:n is the rates' ratio in lowest terms): cheaper than its conv1d.
+    samples; o:n is the rates' ratio in lowest terms): cheaper than its conv1d. A rate
+    whose exact filter would be huge is taken as the nearest multiple of 50 Hz.
 
     wave: torch.Tensor, shape = (n_samples,)
     """
     if orig_freq == new_freq:
         return wave
+    g = math.gcd(orig_freq, new_freq)
+    if orig_freq // g * (new_freq // g) > 2**20:  # the exact filter: GBs (44,101 Hz)
+        orig_freq = round(orig_freq / 50) * 50  # (pitch off by < 0.1% above 25 kHz)
     kernel, width, o, n = _sinc_kernel(orig_freq, new_freq)  # kernel: (n_taps, n)
     frames = F.pad(wave, (width, width + o)).unfold(-1, kernel.shape[0], o)
     # the matmul copies its frames: a block at a time (16 MB), for hour-long files
@@ -303,24 +322,50 @@ def load_wave(path: str | os.PathLike) -> torch.Tensor:
     -------
     torch.Tensor, shape = (n_samples,), at 16 kHz, values in [-1, 1]
     """
-    if not os.path.isfile(path):
-        why = "a directory, not an audio file" if os.path.isdir(path) else "not found"
+    if why := not_a_file(path):
         raise UserError(f"{path}: {why}")
     try:
         with soundfile.SoundFile(path) as f:
+            if why := rate_problem(f.samplerate):
+                raise UserError(f"{path}: {why}")
             # 16-bit PCM (JVS's) read as int16, scaled here: libsndfile's x / 32768
             pcm16 = f.subtype == "PCM_16"
             audio, rate = f.read(dtype="int16" if pcm16 else "float32"), f.samplerate
+    except UserError:
+        raise
     except Exception as e:  # soundfile raises LibsndfileError, TypeError, RuntimeError
         raise UserError(f"{path}: cannot read audio ({e})") from None
     if audio.shape[0] == 0:
         raise UserError(f"{path}: empty audio (0 samples)")
+    if not np.isfinite(audio).all():
+        raise UserError(f"{path}: NaN or infinite samples")
     wave = torch.from_numpy(audio)
     if pcm16:
         wave = wave.float().mul_(1 / 32768)
     if wave.ndim == 2:
         wave = wave.mean(dim=1)  # channels mixed down to mono
     return resample(wave, rate, SAMPLE_RATE)
+
+
+def not_a_file(path: str | os.PathLike) -> Optional[str]:
+    """Why `path` is not opened, or None: only regular files are (a FIFO's reader
+    would wait for a writer forever, a device's read never end)."""
+    if os.path.isfile(path):
+        return None
+    if os.path.isdir(path):
+        return "a directory, not an audio file"
+    return (
+        "not a regular file (a FIFO, device or socket)"
+        if os.path.exists(path)
+        else "not found"
+    )
+
+
+def rate_problem(rate: int) -> Optional[str]:
+    """Why a sample rate is not read (said alike by check and by training), or None."""
+    if rate in AUDIO_RATES:
+        return None
+    return f"sample rate {rate} Hz (read: {AUDIO_RATES[0]:,} to {AUDIO_RATES[-1]:,})"
 
 
 def probe_audio(
@@ -332,6 +377,8 @@ def probe_audio(
     whose data ends before its header says would be trained on with all its text."""
     try:
         info = soundfile.info(str(path))
+        if why := rate_problem(info.samplerate):
+            return why, None, 0.0
         seconds = info.frames / info.samplerate
         if info.frames == 0:
             return "empty audio", None, 0.0
@@ -654,8 +701,9 @@ def read_corpus(
             why = f"longer than the decoder's {n_text_ctx}-token context"
             report.skip(why, f"{u.source} ({len(u.tokens)} tokens)")
             continue
-        if not os.path.exists(u.path):
-            report.skip("transcript line without wav", f"{u.source} ({u.path})")
+        if why := not_a_file(u.path):
+            why = "transcript line without wav" if why == "not found" else why
+            report.skip(why, f"{u.source} ({u.path})")
             continue
         why, odd, u.seconds = probe_audio(Path(u.path), max_seconds)
         if why:
@@ -760,6 +808,15 @@ def split_info(
         "train_texts": sorted({normalize_text(u.target) for u in train}),
         "train_speakers": sorted({u.speaker for u in train}),
     }
+
+
+def read_split(path: Path) -> dict:
+    """A run's split.json, refused in one line unless train and test are lists."""
+    split = read_json(path)
+    parts = [split.get(k) for k in ("train", "test")] if type(split) is dict else []
+    if not parts or not all(isinstance(ids, list) for ids in parts):
+        raise UserError(f"{path}: not a split of whisper_ft (no train and test lists)")
+    return split
 
 
 def apply_split(utts: list[Utterance], split: dict, part: str) -> list[Utterance]:
@@ -1040,23 +1097,21 @@ def random_model(dims: ModelDimensions, seed: int) -> Whisper:
 def load_model(spec: str, init: str = "pretrained", seed: int = 0) -> Whisper:
     """A whisper model on the CPU from a name ("base": whisper downloads it), an openai
     checkpoint (.pt, digest checked where it has one), a CTranslate2 or transformers
-    directory, or a whisper.cpp file; init="random": fresh weights of the same dims."""
-    if os.path.isdir(spec):
-        dims, state = read_model_dir(spec)
-    elif os.path.isfile(spec) and is_ggml_file(spec):
-        dims, state = read_ggml_model(spec)
-    elif os.path.isfile(spec):
-        checkpoint = load_checked(spec)
-        for key in ("dims", "model_state_dict"):
-            if key not in checkpoint:
-                raise UserError(f"{spec}: not a whisper checkpoint (no {key!r})")
+    directory, or a whisper.cpp file; init="random": fresh weights of the same dims.
+    A file is refused in one line (UserError) unless check_model passes its weights."""
+    if os.path.isdir(spec) or os.path.isfile(spec):
         try:
-            dims = ModelDimensions(**checkpoint["dims"])
-        except TypeError as e:
-            raise UserError(f"{spec}: its dims are not whisper's ({e})") from None
-        state = checkpoint["model_state_dict"]
+            dims, state = read_model_file(spec)
+        except UserError:
+            raise
+        except Exception as e:  # a reader met what no check of its foresaw
+            said = (str(e).strip().splitlines() or [""])[0][:160]
+            raise UserError(
+                f"{spec}: not a readable model ({type(e).__name__}: {said})"
+            ) from None
+        check_model(spec, dims, state)
     elif spec in whisper.available_models() and init == "random":
-        dims, state = model_dims(spec), None
+        dims = model_dims(spec)
     elif spec in whisper.available_models():
         try:
             return whisper.load_model(spec, device="cpu")
@@ -1079,6 +1134,70 @@ def load_model(spec: str, init: str = "pretrained", seed: int = 0) -> Whisper:
         first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
         raise UserError(f"{spec}: its weights do not fit its dims ({first})") from None
     return model
+
+
+def read_model_file(spec: str) -> tuple[ModelDimensions, dict]:
+    """Dims and state_dict of a model directory, ggml file or torch.save checkpoint."""
+    if os.path.isdir(spec):
+        return read_model_dir(spec)
+    if is_ggml_file(spec):
+        return read_ggml_model(spec)
+    checkpoint = load_checked(spec)
+    for key in ("dims", "model_state_dict"):
+        if not isinstance(checkpoint.get(key), dict):
+            raise UserError(f"{spec}: not a whisper checkpoint (no {key!r})")
+    try:
+        return ModelDimensions(**checkpoint["dims"]), checkpoint["model_state_dict"]
+    except TypeError as e:
+        raise UserError(f"{spec}: its dims are not whisper's ({e})") from None
+
+
+def n_weights(dims: ModelDimensions) -> int:
+    """How many numbers Whisper(dims).state_dict() holds, from the dims alone."""
+
+    def block(s: int, cross: bool) -> int:  # (cross-)attention, MLP, their norms
+        return (4 * s * s + 5 * s) * (1 + cross) + 8 * s * s + 7 * s
+
+    a, t = dims.n_audio_state, dims.n_text_state
+    encoder = (3 * dims.n_mels + 3 * a + 2 + dims.n_audio_ctx + 2) * a
+    decoder = (dims.n_vocab + dims.n_text_ctx + 2) * t
+    return (
+        encoder
+        + decoder
+        + dims.n_audio_layer * block(a, False)
+        + dims.n_text_layer * block(t, True)
+    )
+
+
+def check_dims(spec, dims: ModelDimensions, n_held: int) -> None:
+    """Refuse (UserError naming `spec`) dims that no whisper has. The dims a file
+    declares are believed only where its tensors (read within the file's own size)
+    hold n_held >= half as many numbers: a crafted file cannot make Whisper(dims), or
+    a list of its weights' names, cost more than a small multiple of itself."""
+    for name, v in dataclasses.asdict(dims).items():
+        if type(v) is not int or v < 1:
+            raise UserError(f"{spec}: its dims say {name}={v!r}")
+    for side in ("audio", "text"):
+        width, heads = getattr(dims, f"n_{side}_state"), getattr(dims, f"n_{side}_head")
+        if width % heads:
+            raise UserError(f"{spec}: n_{side}_head={heads} does not divide {width}")
+    if n_weights(dims) > 2 * n_held:
+        raise UserError(
+            f"{spec}: its dims make {n_weights(dims):,} weights; its tensors hold "
+            f"{n_held:,} numbers"
+        )
+
+
+def check_model(spec: str, dims: ModelDimensions, state: dict) -> None:
+    """check_dims, and weights that are not finite floats refused, naming one."""
+    if not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise UserError(f"{spec}: its state_dict holds other things than tensors")
+    check_dims(spec, dims, sum(t.numel() for t in state.values()))
+    for name, t in state.items():
+        if not t.is_floating_point():
+            raise UserError(f"{spec}: tensor {name} holds {t.dtype}, not floats")
+        if not torch.isfinite(t).all():
+            raise UserError(f"{spec}: tensor {name} holds NaN or infinite values")
 
 
 def model_tokenizer(dims: ModelDimensions, language: str) -> Tokenizer:
@@ -1121,6 +1240,11 @@ def content_digest(obj) -> str:
 def load_checked(path: str | os.PathLike) -> dict:
     """A dict saved by torch.save, its "sha256" checked where it has one (whisper_ft's
     files do, whisper's do not); one that does not load or match raises UserError."""
+    if zipfile.is_zipfile(path):  # (torch.save stores, it does not compress)
+        with zipfile.ZipFile(path) as z:
+            n_bytes = sum(info.file_size for info in z.infolist())
+        if n_bytes > 2 * os.path.getsize(path) + 2**20:
+            raise UserError(f"{path}: a zip that would inflate to {n_bytes:,} bytes")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -1142,8 +1266,10 @@ def load_checked(path: str | os.PathLike) -> dict:
     return obj
 
 
-def atomic_write(path: str | os.PathLike, write: Callable) -> None:
-    """Write via `write(file)` to a temp file, fsync, rename: a crash leaves the old."""
+def atomic_write(path: str | os.PathLike, write: Callable, replace=True) -> None:
+    """Write via `write(file)` to a temp file, fsync, rename: a crash leaves the old
+    file. replace=False: a file at `path` by then is refused, never written over (see
+    publish). An OSError names `path`, not the temp file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -1151,9 +1277,14 @@ def atomic_write(path: str | os.PathLike, write: Callable) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # a full disk, Ctrl-C: no half-written temp left behind
+        if replace:
+            os.replace(tmp, path)
+        else:
+            publish(tmp, path)
+    except BaseException as e:  # a full disk, Ctrl-C: no half-written temp left behind
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename == str(tmp):
+            raise type(e)(e.errno, e.strerror, str(path)) from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -1162,20 +1293,50 @@ def atomic_write(path: str | os.PathLike, write: Callable) -> None:
         os.close(dir_fd)
 
 
-def save_json(path: str | os.PathLike, obj) -> None:
+def publish(tmp: Path, path: Path) -> None:
+    """Give a finished temp file or directory the name `path`, which must be free then,
+    with no check-then-replace window: a file is hard-linked (which fails if `path`
+    exists) and its temp name removed; a directory is renamed onto an empty one that
+    mkdir made for it (mkdir fails if `path` exists, and the rename if it gained files
+    meanwhile)."""
+    try:
+        if tmp.is_dir():
+            path.mkdir()
+            try:
+                os.rename(tmp, path)
+            except OSError:
+                path.rmdir()
+                raise
+        else:
+            try:
+                os.link(tmp, path)
+            except OSError as e:  # a file system without hard links (FAT, some FUSE)
+                if e.errno == errno.EEXIST:
+                    raise
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL))  # claims the name
+                os.replace(tmp, path)  # (over the empty file just made)
+            tmp.unlink(missing_ok=True)
+    except OSError as e:
+        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+        raise UserError(f"{path} exists: remove it or choose another output") from None
+
+
+def save_json(path: str | os.PathLike, obj, replace: bool = True) -> None:
     text = json.dumps(obj, ensure_ascii=False, indent=1) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()), replace)
 
 
-def save_checkpoint(model: Whisper, path: str | os.PathLike, **extra) -> None:
-    """In whisper's format: whisper.load_model(path) and `whisper --model` read it."""
+def save_checkpoint(model: Whisper, path, replace: bool = True, **extra) -> None:
+    """In whisper's format: whisper.load_model(path) and `whisper --model` read it.
+    replace=False: a file at `path` is refused (atomic_write)."""
     checkpoint = {
         "dims": dataclasses.asdict(model.dims),
         **extra,
         "model_state_dict": model.state_dict(),
     }
     checkpoint["sha256"] = content_digest(checkpoint)  # load_checked verifies it
-    atomic_write(path, lambda f: torch.save(checkpoint, f))
+    atomic_write(path, lambda f: torch.save(checkpoint, f), replace)
 
 
 def write_last_pair(out: Path, model: Whisper, step: int, state: dict) -> None:
@@ -1302,19 +1463,46 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class Stopped(Exception):
+    """A signal came during an eval, which is abandoned (see _StopFlag)."""
+
+
 class _StopFlag:
-    """Set by SIGINT/SIGTERM: the loop finishes its step, saves and exits."""
+    """Set by SIGINT/SIGTERM: the loop finishes its step, saves and exits. During an
+    eval (minutes on a real dev set: more than a scheduler's grace before its SIGKILL)
+    it raises Stopped, to save without that eval. A second signal stops at once
+    (KeyboardInterrupt: the saves are atomic), after the save that it interrupts."""
 
     def __init__(self):
-        self.signum = 0
+        self.signum, self.n_signals, self.doing, self.deferred = 0, 0, "", False
 
     def __call__(self, signum, _frame):
-        if self.signum:  # a second Ctrl-C: the user means it
+        self.signum, self.n_signals = signum, self.n_signals + 1
+        if self.doing == "save":
+            self.deferred = True  # (acted on once the save is whole)
+        else:
+            self.act()
+
+    def act(self) -> None:
+        if self.n_signals > 1:  # the user means it
             raise KeyboardInterrupt
-        self.signum = signum
-        print(
-            f"\n{signal.Signals(signum).name}: saving after this step", file=sys.stderr
+        what = (
+            "abandoning this eval" if self.doing == "eval" else "saving after this step"
         )
+        print(f"\n{signal.Signals(self.signum).name}: {what}", file=sys.stderr)
+        if self.doing == "eval":
+            raise Stopped
+
+    @contextlib.contextmanager
+    def during(self, doing: str):
+        self.doing = doing
+        try:
+            yield
+        finally:
+            self.doing = ""
+        if self.deferred:
+            self.deferred = False
+            self.act()
 
 
 def _dist_setup(device_name: str) -> tuple[int, int, torch.device]:
@@ -1422,6 +1610,7 @@ class Run:
     graphed: bool = False  # train steps captured (eager again if a capture failed)
     start: int = 0  # the step saved last: the loop goes on from start + 1
     best_cer: float = math.inf  # dev CER of best.pt
+    eval_due: bool = False  # the eval of step `start` was abandoned: made on resume
     feature_seconds: float = 0.0
     feature_gib: float = 0.0
 
@@ -1438,14 +1627,21 @@ class Run:
             tqdm.write(message, file=sys.stderr)  # under the progress bar
 
 
-def check_config(cfg: TrainConfig) -> None:
-    """Options that are wrong whatever the data: refused before anything is read."""
+def out_of_range(values: dict) -> Optional[tuple[str, str]]:
+    """The first numeric option of `values` outside its range (OPTION_RANGES): its
+    name and "value: must be ...", or None."""
     for names, ok, wording in OPTION_RANGES:
         for name in names.split():
-            value = getattr(cfg, name)
-            if not ok(value) or not math.isfinite(value):
-                flag = "--" + name.replace("_", "-")
-                raise OptionError(f"{flag} {value}: must be {wording}")
+            v = values.get(name, 1)
+            if not ok(v) or not math.isfinite(v):
+                return name, f"{v}: must be {wording}"
+    return None
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Options that are wrong whatever the data: refused before anything is read."""
+    if bad := out_of_range(dataclasses.asdict(cfg)):
+        raise OptionError(f"--{bad[0].replace('_', '-')} {bad[1]}")
     if cfg.language not in whisper.tokenizer.LANGUAGES:
         raise OptionError(f"--language {cfg.language}: not a whisper language code")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
@@ -1499,12 +1695,21 @@ def read_json(path: Path):
 
 
 def load_config(path: Path) -> TrainConfig:
-    """A run's config.json; options this version no longer has are left out, said."""
+    """A run's config.json; options this version no longer has are left out, said.
+    A value of the wrong type or range (edited by hand) is refused, naming the file."""
     saved = read_json(path)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    if gone := sorted(saved.keys() - known):
+    if type(saved) is not dict:
+        raise UserError(f"{path}: not a run's config (a JSON {type(saved).__name__})")
+    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    if gone := sorted(saved.keys() - types.keys()):
         print(f"{path}: options no longer known, left out: {gone}", file=sys.stderr)
-    return TrainConfig(**{k: v for k, v in saved.items() if k in known})
+    saved = {k: v for k, v in saved.items() if k in types}
+    for name, v in saved.items():
+        if type(v) is not types[name] and (types[name], type(v)) != (float, int):
+            raise UserError(f"{path}: {name} {v!r} is not a {types[name].__name__}")
+    if bad := out_of_range(saved):
+        raise UserError(f"{path}: {bad[0]} {bad[1]}")
+    return TrainConfig(**saved)
 
 
 def run_config(
@@ -1561,6 +1766,13 @@ def lock_run(out: Path):
     return f
 
 
+def out_files(out: Path) -> str:
+    """What a directory holds, said in a few names ("" if empty, or if it holds only a
+    lock left by a run that failed before writing anything)."""
+    names = sorted(p.name for p in out.iterdir() if p.name != ".lock")
+    return ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if names[3:] else "")
+
+
 def run_dir(out: Path) -> None:
     """Make the run directory, or say in one line why it cannot be."""
     try:
@@ -1594,11 +1806,12 @@ def load_data(
     if cfg.eval_data:
         held, eval_report = read(cfg.eval_data)
         log(eval_report.summary(cfg.eval_data))
+    for data, found in ((cfg.data, utts), (cfg.eval_data, held)):
+        if not found:
+            raise UserError(f"{data}: no usable utterance (the report above says why)")
     split_json = out / "split.json"
     if cfg.resume:
-        split = read_json(split_json)
-        if "test" not in split:
-            raise UserError(f"{split_json}: no test part, not a split of whisper_ft")
+        split = read_split(split_json)
         train = apply_split(utts, split, "train")
         dev, test = apply_split(held, split, "dev"), apply_split(held, split, "test")
         log(f"split: as {split_json} lists it")
@@ -1715,9 +1928,10 @@ def setup_run(cfg: TrainConfig, given: Optional[set[str]] = None) -> Run:
     cfg, out, changes = run_config(cfg, given)
     check_config(cfg)
     rank, world, device = _dist_setup(cfg.device)
-    if not cfg.resume and (out / "last.pt").exists():
-        raise SystemExit(
-            f"{out} holds a run: continue it with --resume {out}, or pick --out"
+    if not cfg.resume and out.is_dir() and (held := out_files(out)):
+        raise UserError(
+            f"--out {out}: holds {held}: a new run goes into a new or empty directory "
+            f"(--resume {out} continues a run)"
         )
     if cfg.batch_size % (cfg.grad_accum * world):
         raise OptionError(
@@ -1864,6 +2078,7 @@ def restore_state(run: Run, checkpoint: dict, state: dict) -> None:
     run.scaler.load_state_dict(state["scaler"])
     _set_rng_state(state["rng"])
     run.start, run.best_cer = state["step"], state["best_cer"]
+    run.eval_due = state.get("eval_due", False)
     run.log(f"resuming {run.out} at step {run.start}")
 
 
@@ -2295,6 +2510,7 @@ def save_last(run: Run, step: int) -> None:
         state = {
             "run_id": run.run_id,
             "best_cer": run.best_cer,
+            "eval_due": run.eval_due,  # this step's eval was abandoned
             "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(),
             "rng": _rng_state(),
@@ -2390,9 +2606,10 @@ def train(cfg: TrainConfig, given: Optional[set[str]] = None) -> dict:
     stop = _StopFlag()
     handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        if run.start == 0 and cfg.eval_every > 0:
-            with progress.paused():
-                eval_step(run, progress, 0)
+        if cfg.eval_every > 0 and (run.start == 0 or run.eval_due):
+            with progress.paused(), stop.during("eval"):
+                eval_step(run, progress, run.start)
+            run.eval_due = False
         for step in tqdm(
             range(run.start + 1, cfg.max_steps + 1),
             initial=run.start,
@@ -2421,21 +2638,27 @@ def train(cfg: TrainConfig, given: Optional[set[str]] = None) -> dict:
             save_now = cfg.save_every > 0 and step % cfg.save_every == 0
             with progress.paused():
                 if eval_now:
-                    eval_step(run, progress, step)
+                    try:
+                        with stop.during("eval"):
+                            eval_step(run, progress, step)
+                    except Stopped:  # saved below: a resumed run makes this eval
+                        run.eval_due = True
                 # all ranks stop at the same step
                 stopping = _any_rank(bool(stop.signum), run.device, run.world)
                 if stopping and progress.pending:
                     progress.check_bad_steps(step)  # so the skipped steps are on record
                 if eval_now or save_now or last_step or stopping:
-                    save_last(run, step)
+                    with stop.during("save"):
+                        save_last(run, step)
             if stopping:
                 run.log(f"stopped at step {step}; {again}")
                 raise SystemExit(128 + (stop.signum or signal.SIGTERM))
         if cfg.eval_every > 0:
-            result = final_report(run, progress, cfg.max_steps)
-    except KeyboardInterrupt:  # a second Ctrl-C: at once (the saves are atomic)
+            with stop.during("eval"):
+                result = final_report(run, progress, cfg.max_steps)
+    except (KeyboardInterrupt, Stopped):  # a second signal, or one during an eval
         run.log(f"\nstopped; {again}")
-        raise SystemExit(128 + signal.SIGINT) from None
+        raise SystemExit(128 + (stop.signum or signal.SIGINT)) from None
     finally:
         progress.close()
         if run.lock:
@@ -2797,8 +3020,9 @@ def evaluate(run: "Run", step: int, parts: Sequence[str], when: str) -> dict:
     return record
 
 
-def write_eval(result: dict, tsv: str | os.PathLike) -> None:
-    """Per-utterance TSV (id, ref, hyp, cer, repeat...), and a summary JSON beside."""
+def write_eval(result: dict, tsv: str | os.PathLike, replace: bool = True) -> None:
+    """Per-utterance TSV (id, ref, hyp, cer, repeat...), and a summary JSON beside;
+    replace=False: either file existing is refused (atomic_write)."""
 
     def cell(v) -> str:
         v = f"{v:.4f}" if isinstance(v, float) else str(v)
@@ -2807,9 +3031,9 @@ def write_eval(result: dict, tsv: str | os.PathLike) -> None:
     columns = list(result["rows"][0]) if result["rows"] else ["id", "ref", "hyp"]
     lines = ["\t".join(columns)]
     lines += ["\t".join(cell(r[c]) for c in columns) for r in result["rows"]]
-    atomic_write(tsv, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    atomic_write(tsv, lambda f: f.write(("\n".join(lines) + "\n").encode()), replace)
     summary = {k: v for k, v in result.items() if k != "rows"}
-    save_json(Path(tsv).with_suffix(".json"), summary)
+    save_json(Path(tsv).with_suffix(".json"), summary, replace)
 
 
 def summary_table(before: dict, after: dict, target: str, best_step: int) -> str:
@@ -3195,8 +3419,14 @@ def read_ct2_model(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]
     revision, u32 n_vars, then per variable: str name, u8 rank, rank x u32 dims, u8
     dtype, u32 n_bytes, the bytes; str is u16 length (with the NUL), UTF-8, NUL."""
     path = Path(model_dir) / "model.bin"
-    buf = bytearray(path.read_bytes())
-    pos = 0
+    with open(path, "rb") as f:  # the version first: the rest is read only for 6
+        version = int.from_bytes(f.read(4), "little")
+        if version != 6:
+            raise UserError(f"{path}: CTranslate2 binary version {version}, expected 6")
+        buf = bytearray(os.fstat(f.fileno()).st_size)
+        f.seek(0)
+        f.readinto(buf)
+    pos = 4
 
     def take(fmt: str):
         nonlocal pos
@@ -3211,9 +3441,6 @@ def read_ct2_model(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]
         return buf[pos - n : pos - 1].decode()
 
     dtypes = {i: dtype for dtype, i in CT2_DTYPE_IDS.items()}
-    version = take("<u4")
-    if version != 6:
-        raise UserError(f"{path}: CTranslate2 binary version {version}, expected 6")
     spec, _ = take_str(), take("<u4")
     if spec != "WhisperSpec":
         raise UserError(f"{path}: a {spec}, not a Whisper model")
@@ -3474,17 +3701,27 @@ def _hf_weights(model_dir: Path) -> dict:
     single = model_dir / "model.safetensors"
     index = model_dir / "model.safetensors.index.json"
     pt = model_dir / "pytorch_model.bin"
+
+    def load(path: Path) -> dict:
+        try:  # (safetensors checks its header's offsets against the file's size)
+            return safetensors.torch.load_file(path)
+        except Exception as e:
+            raise UserError(f"{path}: not a whole safetensors file ({e})") from None
+
     if single.is_file():
-        return safetensors.torch.load_file(single)
+        return load(single)
     if index.is_file():
+        shards = read_json(index).get("weight_map")
+        if not isinstance(shards, dict):
+            raise UserError(f"{index}: no weight_map (tensor -> shard file)")
         weights = {}
-        for shard in sorted(set(read_json(index)["weight_map"].values())):
+        for shard in sorted(set(map(str, shards.values()))):
             if not (model_dir / shard).is_file():
                 raise UserError(f"{model_dir}: shard {shard} is missing")
-            weights.update(safetensors.torch.load_file(model_dir / shard))
+            weights.update(load(model_dir / shard))
         return weights
     if pt.is_file():
-        return torch.load(pt, map_location="cpu", weights_only=True)
+        return load_checked(pt)
     raise UserError(f"{model_dir}: no model.safetensors (nor pytorch_model.bin)")
 
 
@@ -3492,27 +3729,21 @@ def read_hf_model(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]:
     """A transformers Whisper directory (WhisperForConditionalGeneration or
     WhisperModel) as openai-whisper dims and a float32 state_dict."""
     model_dir = Path(model_dir)
-    c = read_json(model_dir / "config.json")
-    if c.get("model_type") != "whisper":
+    config = model_dir / "config.json"
+    c = read_json(config)
+    model_type = c.get("model_type") if isinstance(c, dict) else type(c).__name__
+    if model_type != "whisper":
         raise UserError(
             f"{model_dir}: not whisper: no model.bin (CTranslate2), and config.json's "
-            f"model_type is {c.get('model_type')!r} (transformers' Whisper: 'whisper')"
+            f"model_type is {model_type!r} (transformers' Whisper: 'whisper')"
         )
-    if c["encoder_ffn_dim"] != 4 * c["d_model"] or c.get("scale_embedding"):
+    if missing := [k for k in HF_DIMS.values() if k not in c]:
+        raise UserError(f"{config}: no {missing[0]!r} (a whisper config has it)")
+    dims = ModelDimensions(**{name: c[key] for name, key in HF_DIMS.items()})
+    if c.get("encoder_ffn_dim") != 4 * c["d_model"] or c.get("scale_embedding"):
         raise UserError(f"{model_dir}: not an openai-whisper architecture")
-    dims = ModelDimensions(
-        n_mels=c["num_mel_bins"],
-        n_audio_ctx=c["max_source_positions"],
-        n_audio_state=c["d_model"],
-        n_audio_head=c["encoder_attention_heads"],
-        n_audio_layer=c["encoder_layers"],
-        n_vocab=c["vocab_size"],
-        n_text_ctx=c["max_target_positions"],
-        n_text_state=c["d_model"],
-        n_text_head=c["decoder_attention_heads"],
-        n_text_layer=c["decoder_layers"],
-    )
     weights = _hf_weights(model_dir)
+    check_dims(config, dims, sum(t.numel() for t in weights.values()))
     if not any(k.startswith("model.") for k in weights):  # a bare WhisperModel
         weights = {f"model.{k}": t for k, t in weights.items()}
     embedding = weights.get("model.decoder.embed_tokens.weight")
@@ -3579,33 +3810,41 @@ def read_ggml_model(path: str | os.PathLike) -> tuple[ModelDimensions, dict]:
         pos += struct.calcsize(fmt)
         return values
 
+    def skip(n_bytes: int, what: str) -> bytes:
+        nonlocal pos
+        if not 0 <= n_bytes <= len(buf) - pos:  # (a size no file of this one's holds)
+            raise UserError(
+                f"{path}: truncated ({len(buf)} bytes) or damaged in {what}"
+            )
+        pos += n_bytes
+        return buf[pos - n_bytes : pos]
+
     if len(buf) < 48 or take("<I")[0] != GGML_MAGIC:
         raise UserError(f"{path}: not a ggml whisper model (no 'ggml' magic)")
     *hparams, _ftype = take("<11i")
     dims = ModelDimensions(**dict(zip(GGML_HPARAMS, hparams)))
-    n_filters = math.prod(take("<2i"))
-    pos += 4 * n_filters  # mel filters: whisper's own, not needed here
-    for _ in range(take("<i")[0]):  # vocabulary: whisper's own tokenizer is used
-        (n_bytes,) = take("<i")
-        pos += n_bytes
+    skip(4 * math.prod(take("<2i")), "the mel filters")  # whisper's own: not needed
+    n_pieces = take("<i")[0]  # the vocabulary: whisper's own tokenizer is used
+    if not 0 <= 4 * n_pieces <= len(buf) - pos:  # (each piece: at least its length)
+        raise UserError(f"{path}: damaged: a vocabulary of {n_pieces:,} pieces")
+    for _ in range(n_pieces):
+        skip(take("<i")[0], "the vocabulary")
     dtypes = {i: dtype for dtype, i in GGML_TYPES.items()}
     state = {}
     while pos < len(buf):
         n_dims, n_name, ttype = take("<3i")
+        if not 1 <= n_dims <= 4:
+            raise UserError(f"{path}: damaged: a tensor of {n_dims} dimensions")
         shape = take(f"<{n_dims}i")[::-1]
-        name = buf[pos : pos + n_name].decode()
-        pos += n_name
+        name = skip(n_name, "a tensor's name").decode()
         if ttype not in dtypes:
             raise UserError(f"{path}: {name} is quantized (ggml type {ttype})")
-        dtype = dtypes[ttype]
-        n_bytes = math.prod(shape) * dtype.itemsize
-        if pos + n_bytes > len(buf):
-            raise UserError(f"{path}: truncated ({len(buf)} bytes) inside {name}")
+        data = skip(math.prod(shape) * dtypes[ttype].itemsize, name)
         if name in ("encoder.conv1.bias", "encoder.conv2.bias"):
             shape = shape[:1]  # whisper.cpp's (n_state, 1)
-        t = torch.frombuffer(bytearray(buf[pos : pos + n_bytes]), dtype=dtype)
+        t = torch.frombuffer(bytearray(data), dtype=dtypes[ttype])
         state[name] = t.reshape(shape).float()
-        pos += n_bytes
+    check_dims(path, dims, sum(t.numel() for t in state.values()))  # (then a list)
     missing = set(state_keys(dims)) - set(state)
     if missing:
         raise UserError(f"{path}: tensor {sorted(missing)[0]} is missing")
@@ -3820,7 +4059,7 @@ def export_model(
             tmp.mkdir(parents=True)
             write = write_ct2_model if fmt == "ct2" else write_hf_model
             write(model, tmp, torch_dtype)
-        os.replace(tmp, out)
+        publish(tmp, out)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp)
@@ -3844,6 +4083,8 @@ def cmd_export(args) -> None:
     if parent.exists() and not parent.is_dir():
         raise OptionError(f"{args.out}: {parent} is not a directory")
     audio = [load_wave(p) for p in args.audio]  # a missing clip: before writing
+    for path in (p for p, a in zip(args.audio, audio) if len(a) > N_SAMPLES):
+        print(f"{path}: over {CHUNK_LENGTH} s, the check reads 30 s", file=sys.stderr)
     t0 = time.time()
     model = export_model(args.ckpt, args.to, args.out, args.dtype)
     print(
@@ -4489,13 +4730,15 @@ def _read_for(opts, dims: ModelDimensions, file) -> tuple[list[Utterance], Token
 
 def eval_utts(args, dims: ModelDimensions) -> tuple[list[Utterance], Tokenizer]:
     """What `eval` scores. With --part, or without --data: that part (test or dev) of
-    the run whose split.json lies beside the checkpoint, read from --data if given (a
-    copy of the run's corpus: the same ids). Else --data: that corpus, less what the run
-    (if the checkpoint comes from one) trained on, picked best.pt on (dev), or whose
-    sentence or speaker it trained on, unless --include-train."""
+    the run whose split.json lies beside the model (a checkpoint or an export), read
+    from --data if given (a copy of the run's corpus: the same ids). Else --data: that
+    corpus. Either way, less what the run trained on, picked best.pt on (dev), or whose
+    sentence or speaker it trained on (with --data: unless --include-train)."""
     run = Path(args.ckpt).parent
     split_path = run / "split.json"
-    has_run = os.path.isfile(args.ckpt) and split_path.is_file()
+    has_run = os.path.exists(args.ckpt) and split_path.is_file()
+    split = read_split(split_path) if has_run else {}
+    part = args.part or "test"
     if not args.data or args.part:
         if not has_run:
             raise OptionError(
@@ -4508,42 +4751,44 @@ def eval_utts(args, dims: ModelDimensions) -> tuple[list[Utterance], Tokenizer]:
                 f"--language {args.language}: the run's is {cfg.language}"
             )
         cfg.data = args.data or cfg.eval_data or cfg.data
-        part = args.part or "test"
         utts, tokenizer = _read_for(cfg, dims, sys.stderr)  # as the run read it
-        utts = apply_split(utts, read_json(split_path), part)
+        utts = apply_split(utts, split, part)
         said = f"the {part} part of {split_path}, read from {cfg.data}"
         print(f"scoring {said}", file=sys.stderr)
-        return utts, tokenizer
-    args.language = args.language or "ja"
-    utts, tokenizer = _read_for(args, dims, sys.stderr)
-    if not has_run or args.include_train:
-        return utts, tokenizer
-    split = read_json(split_path)
+        ours, data, more = set(split[part]), cfg.data, ""
+    else:
+        args.language = args.language or "ja"
+        utts, tokenizer = _read_for(args, dims, sys.stderr)
+        if not has_run or args.include_train:
+            return utts, tokenizer
+        ours, data, more = set(), args.data, " (--include-train scores them all)"
     train, dev = set(split["train"]), set(split.get("dev", []))
     texts = set(split.get("train_texts", []))
     speakers = set(split.get("train_speakers", []))
 
     def seen(u: Utterance) -> str:
-        """Why an utterance says little of how the run does on speech it never met."""
+        """Why an utterance says little of how the run does on speech it never met
+        (of the run's own part: a transcript edited into a training sentence)."""
         if u.id in train:
             return "trained on"
-        if u.id in dev:
+        if u.id in dev - ours:
             return "picked best.pt (dev)"
         if normalize_text(u.target) in texts:
             return "read a training sentence"
-        return "spoken by a training speaker" if u.speaker in speakers else ""
+        trained_speaker = u.speaker in speakers and u.id not in ours
+        return "spoken by a training speaker" if trained_speaker else ""
 
     whys = [seen(u) for u in utts]
     unseen = [u for u, why in zip(utts, whys) if not why]
     if len(unseen) < len(utts):
         said = ", ".join(f"{n} {why}" for why, n in Counter(filter(None, whys)).items())
         print(
-            f"{args.data}: of its {len(utts)} utterances, {said} in {run}: scoring "
-            f"the other {len(unseen)} (--include-train scores them all)",
+            f"{data}: of its {len(utts)} utterances, {said} in {run}: scoring "
+            f"the other {len(unseen)}{more}",
             file=sys.stderr,
         )
         if not unseen:
-            raise SystemExit(f"{args.data}: every utterance overlaps {run}'s training")
+            raise SystemExit(f"{data}: every utterance overlaps {run}'s training")
     return unseen, tokenizer
 
 
@@ -4552,21 +4797,19 @@ def cmd_eval(args) -> None:
     tsv = Path(args.out or Path(args.ckpt).with_suffix(f"{part}.eval.tsv"))
     if not tsv.parent.is_dir():
         raise OptionError(f"--out {tsv}: {tsv.parent} is not a directory")
+    if args.include_train and not args.data:
+        raise OptionError("--include-train: only with --data (else: the run's part)")
     device = pick_device(args.device)
     model = load_model(args.ckpt).to(device).eval()
     dtype = pick_dtype(device, args.dtype)
     utts, tokenizer = eval_utts(args, model.dims)
-    graphs = CudaGraphs() if device.type == "cuda" else None
-    options = EvalOptions(args.batch_size, args.num_workers, dtype, graphs=graphs)
-    result = score_set(model, EvalSet("eval", utts, tokenizer), options)
-    write_eval(result, tsv)
-    line = _metrics_line(result, "")
     if args.retain_data is None:  # the run's own retain set, if it had one
         config = Path(args.ckpt).parent / "config.json"
-        saved = read_json(config) if config.is_file() else {}
-        args.retain_data = saved.get("retain_data", "")
-        args.retain_language = saved.get("retain_language", args.retain_language)
-    if args.retain_data:
+        saved = load_config(config) if config.is_file() else TrainConfig()
+        args.retain_data = saved.retain_data
+        args.retain_language = saved.retain_language
+    retain = None
+    if args.retain_data:  # (refused before anything is decoded)
         cfg = TrainConfig(
             language=tokenizer.language or "en",
             retain_data=args.retain_data,
@@ -4575,15 +4818,26 @@ def cmd_eval(args) -> None:
         )
         check_config(cfg)
         retain = load_retain(cfg, model.dims, lambda m: print(m, file=sys.stderr))
-        result = score_set(model, retain, options)
-        write_eval(result, tsv.with_name(tsv.stem + "_retain.tsv"))
-        line += _metrics_line(result, "retain_")
+    tsvs = {"": tsv}  # what each result is written to, by its metrics' prefix
+    if retain:
+        tsvs["retain_"] = tsv.with_name(tsv.stem + "_retain.tsv")
     if args.long_form:
-        result = long_form_eval(model, utts, tokenizer.language or "en")
-        write_eval(result, tsv.with_name(tsv.stem + "_long.tsv"))
-        line += _metrics_line(result, "long_")
+        tsvs["long_"] = tsv.with_name(tsv.stem + "_long.tsv")
+    for path in tsvs.values() if args.out else []:  # a name given: never written over
+        for p in (path, path.with_suffix(".json")):
+            if p.exists():
+                raise UserError(f"{p} exists: remove it or choose another output")
+    graphs = CudaGraphs() if device.type == "cuda" else None
+    options = EvalOptions(args.batch_size, args.num_workers, dtype, graphs=graphs)
+    results = {"": score_set(model, EvalSet("eval", utts, tokenizer), options)}
+    if retain:
+        results["retain_"] = score_set(model, retain, options)
+    if args.long_form:
+        results["long_"] = long_form_eval(model, utts, tokenizer.language or "en")
+    for prefix, result in results.items():
+        write_eval(result, tsvs[prefix], replace=not args.out)
     print(f"per-utterance results: {tsv}", file=sys.stderr)
-    print(line.strip())
+    print("".join(_metrics_line(r, k) for k, r in results.items()).strip())
 
 
 def _metrics_line(result: dict, prefix: str) -> str:
@@ -4605,8 +4859,6 @@ def cmd_transcribe(args) -> None:
     for path in args.files:
         try:
             audio = load_wave(path)
-            if not torch.isfinite(audio).all():
-                raise UserError(f"{path}: NaN or infinite samples")
         except UserError as e:  # say so, and go on with the next file
             print(f"error: {e}", file=sys.stderr)
             n_failed += 1
@@ -4636,20 +4888,19 @@ def cmd_convert(args) -> None:
     if os.path.exists(args.out):
         raise UserError(f"{args.out} exists: remove it or choose another output")
     model = load_model(args.src)
-    save_checkpoint(model, args.out)
+    save_checkpoint(model, args.out, replace=False)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.src} -> {args.out} ({n_params:,} parameters)")
 
 
 def cmd_demo(args) -> None:
-    t0 = time.time()
+    t0, out = time.time(), Path(args.out)
+    if out.exists() and not (out.is_dir() and not out_files(out)):  # (before work)
+        raise UserError(f"--out {out}: exists (an earlier demo?): remove it or move")
     corpus = make_demo_corpus(args.corpus)
     hard = make_hard_copy(corpus, f"{args.corpus}_hard")
     retain = make_english_set(args.retain_corpus)
     model = args.model or find_base_weights(Path("runs") / "weights" / "base-ct2")
-    out = Path(args.out)
-    if (out / "last.pt").exists():
-        raise SystemExit(f"{out} holds an earlier demo run: remove it or give --out")
     cfg = TrainConfig(
         data=str(corpus),
         model=model,
@@ -4694,7 +4945,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except OptionError as e:  # as argparse says it: a usage error, exit 2
         parser.subcommands[args.command].error(str(e))
     except (UserError, OSError) as e:  # bad input, a full disk: a sentence
+        if isinstance(e, OSError) and e.filename and e.strerror:
+            e = f"{e.filename}: {e.strerror}"  # (not "[Errno 13] ...")
         raise SystemExit(f"error: {e} (--debug: the traceback)")
+    except Exception as e:  # what no check foresaw: still one line, and the way on
+        said = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        raise SystemExit(f"error: {args.command}: {said} (--debug: the traceback)")
 
 
 def build_parser() -> argparse.ArgumentParser:
