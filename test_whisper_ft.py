@@ -3759,3 +3759,80 @@ def test_export_refuses_nan_audio_and_notes_a_long_clip(tmp_path, capsys):
     write_wav(tmp_path / "long.wav", seconds=31, rate=16000)
     wf.main([*argv, "--no-check", "--audio", str(tmp_path / "long.wav")])
     assert "long.wav: over 30 s" in capsys.readouterr().err
+
+
+def test_the_second_probe_s_findings(tmp_path, monkeypatch):
+    # temp names are our own: a user's .NAME.tmp (a file, a link, a directory) is
+    # neither written through nor removed
+    victim = tmp_path / "victim.txt"
+    victim.write_text("a user's")
+    (tmp_path / ".x.pt.tmp").symlink_to(victim)
+    (tmp_path / ".out.tmp").mkdir()
+    (tmp_path / ".out.tmp" / "thesis.txt").write_text("a user's")
+    wf.save_checkpoint(tiny_model(0), tmp_path / "tiny.pt")
+    wf.save_checkpoint(tiny_model(0), tmp_path / "x.pt", replace=False)
+    wf.export_model(str(tmp_path / "tiny.pt"), "ct2", tmp_path / "out")
+    assert victim.read_text() == "a user's"
+    assert (tmp_path / ".out.tmp" / "thesis.txt").read_text() == "a user's"
+    # bench and the demo remove or fill only what they made
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / ".bench").touch()
+    (mixed / "thesis.tex").write_text("a user's")
+    with pytest.raises(wf.OptionError, match="not an earlier bench's"):
+        wf.bench_dir(mixed)
+    assert (mixed / "thesis.tex").exists()
+    with pytest.raises(wf.UserError, match="not a corpus the demo made"):
+        wf.make_demo_corpus(mixed)
+    # a manifest that is a FIFO or a device: refused, never opened
+    os.mkfifo(tmp_path / "list.tsv")
+    for data in (tmp_path / "list.tsv", "/dev/zero"):
+        with pytest.raises(wf.UserError, match="not a regular file"):
+            wf.read_corpus(str(data), TOKENIZERS["multilingual"], "text")
+    # a signal during the step before an eval: the eval is not begun
+    stop = wf._StopFlag()
+    stop.signum = signal.SIGTERM
+    with pytest.raises(wf.Stopped):
+        with stop.during("eval"):
+            pytest.fail("an eval began after the signal")
+    # dims that only an expanded tensor, or a huge mask, would bear out; widths apart
+    ckpt = torch.load(tmp_path / "tiny.pt", weights_only=True)
+    del ckpt["sha256"]
+    expanded = {k: torch.zeros(1).expand(10**8) for k in ckpt["model_state_dict"]}
+    big = dataclasses.asdict(TINY) | {"n_vocab": 10**7}
+    cases = {
+        "expanded": {**ckpt, "dims": big, "model_state_dict": expanded},
+        "mask": {**ckpt, "dims": dataclasses.asdict(TINY) | {"n_text_ctx": 50_000}},
+        "widths": {**ckpt, "dims": dataclasses.asdict(TINY) | {"n_text_state": 64}},
+    }
+    for name, bad in cases.items():
+        torch.save(bad, tmp_path / f"{name}.pt")
+        with pytest.raises(wf.UserError, match=f"{name}.pt: its dims"):
+            wf.load_model(str(tmp_path / f"{name}.pt"))
+    # hand edits the readers now name: a train id held out, a bad choice, a seed
+    split = {"train": ["a", "b"], "dev": ["c"], "test": ["a"]}
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    with pytest.raises(wf.UserError, match="a is in train and held out"):
+        wf.read_split(tmp_path / "split.json")
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "int8"}))
+    with pytest.raises(wf.UserError, match="config.json: dtype 'int8'"):
+        wf.load_config(tmp_path / "config.json")
+    with pytest.raises(wf.OptionError, match="--seed -1"):
+        wf.check_config(wf.TrainConfig(seed=-1))
+    # a CTranslate2 layer number 10^8: no list of 10^8 layers is made
+    model_bin = tmp_path / "out" / "model.bin"
+    data = model_bin.read_bytes()
+    model_bin.write_bytes(
+        data.replace(b"decoder/layer_1/", b"decoder/layer_99999999/"[:16], 1)
+    )
+    t0 = time.time()
+    with pytest.raises(wf.UserError):
+        wf.load_model(str(tmp_path / "out"))
+    assert time.time() - t0 < 5
+    # Ctrl-C in a command that is not train: one line, exit 130's meaning said
+    monkeypatch.setattr(
+        wf, "cmd_check", lambda args: (_ for _ in ()).throw(KeyboardInterrupt)
+    )
+    with pytest.raises(SystemExit) as e:
+        wf.main(["check", "--data", "x"])
+    assert "check: interrupted" in str(e.value)

@@ -108,6 +108,7 @@ OPTION_RANGES = [
     ("train_encoder_layers", lambda v: v >= 0, ">= 0"),
     ("num_workers feature_ram_gib weight_decay grad_clip", lambda v: v >= 0, ">= 0"),
     ("lr", lambda v: v > 0, "> 0"),
+    ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
     ("eval_speakers test_fraction", lambda v: 0 < v < 1, "in (0, 1)"),
 ]
 # what a resumed run may change: where its inputs are, how long it goes, how it runs
@@ -676,6 +677,8 @@ def read_corpus(
         raise UserError(f"{data}: no such file or directory")
     if path.is_dir():
         utts = read_jvs(path, subsets, report)
+    elif why := not_a_file(path):
+        raise UserError(f"{data}: {why}")
     else:
         utts = read_manifest(path, report)
     excluded = _load_exclude(exclude)
@@ -811,11 +814,18 @@ def split_info(
 
 
 def read_split(path: Path) -> dict:
-    """A run's split.json, refused in one line unless train and test are lists."""
+    """A run's split.json, refused in one line unless its parts are lists of ids (or
+    of sentences, speakers), test is not empty, and train is apart from dev and test."""
     split = read_json(path)
-    parts = [split.get(k) for k in ("train", "test")] if type(split) is dict else []
-    if not parts or not all(isinstance(ids, list) for ids in parts):
-        raise UserError(f"{path}: not a split of whisper_ft (no train and test lists)")
+    keys = ("train", "dev", "test", "train_texts", "train_speakers")
+    parts = {k: split.get(k, []) for k in keys} if type(split) is dict else {}
+    for k, ids in parts.items():
+        if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
+            raise UserError(f"{path}: {k} is not a list of strings (edited?)")
+    if not parts or not parts["test"]:
+        raise UserError(f"{path}: not a split of whisper_ft (no test part)")
+    if both := set(parts["train"]) & {*parts["dev"], *parts["test"]}:
+        raise UserError(f"{path}: {sorted(both)[0]} is in train and held out (edited?)")
     return split
 
 
@@ -1179,20 +1189,30 @@ def check_dims(spec, dims: ModelDimensions, n_held: int) -> None:
             raise UserError(f"{spec}: its dims say {name}={v!r}")
     for side in ("audio", "text"):
         width, heads = getattr(dims, f"n_{side}_state"), getattr(dims, f"n_{side}_head")
-        if width % heads:
-            raise UserError(f"{spec}: n_{side}_head={heads} does not divide {width}")
-    if n_weights(dims) > 2 * n_held:
+        if width % heads or width % 2 or width != dims.n_audio_state:
+            said = f"n_{side}_state={width}, n_{side}_head={heads}"
+            raise UserError(f"{spec}: its dims say {said}: not a whisper's")
+    n_numbers = n_weights(dims) + dims.n_text_ctx**2  # (and the decoder's mask)
+    if n_numbers > 2 * n_held:
         raise UserError(
-            f"{spec}: its dims make {n_weights(dims):,} weights; its tensors hold "
-            f"{n_held:,} numbers"
+            f"{spec}: its dims make {n_numbers:,} numbers; its tensors hold {n_held:,}"
         )
+
+
+def n_stored(state: dict) -> int:
+    """The numbers a state_dict's tensors really hold: an expanded view counts its
+    storage, not its shape."""
+    return sum(
+        min(t.numel(), t.untyped_storage().nbytes() // t.element_size())
+        for t in state.values()
+    )
 
 
 def check_model(spec: str, dims: ModelDimensions, state: dict) -> None:
     """check_dims, and weights that are not finite floats refused, naming one."""
-    if not all(isinstance(t, torch.Tensor) for t in state.values()):
+    if not all(isinstance(k, str) and torch.is_tensor(t) for k, t in state.items()):
         raise UserError(f"{spec}: its state_dict holds other things than tensors")
-    check_dims(spec, dims, sum(t.numel() for t in state.values()))
+    check_dims(spec, dims, n_stored(state))
     for name, t in state.items():
         if not t.is_floating_point():
             raise UserError(f"{spec}: tensor {name} holds {t.dtype}, not floats")
@@ -1271,9 +1291,9 @@ def atomic_write(path: str | os.PathLike, write: Callable, replace=True) -> None
     file. replace=False: a file at `path` by then is refused, never written over (see
     publish). An OSError names `path`, not the temp file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_name(path)
     try:
-        with open(tmp, "wb") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -1291,6 +1311,13 @@ def atomic_write(path: str | os.PathLike, write: Callable, replace=True) -> None
         os.fsync(dir_fd)  # the rename itself survives a power cut
     finally:
         os.close(dir_fd)
+
+
+def temp_name(path: Path) -> Path:
+    """A name beside `path` for its temp file or directory, which no one else's file
+    has: created exclusively (O_EXCL, mkdir), it never writes through a user's file or
+    link."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
 
 
 def publish(tmp: Path, path: Path) -> None:
@@ -1495,6 +1522,8 @@ class _StopFlag:
 
     @contextlib.contextmanager
     def during(self, doing: str):
+        if doing == "eval" and self.signum:  # (one came during the step before it)
+            raise Stopped
         self.doing = doing
         try:
             yield
@@ -1631,10 +1660,9 @@ def out_of_range(values: dict) -> Optional[tuple[str, str]]:
     """The first numeric option of `values` outside its range (OPTION_RANGES): its
     name and "value: must be ...", or None."""
     for names, ok, wording in OPTION_RANGES:
-        for name in names.split():
-            v = values.get(name, 1)
-            if not ok(v) or not math.isfinite(v):
-                return name, f"{v}: must be {wording}"
+        for name in (n for n in names.split() if n in values):
+            if not ok(values[name]) or not math.isfinite(values[name]):
+                return name, f"{values[name]}: must be {wording}"
     return None
 
 
@@ -1709,6 +1737,9 @@ def load_config(path: Path) -> TrainConfig:
             raise UserError(f"{path}: {name} {v!r} is not a {types[name].__name__}")
     if bad := out_of_range(saved):
         raise UserError(f"{path}: {bad[0]} {bad[1]}")
+    for name, choices in CHOICES.items():
+        if saved.get(name, choices[0]) not in choices:
+            raise UserError(f"{path}: {name} {saved[name]!r}: one of {choices}")
     return TrainConfig(**saved)
 
 
@@ -3501,7 +3532,7 @@ def ct2_layout(n_audio_layer: int, n_text_layer: int) -> list[tuple[str, list[st
 def _ct2_to_openai(v: dict[str, torch.Tensor]) -> tuple[ModelDimensions, dict]:
     def n_layers(side: str) -> int:
         layers = (re.match(rf"{side}/layer_(\d+)/", k) for k in v)
-        return 1 + max(int(m[1]) for m in layers if m)
+        return len({m[1] for m in layers if m})  # (a missing one: a KeyError)
 
     sd = {}
     for name, srcs in ct2_layout(n_layers("encoder"), n_layers("decoder")):
@@ -3743,7 +3774,7 @@ def read_hf_model(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]:
     if c.get("encoder_ffn_dim") != 4 * c["d_model"] or c.get("scale_embedding"):
         raise UserError(f"{model_dir}: not an openai-whisper architecture")
     weights = _hf_weights(model_dir)
-    check_dims(config, dims, sum(t.numel() for t in weights.values()))
+    check_dims(config, dims, n_stored(weights))
     if not any(k.startswith("model.") for k in weights):  # a bare WhisperModel
         weights = {f"model.{k}": t for k, t in weights.items()}
     embedding = weights.get("model.decoder.embed_tokens.weight")
@@ -3754,6 +3785,8 @@ def read_hf_model(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]:
     for name, hf in hf_names(dims).items():
         if hf not in weights:
             raise UserError(f"{model_dir}: weight {hf} is missing")
+        if not weights[hf].is_floating_point():
+            raise UserError(f"{model_dir}: weight {hf} holds {weights[hf].dtype}")
         state[name] = weights[hf].float()
     return dims, state
 
@@ -3844,7 +3877,7 @@ def read_ggml_model(path: str | os.PathLike) -> tuple[ModelDimensions, dict]:
             shape = shape[:1]  # whisper.cpp's (n_state, 1)
         t = torch.frombuffer(bytearray(data), dtype=dtypes[ttype])
         state[name] = t.reshape(shape).float()
-    check_dims(path, dims, sum(t.numel() for t in state.values()))  # (then a list)
+    check_dims(path, dims, n_stored(state))  # (before a list of the dims' weights)
     missing = set(state_keys(dims)) - set(state)
     if missing:
         raise UserError(f"{path}: tensor {sorted(missing)[0]} is missing")
@@ -4050,13 +4083,12 @@ def export_model(
     if out.exists():
         raise UserError(f"{out} exists: remove it or choose another output")
     model = load_model(ckpt).float().eval()
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_name(out)
     try:
         if fmt == "ggml":
             write_ggml_model(model, tmp, torch_dtype)
         else:
-            tmp.mkdir(parents=True)
+            tmp.mkdir()
             write = write_ct2_model if fmt == "ct2" else write_hf_model
             write(model, tmp, torch_dtype)
         publish(tmp, out)
@@ -4283,12 +4315,22 @@ def decode_costs(
     }
 
 
+# what a bench writes in its --out: all it may remove there
+BENCH_FILES = {".bench", "model.pt", "corpus", "bench.json"} | {
+    f"{prefix}{run}{suffix}"
+    for run in ("b_frozen", "c_full", "d_partial")
+    for prefix, suffix in [("", ""), ("profile_", ""), ("profile_", ".txt")]
+}
+
+
 def bench_dir(out: Path) -> None:
     """Make `out` anew for a bench, emptying an earlier bench's directory (marked by
-    .bench or bench.json) or an empty one; anything else is the user's: refused."""
+    .bench or bench.json, and holding only what a bench writes) or an empty one;
+    anything else is the user's: refused."""
     if out.exists():
-        ours = any((out / name).exists() for name in (".bench", "bench.json"))
-        if not (out.is_dir() and (ours or not any(out.iterdir()))):
+        names = set(os.listdir(out)) if out.is_dir() else {""}
+        ours = names <= BENCH_FILES and bool(names & {".bench", "bench.json"})
+        if names and not ours:
             raise OptionError(
                 f"--out {out}: exists and is not an earlier bench's directory: not "
                 "removed; give another --out"
@@ -4468,6 +4510,14 @@ def print_bench(report: dict) -> None:
 # demo: a small JVS-layout corpus synthesised with pyopenjtalk's voice
 
 
+def demo_dir(root: Path, what: str) -> None:
+    """Refuse to write the demo's data into a user's directory: one that holds files
+    but no DONE, which the demo writes last."""
+    if root.exists() and not (root / "DONE").is_file():
+        if not root.is_dir() or any(root.iterdir()):
+            raise UserError(f"{root}: not {what} the demo made: not written over")
+
+
 def make_demo_corpus(root: str | os.PathLike, n_parallel: int = 30) -> Path:
     """Write a JVS-layout corpus (24 kHz 16-bit wavs) of data/demo_sentences.txt read by
     the voices in DEMO_VOICES: the first `n_parallel` sentences by every voice
@@ -4480,6 +4530,7 @@ def make_demo_corpus(root: str | os.PathLike, n_parallel: int = 30) -> Path:
     stamp = hashlib.md5(json.dumps([sentences, DEMO_VOICES]).encode()).hexdigest()
     if (root / "DONE").is_file() and (root / "DONE").read_text() == stamp:
         return root
+    demo_dir(root, "a corpus")
     parallel = sentences[:n_parallel]
     for s, (speed, half_tone) in enumerate(tqdm(DEMO_VOICES, desc="synthesising")):
         own = sentences[n_parallel + s :: len(DEMO_VOICES)]
@@ -4568,6 +4619,7 @@ def make_english_set(root: str | os.PathLike) -> Optional[Path]:
     stamp = hashlib.md5(json.dumps([rows, DEMO_VOICES_EN]).encode()).hexdigest()
     if (root / "DONE").is_file() and (root / "DONE").read_text() == stamp:
         return root / "retain.tsv"
+    demo_dir(root, "an English set")
     waves, rate = speak_english([(t, *DEMO_VOICES_EN[s]) for _, t, s in rows])
     for (path, _, _), wave in zip(rows, waves):
         audio = resample(torch.from_numpy(wave).float(), rate, SAMPLE_RATE)
@@ -4591,8 +4643,7 @@ def make_hard_copy(root: str | os.PathLike, out: str | os.PathLike, seed: int = 
     stamp = hashlib.md5(f"{seed}|{source}|{sorted(os.listdir(root))}".encode())
     if (out / "DONE").is_file() and (out / "DONE").read_text() == stamp.hexdigest():
         return out
-    if out.exists() and not (out / "DONE").is_file() and any(out.iterdir()):
-        raise UserError(f"{out}: not a harder copy the demo made: not written over")
+    demo_dir(out, "a harder copy")
     for transcript in sorted(root.glob(f"*/*/{JVS_TRANSCRIPT}")):
         rel = transcript.parent.relative_to(root)
         (out / rel / JVS_WAV_DIR).mkdir(parents=True, exist_ok=True)
@@ -4948,6 +4999,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if isinstance(e, OSError) and e.filename and e.strerror:
             e = f"{e.filename}: {e.strerror}"  # (not "[Errno 13] ...")
         raise SystemExit(f"error: {e} (--debug: the traceback)")
+    except KeyboardInterrupt:  # (train says how to go on itself)
+        raise SystemExit(f"\n{args.command}: interrupted") from None
     except Exception as e:  # what no check foresaw: still one line, and the way on
         said = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
         raise SystemExit(f"error: {args.command}: {said} (--debug: the traceback)")
