@@ -3822,13 +3822,26 @@ def test_the_second_probe_s_findings(tmp_path, monkeypatch):
     # a CTranslate2 layer number 10^8: no list of 10^8 layers is made
     model_bin = tmp_path / "out" / "model.bin"
     data = model_bin.read_bytes()
-    model_bin.write_bytes(
-        data.replace(b"decoder/layer_1/", b"decoder/layer_99999999/"[:16], 1)
-    )
+
+    def named(name: bytes) -> bytes:  # a string of model.bin: u16 length, NUL-ended
+        return struct.pack("<H", len(name) + 1) + name + b"\0"
+
+    name = b"decoder/layer_1/ffn/layer_norm/gamma"
+    crafted = name.replace(b"layer_1", b"layer_99999999")
+    model_bin.write_bytes(data.replace(named(name), named(crafted), 1))
+    assert model_bin.read_bytes() != data
     t0 = time.time()
     with pytest.raises(wf.UserError):
         wf.load_model(str(tmp_path / "out"))
     assert time.time() - t0 < 5
+    # integer weights in a CTranslate2 model: named, not converted
+    conv1 = named(b"encoder/conv1/weight")
+    at = data.index(conv1) + len(conv1)
+    crafted = bytearray(data)
+    crafted[at + 1 + 4 * data[at]] = 2  # after rank and dims: its dtype id, int16
+    model_bin.write_bytes(crafted)
+    with pytest.raises(wf.UserError, match="encoder/conv1/weight holds torch.int16"):
+        wf.load_model(str(tmp_path / "out"))
     # Ctrl-C in a command that is not train: one line, exit 130's meaning said
     monkeypatch.setattr(
         wf, "cmd_check", lambda args: (_ for _ in ()).throw(KeyboardInterrupt)
@@ -3836,3 +3849,19 @@ def test_the_second_probe_s_findings(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         wf.main(["check", "--data", "x"])
     assert "check: interrupted" in str(e.value)
+
+
+def test_audio_is_read_31_s_at_most(tmp_path, capsys):
+    # 5 minutes of 8 channels at 192 kHz compress to little: only 31 s are decoded
+    t = np.arange(192_000 * 300) / 192_000
+    wave = (0.1 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[:, None]
+    soundfile.write(tmp_path / "long.flac", np.repeat(wave, 8, axis=1), 192_000)
+    del t, wave
+    assert len(wf.load_wave(tmp_path / "long.flac")) == 31 * SAMPLE_RATE
+    why, _, seconds = wf.probe_audio(tmp_path / "long.flac", max_seconds=math.inf)
+    assert why is None and seconds == 300
+    # the first 30 s are what reading it whole gives, to the bit
+    write_wav(tmp_path / "40s.wav", seconds=40, rate=44100)
+    whole, _ = soundfile.read(tmp_path / "40s.wav", dtype="int16")
+    full = wf.resample(torch.from_numpy(whole).float() / 32768, 44100, SAMPLE_RATE)
+    assert torch.equal(wf.load_wave(tmp_path / "40s.wav")[:N_SAMPLES], full[:N_SAMPLES])

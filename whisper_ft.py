@@ -317,7 +317,8 @@ def resample(wave: torch.Tensor, orig_freq: int, new_freq: int) -> torch.Tensor:
 
 
 def load_wave(path: str | os.PathLike) -> torch.Tensor:
-    """Read an audio file at any rate, sample format and channel count as mono float32.
+    """Read an audio file at any rate, sample format and channel count as mono float32:
+    its first 31 s (see frames_read).
 
     Returns
     -------
@@ -331,7 +332,8 @@ def load_wave(path: str | os.PathLike) -> torch.Tensor:
                 raise UserError(f"{path}: {why}")
             # 16-bit PCM (JVS's) read as int16, scaled here: libsndfile's x / 32768
             pcm16 = f.subtype == "PCM_16"
-            audio, rate = f.read(dtype="int16" if pcm16 else "float32"), f.samplerate
+            dtype, rate = "int16" if pcm16 else "float32", f.samplerate
+            audio = f.read(frames_read(f), dtype=dtype)
     except UserError:
         raise
     except Exception as e:  # soundfile raises LibsndfileError, TypeError, RuntimeError
@@ -369,6 +371,17 @@ def rate_problem(rate: int) -> Optional[str]:
     return f"sample rate {rate} Hz (read: {AUDIO_RATES[0]:,} to {AUDIO_RATES[-1]:,})"
 
 
+def frames_read(f) -> int:
+    """How many frames of an audio file (an open SoundFile, or soundfile.info's answer)
+    are read: its first 31 s at most (30 are ever used, 1 more is the resampler's
+    context), so that a small compressed file cannot decode to GBs; a channel count
+    that would still make 1 GiB is refused."""
+    n_frames = min(f.frames, (CHUNK_LENGTH + 1) * f.samplerate)
+    if n_frames * f.channels > 2**28:
+        raise UserError(f"{f.name}: {f.channels} channels: too many to read")
+    return n_frames
+
+
 def probe_audio(
     path: Path, max_seconds: float = CHUNK_LENGTH
 ) -> tuple[Optional[str], Optional[str], float]:
@@ -388,7 +401,9 @@ def probe_audio(
         declared = _wav_declared_frames(path)
         if declared is not None and declared > info.frames:
             return "audio data shorter than its header says", None, seconds
-        audio, _ = soundfile.read(str(path), dtype="float32")
+        audio, _ = soundfile.read(str(path), frames_read(info), dtype="float32")
+    except UserError as e:
+        return str(e).split(": ", 1)[1], None, 0.0
     except Exception as e:  # soundfile raises LibsndfileError, TypeError, RuntimeError
         return f"unreadable audio ({type(e).__name__})", None, 0.0
     if not np.isfinite(audio).all():
@@ -3485,6 +3500,8 @@ def read_ct2_model(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]
         pos += n_bytes
     if any(name.endswith("weight_scale") for name in v):
         raise UserError(f"{path}: quantized (int8) models cannot be converted")
+    if ints := [n for n, t in v.items() if t.ndim and not t.is_floating_point()]:
+        raise UserError(f"{path}: {ints[0]} holds {v[ints[0]].dtype}, not floats")
     return _ct2_to_openai(v)
 
 
