@@ -3761,7 +3761,7 @@ def test_export_refuses_nan_audio_and_notes_a_long_clip(tmp_path, capsys):
     assert "long.wav: over 30 s" in capsys.readouterr().err
 
 
-def test_the_second_probe_s_findings(tmp_path, monkeypatch):
+def test_the_second_probe_s_findings(tmp_path, monkeypatch, capsys):
     # temp names are our own: a user's .NAME.tmp (a file, a link, a directory) is
     # neither written through nor removed
     victim = tmp_path / "victim.txt"
@@ -3848,7 +3848,7 @@ def test_the_second_probe_s_findings(tmp_path, monkeypatch):
     )
     with pytest.raises(SystemExit) as e:
         wf.main(["check", "--data", "x"])
-    assert "check: interrupted" in str(e.value)
+    assert e.value.code == 130 and "check: interrupted" in capsys.readouterr().err
 
 
 def test_audio_is_read_31_s_at_most(tmp_path, capsys):
@@ -3865,3 +3865,28 @@ def test_audio_is_read_31_s_at_most(tmp_path, capsys):
     whole, _ = soundfile.read(tmp_path / "40s.wav", dtype="int16")
     full = wf.resample(torch.from_numpy(whole).float() / 32768, 44100, SAMPLE_RATE)
     assert torch.equal(wf.load_wave(tmp_path / "40s.wav")[:N_SAMPLES], full[:N_SAMPLES])
+
+
+def test_the_re_probe_s_findings(tiny_run, tmp_path, monkeypatch):
+    # a file made in a new run directory just after train made it: refused, kept
+    run_dir = wf.run_dir
+
+    def raced(out):
+        run_dir(out)
+        (out / "config.json").write_text("a user's")
+
+    monkeypatch.setattr(wf, "run_dir", raced)
+    with pytest.raises(wf.UserError, match="config.json exists"):
+        wf.train(train_config(tiny_train(tiny_run, out=tmp_path / "raced")))
+    assert (tmp_path / "raced" / "config.json").read_text() == "a user's"
+    # a ggml file of more tensor headers than its dims have weights: refused early
+    wf.write_ggml_model(tiny_model(0), tmp_path / "m.bin", torch.float16)
+    extra = b"".join(
+        struct.pack("<3ii", 1, len(f"x{i}"), 0, 1) + f"x{i}".encode() + bytes(4)
+        for i in range(100_000)
+    )
+    (tmp_path / "many.bin").write_bytes((tmp_path / "m.bin").read_bytes() + extra)
+    t0 = time.time()
+    with pytest.raises(wf.UserError, match="more tensors than a whisper"):
+        wf.read_ggml_model(tmp_path / "many.bin")
+    assert time.time() - t0 < 1

@@ -57,6 +57,9 @@ try:
 except ImportError:
     fcntl = None
 
+if __name__ == "__main__":  # Ctrl-C while torch loads: a quiet exit (main undoes it)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import jiwer
 import numpy as np
 import soundfile
@@ -2053,9 +2056,10 @@ def load_run_data(
         step = saved[1]["step"]
         raise UserError(f"{out}: its last.pt/state.pt (step {step}) are another run's")
     if rank == 0:
-        save_json(out / "config.json", dataclasses.asdict(cfg))
+        # a new run's files are refused if someone made them since --out was empty
+        save_json(out / "config.json", dataclasses.asdict(cfg), bool(cfg.resume))
         if not cfg.resume:
-            save_json(out / "split.json", split)
+            save_json(out / "split.json", split, replace=False)
     run = Run(
         cfg=cfg,
         out=out,
@@ -3881,7 +3885,11 @@ def read_ggml_model(path: str | os.PathLike) -> tuple[ModelDimensions, dict]:
         skip(take("<i")[0], "the vocabulary")
     dtypes = {i: dtype for dtype, i in GGML_TYPES.items()}
     state = {}
+    check_dims(path, dims, len(buf))  # (its tensors' headers are read only then)
+    n_keys = 11 + 15 * dims.n_audio_layer + 24 * dims.n_text_layer  # whisper's
     while pos < len(buf):
+        if len(state) == n_keys:
+            raise UserError(f"{path}: more tensors than a whisper of its dims has")
         n_dims, n_name, ttype = take("<3i")
         if not 1 <= n_dims <= 4:
             raise UserError(f"{path}: damaged: a tensor of {n_dims} dimensions")
@@ -5004,6 +5012,7 @@ def cmd_demo(args) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # (see the imports)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.debug or os.environ.get("WHISPER_FT_DEBUG"):
@@ -5017,7 +5026,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             e = f"{e.filename}: {e.strerror}"  # (not "[Errno 13] ...")
         raise SystemExit(f"error: {e} (--debug: the traceback)")
     except KeyboardInterrupt:  # (train says how to go on itself)
-        raise SystemExit(f"\n{args.command}: interrupted") from None
+        print(f"\n{args.command}: interrupted", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
     except Exception as e:  # what no check foresaw: still one line, and the way on
         said = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
         raise SystemExit(f"error: {args.command}: {said} (--debug: the traceback)")
