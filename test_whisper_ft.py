@@ -3890,3 +3890,15 @@ def test_the_re_probe_s_findings(tiny_run, tmp_path, monkeypatch):
     with pytest.raises(wf.UserError, match="more tensors than a whisper"):
         wf.read_ggml_model(tmp_path / "many.bin")
     assert time.time() - t0 < 1
+
+
+def test_check_says_why_a_file_has_too_many_channels(tmp_path, monkeypatch):
+    # the reason frames_read gives, less the file's name (which may hold ": " too)
+    wav = tmp_path / "a: b.wav"
+    write_wav(wav, seconds=0.5, rate=16000)
+
+    def too_many(f):
+        raise wf.UserError(f"{f.name}: 9 channels: too many to read")
+
+    monkeypatch.setattr(wf, "frames_read", too_many)
+    assert wf.probe_audio(wav)[0] == "9 channels: too many to read"

@@ -405,8 +405,8 @@ def probe_audio(
         if declared is not None and declared > info.frames:
             return "audio data shorter than its header says", None, seconds
         audio, _ = soundfile.read(str(path), frames_read(info), dtype="float32")
-    except UserError as e:
-        return str(e).split(": ", 1)[1], None, 0.0
+    except UserError as e:  # (frames_read's: its message names the file first)
+        return str(e).removeprefix(f"{info.name}: "), None, 0.0
     except Exception as e:  # soundfile raises LibsndfileError, TypeError, RuntimeError
         return f"unreadable audio ({type(e).__name__})", None, 0.0
     if not np.isfinite(audio).all():
@@ -4698,7 +4698,7 @@ def score_parts(cfg: TrainConfig, data: Path, ckpt: str) -> dict[str, float]:
     tokenizer = model_tokenizer(model.dims, cfg.language)
     subsets, n_ctx = cfg.subsets.split(","), model.dims.n_text_ctx
     utts, _ = read_corpus(str(data), tokenizer, cfg.target, subsets, n_text_ctx=n_ctx)
-    split = read_json(Path(cfg.out) / "split.json")
+    split = read_split(Path(cfg.out) / "split.json")
     options = EvalOptions(cfg.eval_batch_size, dtype=pick_dtype(device, cfg.dtype))
     cers = {}
     for part in ("dev", "test"):
