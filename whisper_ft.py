@@ -4579,7 +4579,8 @@ def cmd_eval(args) -> None:
         saved = load_config(config)
         cfg.retain_data, cfg.retain_language = saved.retain_data, saved.retain_language
     check_config(cfg)  # (a bad retain set: refused before anything is decoded)
-    retain = load_retain(cfg, model.dims, lambda m: print(m, file=sys.stderr))
+    log = functools.partial(print, file=sys.stderr)
+    retain = load_retain(cfg, model.dims, log) if cfg.retain_data else None
     tsvs = {"": tsv}  # what each result is written to, by its metrics' prefix
     if retain:
         tsvs["retain_"] = tsv.with_name(tsv.stem + "_retain.tsv")
