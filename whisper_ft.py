@@ -46,7 +46,7 @@ import time
 import unicodedata
 import uuid
 import zipfile
-from collections import Counter
+from collections import Counter, defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,11 +287,9 @@ def _sinc_kernel(orig_freq: int, new_freq: int) -> tuple[torch.Tensor, int, int,
 
 
 def resample(wave: torch.Tensor, orig_freq: int, new_freq: int) -> torch.Tensor:
-    """torchaudio.transforms.Resample(orig_freq, new_freq)(wave) to float rounding, but
-    cheaper than its conv1d: a matmul over frames (o samples in, n out: the rates'
-    ratio in lowest terms). A rate whose exact filter is huge is rounded to 50 Hz.
-
-    wave: torch.Tensor, shape = (n_samples,)"""
+    """torchaudio's Resample(orig_freq, new_freq)(wave), wave: (n_samples,), to float
+    rounding, as a cheaper matmul over frames (o samples in, n out: the rates' ratio in
+    lowest terms). A rate whose exact filter is huge is rounded to 50 Hz."""
     if orig_freq == new_freq:
         return wave
     if orig_freq * new_freq // math.gcd(orig_freq, new_freq) ** 2 > 2**20:  # 44,101 Hz
@@ -361,10 +359,9 @@ def frames_read(f) -> int:
 def probe_audio(
     path: Path, max_seconds: float = CHUNK_LENGTH
 ) -> tuple[Optional[str], Optional[str], float]:
-    """Why an audio file cannot be used, or None; what is odd about it that does not
-    stop its use (a warning), or None; and its seconds. The samples are read, not only
-    the header: a NaN sample would make every batch holding it non-finite, and a WAV
-    whose data ends before its header says would be trained on with all its text."""
+    """(why an audio file cannot be used, a warning of what is odd about it, its
+    seconds), None for none. Samples are read too: a NaN makes each batch holding it
+    non-finite; a WAV shorter than its header says would train on all its text."""
     try:
         info = soundfile.info(str(path))
         if why := rate_problem(info.samplerate):
@@ -412,11 +409,9 @@ def _wav_declared_frames(path: Path) -> Optional[int]:
 
 
 def log_mel_spectrogram(audio: torch.Tensor, n_mels: int = 80) -> torch.Tensor:
-    """whisper.log_mel_spectrogram(pad_or_trim(audio)) for a batch: the same numbers
-    item by item, in one STFT on whatever device `audio` is on, over the samples given.
-
-    audio: torch.Tensor, shape = (*, n_samples) at 16 kHz; what follows is silence
-    returns: torch.Tensor, shape = (*, n_mels, N_FRAMES)"""
+    """whisper.log_mel_spectrogram(pad_or_trim(audio)) for a batch, the same numbers
+    item by item, in one STFT on audio's device: audio, shape = (*, n_samples) at
+    16 kHz, silence after it -> shape = (*, n_mels, N_FRAMES)."""
     # silence gives all-zero STFT frames: N_FFT zeros after the audio, not all 30 s,
     # make the frames that see audio exact (reflect padding mirrors zeros)
     audio = whisper.pad_or_trim(audio, min(N_SAMPLES, audio.shape[-1] + N_FFT))
@@ -450,9 +445,8 @@ def _import_pyopenjtalk():
 
 
 def normalize_text(text: str, keep_spaces: bool = False) -> str:
-    """The form CER and WER are computed on: NFKC (full-width letters and half-width
-    kana to their usual forms), lower case, punctuation and symbols (Unicode P* and S*)
-    removed, and whitespace removed (CER) or collapsed to single spaces (WER)."""
+    """The form CER and WER are computed on: NFKC, lower case, no punctuation or symbols
+    (Unicode P*, S*), whitespace removed (CER) or collapsed to single spaces (WER)."""
     text = unicodedata.normalize("NFKC", text).lower()
     text = "".join(c for c in text if unicodedata.category(c)[0] not in "PS")
     text = " ".join(text.split()) if keep_spaces else "".join(text.split())
@@ -474,10 +468,9 @@ def suppressed_tokens(tokenizer: Tokenizer) -> list[int]:
 
 
 def clean_target(tokenizer: Tokenizer, text: str) -> tuple[str, str]:
-    """(`text` without the characters that become tokens whisper's decoding never
-    writes, those characters in order): 「」『』♪, most brackets and symbols, a
-    word-initial - or ', which a model could never write. Removed one a round, the first
-    of each such token, until none is left: BPE merges depend on the neighbours."""
+    """(`text` without the characters whose tokens whisper's decoding never writes,
+    those characters in order): 「」『』♪, most brackets and symbols, a word-initial - or
+    '. Removed one a round, the first such token's: BPE merges depend on neighbours."""
     suppress, removed = set(suppressed_tokens(tokenizer)), ""
     for _ in range(len(text) + 1):  # a character a round: at most all of them
         text = text.strip()
@@ -515,21 +508,13 @@ class Utterance:
 
 @dataclass
 class CorpusReport:
-    """Counts and first examples of what a reader skipped, by reason."""
+    """What a reader skipped, changed (used, but altered) and warned of (used, but odd):
+    reason -> where, in order."""
 
     n_used: int = 0
-    skipped: dict[str, list[str]] = field(default_factory=dict)
-    changed: dict[str, list[str]] = field(default_factory=dict)  # used, but altered
-    warned: dict[str, list[str]] = field(default_factory=dict)  # used, but odd
-
-    def skip(self, reason: str, where: str) -> None:
-        self.skipped.setdefault(reason, []).append(where)
-
-    def change(self, what: str, where: str) -> None:
-        self.changed.setdefault(what, []).append(where)
-
-    def warn(self, what: str, where: str) -> None:
-        self.warned.setdefault(what, []).append(where)
+    skipped: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    changed: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    warned: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
 
     def summary(self, name: str, n_show: int = 3) -> str:
         n_skipped = sum(map(len, self.skipped.values()))
@@ -544,17 +529,16 @@ class CorpusReport:
 
 
 def _read_lines(path: Path, report: CorpusReport):
-    """(line number, text) of non-blank lines: UTF-8, LF or CRLF, with or without a BOM
-    (at the start of any line: files joined with cat keep theirs). A line that is not
-    UTF-8 or holds a NUL byte is skipped, reported."""
+    """(line number, text) of non-blank lines: UTF-8, LF or CRLF, a BOM at the start of
+    any line dropped (cat keeps each file's); one not UTF-8 or with a NUL is skipped."""
     for lineno, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
         try:
             line = raw.decode("utf-8").rstrip("\r").lstrip("\ufeff")
         except UnicodeDecodeError:
-            report.skip("transcript line not UTF-8", f"{path}:{lineno}")
+            report.skipped["transcript line not UTF-8"].append(f"{path}:{lineno}")
             continue
         if "\0" in line:
-            report.skip("line holds a NUL byte", f"{path}:{lineno}")
+            report.skipped["line holds a NUL byte"].append(f"{path}:{lineno}")
             continue
         if line.strip():
             yield lineno, line
@@ -573,7 +557,8 @@ def read_jvs(
             wav_dir = speaker / subset / JVS_WAV_DIR
             if not transcript.is_file():
                 if wav_dir.is_dir():
-                    report.skip("subset without transcript file", str(wav_dir))
+                    why = "subset without transcript file"
+                    report.skipped[why].append(str(wav_dir))
                 continue
             seen = set()
             for lineno, line in _read_lines(transcript, report):
@@ -581,10 +566,10 @@ def read_jvs(
                 utt_id, colon, text = line.partition(":")  # JVS texts may hold colons
                 utt_id = utt_id.strip()
                 if not colon or not utt_id:
-                    report.skip("transcript line not ID:text", where)
+                    report.skipped["transcript line not ID:text"].append(where)
                     continue
                 if utt_id in seen:
-                    report.skip("duplicate utterance id", where)
+                    report.skipped["duplicate utterance id"].append(where)
                     continue
                 seen.add(utt_id)
                 wav = wav_dir / f"{utt_id}.wav"
@@ -592,22 +577,21 @@ def read_jvs(
                 utts.append(Utterance(full_id, str(wav), text, speaker.name, where))
             for wav in sorted(wav_dir.glob("*.wav")):
                 if wav.stem not in seen:
-                    report.skip("wav without transcript line", str(wav))
+                    report.skipped["wav without transcript line"].append(str(wav))
     if not utts and not report.skipped:
         raise UserError(f"{root}: no {'/'.join(subsets)}/{JVS_TRANSCRIPT} under it")
     return utts
 
 
 def read_manifest(path: Path, report: CorpusReport) -> list[Utterance]:
-    """Utterances of a TSV manifest `path<TAB>text[<TAB>speaker]` (paths relative to
-    it). An utterance's id is its path without the suffix, with it where two paths
-    differ in their suffix alone (x.wav and x.flac)."""
+    """Utterances of a TSV manifest `path<TAB>text[<TAB>speaker]`, paths relative to it;
+    id: the path sans suffix, with it where only it tells two apart (x.wav, x.flac)."""
     lines, utts, seen = [], [], set()
     for lineno, line in _read_lines(path, report):
         cols = line.split("\t")
         if len(cols) not in (2, 3) or not cols[0].strip():
             why = "manifest line not path<TAB>text[<TAB>speaker]"
-            report.skip(why, f"{path}:{lineno}")
+            report.skipped[why].append(f"{path}:{lineno}")
             continue
         lines.append((f"{path}:{lineno}", cols[0].strip(), cols))
     stems = Counter(str(Path(p).with_suffix("")) for p in {rel for _, rel, _ in lines})
@@ -617,7 +601,7 @@ def read_manifest(path: Path, report: CorpusReport) -> list[Utterance]:
         if stems[utt_id] > 1:  # x.wav and x.flac: two utterances, two ids
             utt_id = rel
         if utt_id in seen:
-            report.skip("duplicate utterance id", where)
+            report.skipped["duplicate utterance id"].append(where)
             continue
         seen.add(utt_id)
         speaker = cols[2].strip() if len(cols) == 3 else audio.parent.name
@@ -655,34 +639,34 @@ def read_corpus(
     usable = []
     for u in utts:
         if excluded & {u.id, u.path, os.path.relpath(u.path, data)}:
-            report.skip("excluded", u.id)
+            report.skipped["excluded"].append(u.id)
             continue
         if not u.text.strip():
-            report.skip("empty transcript", u.source)
+            report.skipped["empty transcript"].append(u.source)
             continue
         u.target = to_kana(u.text) if target == "kana" else u.text.strip()
         u.target, removed = clean_target(tokenizer, u.target)
         if removed:
             why = "characters whose tokens whisper's decoding suppresses removed"
-            report.change(why, f"{u.source} ({removed})")
+            report.changed[why].append(f"{u.source} ({removed})")
         if not normalize_text(u.target):
-            report.skip("transcript without letters", u.source)
+            report.skipped["transcript without letters"].append(u.source)
             continue
         u.tokens = prefix + encode_text(tokenizer, u.target) + [tokenizer.eot]
         if len(u.tokens) > n_text_ctx:
             why = f"longer than the decoder's {n_text_ctx}-token context"
-            report.skip(why, f"{u.source} ({len(u.tokens)} tokens)")
+            report.skipped[why].append(f"{u.source} ({len(u.tokens)} tokens)")
             continue
         if why := not_a_file(u.path):
             why = "transcript line without wav" if why == "not found" else why
-            report.skip(why, f"{u.source} ({u.path})")
+            report.skipped[why].append(f"{u.source} ({u.path})")
             continue
         why, odd, u.seconds = probe_audio(Path(u.path), max_seconds)
         if why:
-            report.skip(why, u.path)
+            report.skipped[why].append(u.path)
             continue
         if odd:
-            report.warn(odd, u.path)
+            report.warned[odd].append(u.path)
         usable.append(u)
     report.n_used = len(usable)
     return usable, report
@@ -691,11 +675,9 @@ def read_corpus(
 def split_corpus(
     utts: list[Utterance], eval_fraction: float, test_fraction: float = 0.5
 ) -> tuple[list[Utterance], list[Utterance], list[Utterance], dict]:
-    """A leak-free split -> train, dev, test and split_info (for split.json): the last
-    `eval_fraction` of speakers (at least one, refused where there are not two) are held
-    out, and no held-out sentence is a training sentence (see _hold_out: all of JVS
-    parallel100 is read on both sides). The held-out part is cut the same way into dev
-    (picks best.pt) and test (scored once, at the end)."""
+    """A leak-free split of two or more speakers (see _hold_out: every JVS speaker reads
+    parallel100) -> train, dev (picks best.pt), test (scored once, at the end) and
+    split_info (split.json); `eval_fraction` of the speakers are held out."""
     n_speakers = len({u.speaker for u in utts})
     if n_speakers < 2:
         raise UserError(f"cannot hold out a speaker of {n_speakers}: give --eval-data")
@@ -707,10 +689,9 @@ def split_corpus(
 def split_dev_test(
     utts: list[Utterance], test_fraction: float
 ) -> tuple[list[Utterance], list[Utterance], list[Utterance]]:
-    """Held-out utterances -> dev, test and dropped, with no speaker and no sentence in
-    both: the last `test_fraction` of the speakers, and of the sentences they share with
-    the others, go to test. Where that leaves a part empty (one held-out speaker, or a
-    few speakers who read the same few sentences), the sentences alone are split."""
+    """Held-out utterances -> dev, test and dropped, no speaker or sentence in both, as
+    _hold_out cuts them (test: the last `test_fraction`); where that leaves a part
+    empty (one speaker, or a few reading the same few sentences), by sentence alone."""
     if len({u.speaker for u in utts}) >= 2:
         dev, test, dropped = _hold_out(utts, test_fraction)
         if dev and test:
@@ -736,9 +717,8 @@ def _hold_out(
     utts: list[Utterance], fraction: float
 ) -> tuple[list[Utterance], list[Utterance], list[Utterance]]:
     """(kept, held, dropped): the last `fraction` of the speakers (at least one, not
-    all) are held out, with the same fraction of the sentences that both sides read;
-    their utterances of held-out sentences go to held, the others' utterances of kept
-    sentences to kept, the rest is dropped."""
+    all) are held out, with that fraction of the sentences both sides read; held: their
+    utterances of held-out sentences, kept: the others' of other sentences."""
     speakers = sorted({u.speaker for u in utts})
     n_held = _n_held(len(speakers), fraction)
     held_speakers = set(speakers[-n_held:])
@@ -840,9 +820,8 @@ def pad_waves(waves: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def longest_first(utts: Sequence[Utterance]) -> list[int]:
-    """Indices of `utts`, the longest audio first (by file size: a stat, not a read), so
-    that batches cut from them are of alike lengths: log-mel pads little and greedy
-    decoding waits little for a batch's longest transcript."""
+    """Indices of `utts`, the longest audio first (by file size: a stat, not a read):
+    batches of alike lengths pad little, and wait little for the longest transcript."""
     return sorted(range(len(utts)), key=lambda i: -os.stat(utts[i].path).st_size)
 
 
@@ -868,9 +847,8 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class Features:
-    """Encoder features of a list of utterances, wherever encode_audio put them: one
-    tensor `rows` (on the device, or in host RAM), or, too big for RAM, .npy files
-    `paths` read a batch at a time (the page cache keeps what was read lately)."""
+    """Encoder features of utterances where encode_audio put them: a tensor `rows` (on
+    the device or in host RAM), or, too big for RAM, .npy files `paths` read lazily."""
 
     def __init__(self, dtype: torch.dtype, rows=None, paths: Sequence[Path] = ()):
         self.dtype, self.rows, self.paths = dtype, rows, list(paths)
@@ -920,12 +898,10 @@ def autocast(device: torch.device, dtype: torch.dtype, cache: bool = True):
 def encode(
     model: Whisper, mel: torch.Tensor, dtype: torch.dtype, n_top: int = 0
 ) -> torch.Tensor:
-    """mel, shape = (n_batch, n_mels, N_FRAMES) -> the encoder's output (n_top = 0), or
-    the state entering its top n_top blocks (encode_top finishes it), shape = (n_batch,
-    n_audio_ctx, n_audio_state), in `dtype`, under autocast to it. All paths encode
-    this way, so `eval` reproduces the CER logged for best.pt, and the decoder trains in
-    the dtype it computes in (it casts its weights to the features' dtype: fp16
-    features would train an fp32 run in pure fp16)."""
+    """mel, shape = (n_batch, n_mels, N_FRAMES) -> the encoder's output (n_top = 0) or
+    what enters its top n_top blocks (encode_top), shape = (n_batch, n_audio_ctx,
+    n_audio_state), in `dtype`, under autocast to it. Every path encodes so: eval gets
+    best.pt's CER; the decoder, casting weights to its input's dtype, trains in it."""
     encoder = model.encoder
     with autocast(mel.device, dtype):
         if n_top == 0:
@@ -939,9 +915,8 @@ def encode(
 
 
 def encode_top(model: Whisper, x: torch.Tensor, n_top: int) -> torch.Tensor:
-    """The encoder's output from x = encode(..., n_top): x through the top n_top blocks
-    and ln_post, in x's dtype, under the caller's autocast (the whole encoder's numbers:
-    its residual stream is in the autocast dtype too)."""
+    """The encoder's output from x = encode(..., n_top), the whole encoder's numbers: in
+    x's dtype, under the caller's autocast, as whisper's residual stream is."""
     for block in model.encoder.blocks[len(model.encoder.blocks) - n_top :]:
         x = block(x)
     return model.encoder.ln_post(x) if n_top else x
@@ -958,12 +933,10 @@ def encode_audio(
     where: str = "ram",
     n_top: int = 0,
 ) -> Features:
-    """encode(model, mel, dtype, n_top) of every utterance, each computed once, kept
-    `where`: "device" (the model's: no host round trip a step), "ram" (the host's), or
-    "disk" (cache_dir's files alone; "device" refuses a cache_dir). With `cache_dir`,
-    each is also kept there as .npy and reused by later runs and resumes, under keys
-    that change with the encoder's weights, the dtype, the mel code (FEATURE_VERSION),
-    and the audio file's path, size and modification time: a stale one is never read."""
+    """encode(model, mel, dtype, n_top) of every utterance, made once, kept `where`:
+    "device" (the model's; not with a cache_dir), "ram" (the host's) or "disk" (the
+    cache_dir's .npy files alone). Those files are reused by later runs, under keys of
+    what makes them (_encoder_key, _audio_key): a stale one is never read."""
     device, dims = model.device, model.dims
     assert where in ("ram", "disk" if cache_dir else "device")
     shape = (len(utts), dims.n_audio_ctx, dims.n_audio_state)
@@ -1418,10 +1391,9 @@ class Stopped(Exception):
 
 
 class _StopFlag:
-    """Set by SIGINT/SIGTERM: the loop finishes its step, saves and exits. During an
-    eval (minutes on a real dev set: more than a scheduler's grace before its SIGKILL)
-    it raises Stopped, to save without that eval. A second signal stops at once
-    (KeyboardInterrupt: the saves are atomic), after the save that it interrupts."""
+    """Set by SIGINT/SIGTERM: the loop finishes its step, saves and exits; an eval
+    (minutes: over a scheduler's grace before SIGKILL) is abandoned (Stopped). A second
+    signal stops at once (KeyboardInterrupt), or after a save it comes during."""
 
     def __init__(self):
         self.signum, self.n_signals, self.doing = 0, 0, ""
@@ -1514,10 +1486,9 @@ class EvalSet:
 
 
 class StepNet(torch.nn.Module):
-    """What a training step runs: net(x, tokens) -> logits, shape = (n_batch, n_ctx,
-    n_vocab). n_top None: x is the log-mel, shape = (n_batch, n_mels, N_FRAMES), which
-    the whole encoder encodes; else x is what encode(..., n_top) cached, shape =
-    (n_batch, n_audio_ctx, n_audio_state), which the top n_top blocks finish."""
+    """What a training step runs: net(x, tokens) -> logits, (n_batch, n_ctx, n_vocab).
+    x: the log-mel, (n_batch, n_mels, N_FRAMES), where n_top is None; else what
+    encode(..., n_top) cached, (n_batch, n_audio_ctx, n_audio_state)."""
 
     def __init__(self, model: Whisper, n_top: Optional[int]):
         super().__init__()
@@ -1664,10 +1635,9 @@ def load_config(path: Path) -> TrainConfig:
 def run_config(
     cfg: TrainConfig, given: Optional[set[str]] = None
 ) -> tuple[TrainConfig, Path, dict]:
-    """The run's config and directory, paths made absolute (so that --resume works from
-    any directory), and its changes, name -> (old, new): a resumed run's config is the
-    one it started with, changed where `given` (the options named on the command line)
-    says and RESUME_OPTIONS allows (--data somewhere else, --max-steps further...)."""
+    """The run's config, paths absolute (--resume works from anywhere), directory, and
+    changes, name -> (old, new): a resumed run's saved config, changed where `given`
+    (the options on the command line) says and RESUME_OPTIONS allows."""
     changes = {}
     if given is None:  # called from Python: what differs from the defaults was given
         given = {
@@ -1736,9 +1706,8 @@ def run_dir(out: Path) -> None:
 def load_data(
     cfg: TrainConfig, dims: ModelDimensions, tokenizer: Tokenizer, out: Path, log
 ) -> tuple[list[Utterance], dict[str, list[Utterance]], dict]:
-    """Every utterance read and validated, then split into train, dev and test (see
-    split_corpus); a resumed run takes its split from split.json, never recomputed, so
-    that a changed corpus cannot move a trained utterance into dev or test."""
+    """Every utterance read and checked, then split (split_corpus); a resumed run takes
+    split.json's split: a changed corpus cannot move a trained one into dev or test."""
     read = functools.partial(
         read_corpus,
         tokenizer=tokenizer,
@@ -1811,9 +1780,8 @@ def load_retain(cfg: TrainConfig, dims: ModelDimensions, log) -> EvalSet:
 
 
 def cache_features(run: Run) -> None:
-    """The frozen encoder's output for every utterance the run reads, kept where it fits
-    best: on the GPU, in RAM, or else in the feature cache directory. Each rank encodes
-    every world-th utterance, then all ranks share the rows."""
+    """The frozen encoder's output for every utterance the run reads, on the GPU, in RAM
+    or else on disk, as they fit; each rank encodes every world-th, all share them."""
     cfg, model, device, world = run.cfg, run.model, run.device, run.world
     evals = list(run.evals.values()) if cfg.eval_every > 0 else []  # (0: no evals)
     sets = [run.train_utts] + [s.utts for s in evals]
@@ -1860,11 +1828,9 @@ def cache_features(run: Run) -> None:
     run.train_x, *parts = [features[a:b] for a, b in zip(bounds, bounds[1:])]
     for s, x in zip(evals, parts):
         s.features = x
-    run.feature_seconds, run.feature_gib = time.time() - t0, gib
-    run.log(
-        f"encoder features: {len(features)} in {run.feature_seconds:.1f} s, "
-        f"{gib:.2f} GiB"
-    )
+    seconds = time.time() - t0
+    run.feature_seconds, run.feature_gib = seconds, gib
+    run.log(f"encoder features: {len(features)} in {seconds:.1f} s, {gib:.2f} GiB")
 
 
 def setup_run(cfg: TrainConfig, given: Optional[set[str]] = None) -> Run:
@@ -1891,11 +1857,7 @@ def setup_run(cfg: TrainConfig, given: Optional[set[str]] = None) -> Run:
     try:
         run, saved = load_run_data(cfg, changes, rank, world, device)
         run.lock = lock
-        setup_step(run)
-        if saved:
-            restore_state(run, *saved)
-        if not run.cached:
-            run.audio = audio_loader(run)
+        setup_step(run, saved)
         return run
     except BaseException:
         if lock:
@@ -1966,8 +1928,9 @@ def load_run_data(
     return run, saved
 
 
-def setup_step(run: Run) -> None:
-    """What a step runs, and how: the features, the net, the optimizer, CUDA graphs."""
+def setup_step(run: Run, saved: Optional[tuple[dict, dict]]) -> None:
+    """What a step runs, and how: the features or audio, the net, the optimizer, CUDA
+    graphs; and a resumed run's weights, optimizer, scaler and RNG, as `saved`."""
     cfg, model, device, dtype = run.cfg, run.model, run.device, run.dtype
     n_top = cfg.train_encoder_layers
     model.encoder.requires_grad_(cfg.train_encoder)
@@ -1989,9 +1952,8 @@ def setup_step(run: Run) -> None:
         run.graphs = CudaGraphs(run.log)
     # train steps are captured where a step is small and syncs nowhere: one process
     # (DDP syncs), one micro-batch, no GradScaler (its own syncs), cached features
-    run.graphed = bool(
-        run.graphs and run.world == 1 and cfg.grad_accum == 1 and run.cached
-    ) and (dtype != torch.float16)
+    small = run.world == 1 and cfg.grad_accum == 1 and run.cached
+    run.graphed = run.graphs is not None and small and dtype != torch.float16
     run.optimizer = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay),
         # a captured step reads its lr and step count from the device: so does eager
@@ -2000,22 +1962,22 @@ def setup_step(run: Run) -> None:
         capturable=run.graphed,
     )
     run.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-
-def restore_state(run: Run, checkpoint: dict, state: dict) -> None:
-    """A resumed run's weights, optimizer, scaler and RNG, as saved at its step."""
-    run.model.load_state_dict(checkpoint["model_state_dict"])
-    lrs = [group["lr"] for group in run.optimizer.param_groups]
-    run.optimizer.load_state_dict(state["optimizer"])
-    for group, lr in zip(run.optimizer.param_groups, lrs):
-        # the saved lr (a CPU tensor, where graphed) would replace the device
-        # tensor that the loop sets and a captured step reads
-        group["lr"], group["capturable"] = lr, run.graphed
-    run.scaler.load_state_dict(state["scaler"])
-    _set_rng_state(state["rng"])
-    run.start, run.best_cer = state["step"], state["best_cer"]
-    run.eval_due = state.get("eval_due", False)
-    run.log(f"resuming {run.out} at step {run.start}")
+    if saved:
+        checkpoint, state = saved
+        model.load_state_dict(checkpoint["model_state_dict"])
+        lrs = [group["lr"] for group in run.optimizer.param_groups]
+        run.optimizer.load_state_dict(state["optimizer"])
+        for group, lr in zip(run.optimizer.param_groups, lrs):
+            # the saved lr (a CPU tensor, where graphed) would replace the device
+            # tensor that the loop sets and a captured step reads
+            group["lr"], group["capturable"] = lr, run.graphed
+        run.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        run.start, run.best_cer = state["step"], state["best_cer"]
+        run.eval_due = state.get("eval_due", False)
+        run.log(f"resuming {run.out} at step {run.start}")
+    if not run.cached:  # (its batches start at run.start)
+        run.audio = audio_loader(run)
 
 
 def find_resume_point(
@@ -2124,17 +2086,11 @@ def audio_loader(run: Run) -> Iterator[torch.Tensor]:
 def collate_tokens(
     sequences: Sequence[list[int]], pad_token: int, n_prefix: int = 0, n_pad_to: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forcing inputs and labels for a batch of token sequences: (tokens,
-    labels), shape = (n_batch, n_ctx) each, rows sequence[:-1] then pad_token and
-    sequence[1:] then IGNORE_INDEX.
-
-    sequences: each `prefix + text tokens + [eot]`
-    pad_token: what pads the inputs (any id works: causal attention never lets a real
-        position see a later pad, and pad labels are IGNORE_INDEX)
-    n_prefix: the first `n_prefix` labels are IGNORE_INDEX (the sot sequence's length
-        minus one: the model is not taught the prefix it is always given at inference)
-    n_pad_to: pad to at least this length
-    """
+    """Teacher-forcing (tokens, labels) of sequences (each `prefix + text tokens +
+    [eot]`), shape = (n_batch, n_ctx) each, n_ctx at least n_pad_to: rows sequence[:-1]
+    then pad_token (any id: causal attention never lets a real position see a later
+    pad), and sequence[1:] then IGNORE_INDEX, as are the first n_prefix labels (the sot
+    sequence's length minus one: the model is not taught the prefix it always gets)."""
     n_ctx = max([len(s) - 1 for s in sequences] + [n_pad_to])
     tokens = torch.full((len(sequences), n_ctx), pad_token, dtype=torch.long)
     labels = torch.full_like(tokens, IGNORE_INDEX)
@@ -2175,14 +2131,10 @@ def micro_batch(run: Run, idx: list[int]) -> tuple[torch.Tensor, ...]:
 
 
 def spec_augment(x: torch.Tensor, n_positions: Sequence[int]) -> torch.Tensor:
-    """x with SpecAugment's masks on the hidden states a run trains on ("deep"
-    SpecAugment): per item, two time spans and two channel bands set to zero, each up
-    to a tenth of its audio's positions or of the channels. Drawn from torch's global
-    RNG, which a run saves: a resume draws the same masks.
-
-    x: torch.Tensor, shape = (n_batch, n_audio_ctx, n_channels)
-    n_positions: the positions that hold each item's audio (the rest is silence)
-    """
+    """x, shape = (n_batch, n_audio_ctx, n_channels), the hidden states a run trains on,
+    with "deep" SpecAugment: per item, two time spans and two channel bands zeroed, each
+    up to a tenth of n_positions (those holding its audio) or of the channels. Drawn
+    from torch's global RNG, which a run saves: a resume draws the same masks."""
     n, n_ctx, n_channels = x.shape
     n_masks, width = 2, 0.1
     lengths = torch.tensor(n_positions, dtype=torch.float32).clamp(1, n_ctx)[:, None]
@@ -2202,15 +2154,13 @@ def spec_augment(x: torch.Tensor, n_positions: Sequence[int]) -> torch.Tensor:
 
 
 class CastWeights:
-    """A step's trainable Linear weights, kept as copies in its dtype: inside
-    `with casts:` (one micro-batch's forward and backward) the layers compute with the
-    copies, refreshed from the fp32 weights in one multi-tensor copy; on leaving, their
-    gradients are widened into the fp32 weights' own in one more. Whisper's Linear casts
-    each weight at every call, and autograd each gradient back: two kernels a weight,
-    where a small step is bound by its kernel count. The same numbers to the bit (the
-    layer's own cast, autograd's widening), and the optimizer, clipping and saves see
-    the fp32 weights alone. A weight that two layers share casts itself (its copy would
-    sum two gradients in low precision). Cost: 2 bytes a weight, 2 more for its grad."""
+    """A step's trainable Linear weights as copies in its dtype (2 bytes a weight, 2
+    more for its grad): inside `with casts:` (a micro-batch's forward and backward) the
+    layers compute with the copies, refreshed from the fp32 weights in one multi-tensor
+    copy; on leaving, their gradients widen into the fp32 weights' own in one more (not
+    a kernel a weight, as whisper's Linear: small steps are bound by kernel count). The
+    same numbers to the bit; the optimizer, clipping and saves see fp32 weights alone.
+    A shared weight casts itself (its copy would sum two gradients in low precision)."""
 
     def __init__(self, net: torch.nn.Module, dtype: torch.dtype):
         slots = [
@@ -2273,12 +2223,9 @@ def train_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer update: forward and backward over the micro-batches, gradient
     clipping, and the AdamW step, which a non-finite loss or gradient skips on the
-    device. No host sync: run_step can replay it as a captured CUDA graph.
-
-    n_labels: the update's label count (all micro-batches, all ranks), a device scalar
-    Returns (loss, bad), device scalars: the update's mean loss over its labels, and
-    1.0 if the update was skipped, else 0.0.
-    """
+    device (no host sync: run_step can replay it as a CUDA graph). n_labels: the
+    update's label count (all micro-batches, all ranks), a device scalar. Returns device
+    scalars (loss, bad): the mean loss over those labels, 1.0 if skipped else 0.0."""
     net, scaler, optimizer = run.net, run.scaler, run.optimizer
     step_loss = torch.zeros((), device=run.device)
     for k, (x, tokens, labels) in enumerate(micro):
@@ -2321,8 +2268,7 @@ def train_step(
 
 class Progress:
     """The log line's bookkeeping: the losses summed on the device, the steps not yet
-    checked for skips (the host reads the device once per log line), and the time spent
-    in steps alone (evals and saves excluded)."""
+    checked for skips (the host reads them once a line), the time in steps alone."""
 
     def __init__(self, run: Run):
         self.run = run
@@ -2582,11 +2528,10 @@ def decode_options(model: Whisper, tokenizer: Tokenizer, fp16: bool):
 
 
 class DecodeBuffers:
-    """Greedy decoding's state, and its token step: the decoder's weights cast once to
-    the features' dtype (whisper's Linear casts them at every call), one batch's
-    cross-attention keys and values, and its self-attention cache, written in place
-    (whisper concatenates at every step). CudaGraphs.kept holds them between calls, for
-    its captured steps to find them where they were."""
+    """Greedy decoding's state and token step: the decoder's weights cast once to the
+    features' dtype, a batch's cross-attention keys and values, and its self-attention
+    cache written in place (whisper casts and concatenates at every step); kept between
+    calls in CudaGraphs.kept, for captured steps to find them where they were."""
 
     def __init__(self, model: Whisper, n_batch: int, n_ctx: int, dtype, device):
         self.decoder, self.dtype = model.decoder, dtype
@@ -2628,10 +2573,9 @@ class DecodeBuffers:
             v[:n] = block.cross_attn.value(audio_features)
 
     def step(self, x_tokens: torch.Tensor, offset: int) -> torch.Tensor:
-        """Whisper's decoder, layer for layer, on these buffers: the tokens x_tokens at
-        positions offset... (the prefix at the first step, then one token), their keys
-        and values written into the cache. Returns the last position's logits, float32,
-        shape = (n_batch, n_vocab)."""
+        """The last position's float32 logits, shape = (n_batch, n_vocab), of whisper's
+        decoder, layer for layer, on x_tokens at positions offset... (the prefix, then
+        a token a step), their keys and values written into the cache."""
         decoder, end = self.decoder, offset + x_tokens.shape[1]
         x = decoder.token_embedding(x_tokens) + decoder.positional_embedding[offset:end]
         x = x.to(self.dtype)
@@ -2660,14 +2604,10 @@ def greedy_decode(
     tokenizer: Tokenizer,
     graphs: Optional["CudaGraphs"] = None,
 ) -> list[list[int]]:
-    """Batched greedy decoding, token for token what whisper.decode(model,
-    audio_features, decode_options(...)) writes, without its per-step costs: keys,
-    values and cast weights made once (DecodeBuffers), the suppression one mask, no
-    log-probabilities, a host sync every 8 steps. With `graphs` (CUDA), each token step
-    is a replayed CUDA graph. Returns each item's tokens after the prefix, up to eot.
-
-    audio_features: torch.Tensor, shape = (n_batch, n_audio_ctx, n_audio_state)
-    """
+    """Each item's tokens after the prefix, up to eot, for audio_features, shape =
+    (n_batch, n_audio_ctx, n_audio_state): token for token what whisper.decode writes
+    with decode_options(...), without its per-step costs (buffers made once, one
+    suppression mask, a host sync every 8 steps); with `graphs`, CUDA graph replays."""
     eot, prefix = tokenizer.eot, list(tokenizer.sot_sequence_including_notimestamps)
     n_batch, device = len(audio_features), audio_features.device
     n_ctx = len(prefix) + model.dims.n_text_ctx // 2  # whisper's sample_len
@@ -2688,11 +2628,9 @@ def greedy_decode(
     sync_every = 1 if device.type == "cpu" else 8
     for step in range(n_ctx - len(prefix)):
         offset = tokens.shape[1] - x_tokens.shape[1]
-        if graphs is None:
-            logits = b.step(x_tokens, offset)
-        else:
-            fn = functools.partial(b.step, offset=offset)
-            logits = graphs((*key, offset, x_tokens.shape[1]), fn, x_tokens)
+        fn = functools.partial(b.step, offset=offset)
+        step_key = (*key, offset, x_tokens.shape[1])
+        logits = fn(x_tokens) if graphs is None else graphs(step_key, fn, x_tokens)
         logits.masked_fill_(blank if step == 0 else suppress, -math.inf)
         x_tokens = torch.where(done, eot, logits.argmax(dim=-1))[:, None]
         tokens = torch.cat([tokens, x_tokens], dim=1)
@@ -2738,11 +2676,10 @@ def transcribe_utts(
     audio_features: Optional[Features] = None,
     detect_language: bool = False,
 ) -> tuple[list[str], list[str]]:
-    """Greedy transcripts of utterances, in order, and the language whisper's
-    detect_language finds in each from the same encoder output ("" each, unless
-    `detect_language`). Decoded in batches, the longest audio first (longest_first),
-    from the audio or from `audio_features`: encode()'s output (with options.n_top, the
-    state entering those blocks) in the order of `utts`."""
+    """Greedy transcripts of utts, in order, and the language whisper.detect_language
+    finds in each from the same encoder output ("" each, unless `detect_language`),
+    decoded in batches longest first, from the audio or from audio_features: encode()'s
+    output (with options.n_top, the state entering those blocks) in utts' order."""
     hyps, languages = [""] * len(utts), [""] * len(utts)
     codes = dict(zip(tokenizer.all_language_tokens, tokenizer.all_language_codes))
     device, order, n = model.device, longest_first(utts), options.batch_size
@@ -2773,9 +2710,8 @@ def find_repetition(
 ) -> str:
     """Why a hypothesis looks like a decoding loop, or "": whisper's own test (a zlib
     compression ratio over 2.4, on which whisper.transcribe retries a window) on each of
-    `windows` (default: [text]; whisper's are 30-s windows: a minute of plain katakana
-    compresses past 2.4), or a unit (words in spaced languages, else characters)
-    repeated 4 or more times in a row."""
+    `windows` (default [text]; whisper's are 30 s: a minute of plain katakana compresses
+    past 2.4), or a unit (words if spaced, else characters) 4 or more times in a row."""
     for window in [text] if windows is None else windows:
         ratio = compression_ratio(window)
         if ratio > 2.4:
@@ -2800,9 +2736,8 @@ def score_hyps(
     utts: Sequence[Utterance], hyps: Sequence[str], spaced: bool = False
 ) -> dict:
     """CER on normalize_text() forms without spaces (edits over all reference
-    characters), and WER with words split at spaces (an unspaced Japanese utterance is
-    one word: for Japanese, WER is the utterance error rate); the hypotheses that look
-    like decoding loops (repetition) are counted. Also a row per utterance."""
+    characters), WER on words split at spaces (for unspaced Japanese: the utterance
+    error rate), the count of hypotheses that look like decoding loops, a row each."""
     rows, refs_c, hyps_c, refs_w, hyps_w = [], [], [], [], []
     for u, hyp in zip(utts, hyps, strict=True):
         refs_c.append(normalize_text(u.target))
@@ -2838,10 +2773,9 @@ def score_set(model: Whisper, s: EvalSet, options: EvalOptions) -> dict:
 
 
 def evaluate(run: "Run", step: int, parts: Sequence[str], when: str) -> dict:
-    """Decode and score the parts named (dev, test, retain, long: test's audio joined
-    into recordings for whisper.transcribe) that this run has; write a TSV each, named
-    eval_<part>_<when>.tsv (eval_<part>.tsv without `when`). Returns one flat record:
-    <part>_<metric> -> value."""
+    """One flat record, <part>_<metric> -> value, of the parts named (dev, test, retain,
+    long: test's audio joined into recordings for whisper.transcribe) that this run has,
+    each written to eval_<part>_<when>.tsv (eval_<part>.tsv without `when`)."""
     cfg, record = run.cfg, {"step": step}
     options = EvalOptions(
         batch_size=cfg.eval_batch_size,
@@ -2961,10 +2895,9 @@ def join_recordings(
     durations: Sequence[float], min_seconds: float = 60.0, max_seconds: float = 120.0
 ) -> list[list[int]]:
     """Consecutive items grouped into recordings of min_seconds to max_seconds (with
-    LONG_FORM_GAP between items): a group closes once it is long enough, and a short
-    remainder joins the last group if it fits. Items of at most max_seconds -
-    min_seconds each (30-s utterances, 60-120 s) give groups within the bounds, but for
-    a remainder that did not fit, or a total under min_seconds."""
+    LONG_FORM_GAP between items): a group closes once long enough, a short remainder
+    joins the last group if it fits. Items of at most max_seconds - min_seconds each
+    keep groups in bounds, but an unfitting remainder or a total under min_seconds."""
     groups, group, total = [], [], 0.0
     for i, d in enumerate(durations):
         if group and (total >= min_seconds or total + LONG_FORM_GAP + d > max_seconds):
@@ -2983,10 +2916,9 @@ def join_recordings(
 def timestamps_ok(
     segments: Sequence[dict], duration: float, timestamp_begin: int
 ) -> bool:
-    """Whether whisper.transcribe's segments carry timestamps that make sense: each
-    holds timestamp tokens (a window decoded without any comes back as one segment
-    spanning it), starts do not go back, each ends after it starts, none past the
-    audio's end."""
+    """Whether whisper.transcribe's segments carry sane timestamps: each holds timestamp
+    tokens (a window decoded without any comes back as one segment spanning it), starts
+    never go back, each ends after it starts, none past the audio's end."""
     starts = [s["start"] for s in segments]
     return (
         bool(segments)
@@ -3015,11 +2947,9 @@ def long_form_eval(
     world: int = 1,
     **decode_options,
 ) -> dict:
-    """The utterances joined into 60-120 s recordings, each transcribed by
-    whisper.transcribe with the whisper CLI's defaults, as `whisper --model best.pt`
-    gives users. Scores CER against the joined references, the share of recordings whose
-    segments carry sane timestamps, the share of the audio their segments cover, and
-    loops."""
+    """The utterances joined into 60-120 s recordings, transcribed as `whisper --model
+    best.pt` does (whisper.transcribe, the CLI's defaults); scores CER, loops, and the
+    shares of recordings with sane timestamps and of the audio their segments cover."""
     spaced = language not in LANGUAGES_WITHOUT_SPACES
     # in speaker order: a recording changes voice only where a speaker's run ends
     ordered = sorted(utts, key=lambda u: (u.speaker, u.id))
@@ -3072,13 +3002,12 @@ def long_form_eval(
 
 
 class CudaGraphs:
-    """Steps run as CUDA graphs, one per key (the step's kind, then input shapes), each
-    replayed in a few launches instead of one a kernel (small train steps and decoding's
-    token steps are bound by launches) with the eager step's kernels: the same numbers.
-    A key's first call runs eagerly on a side stream (capture cannot initialise what the
-    step uses), its second is captured, later ones replay. All graphs share one memory
-    pool: safe, since nothing in it outlives a replay (outputs are read or cloned before
-    the next replay; weights, optimizer state and decoding's buffers live outside it).
+    """Steps run as CUDA graphs, one per key (the step's kind, then input shapes): the
+    eager step's kernels (the same numbers) in a few launches (small steps are bound by
+    launches). A key's first call runs eagerly on a side stream (capture cannot
+    initialise what the step uses), its second is captured, later ones replay. All
+    graphs share one memory pool: nothing in it outlives a replay (outputs are read or
+    cloned before the next; weights, optimizer state, decoding's buffers live outside).
     A failed capture says why, and its kind (key[0]) runs eagerly from then on."""
 
     def __init__(self, log: Callable = print):
@@ -3183,9 +3112,8 @@ def vocab_tokens(tokenizer: Tokenizer) -> list[str]:
 
 
 def tokenizer_json(tokenizer: Tokenizer) -> dict:
-    """A HF `tokenizers` tokenizer.json that encodes and decodes as whisper's tiktoken
-    tokenizer does, ids included (faster-whisper and transformers read it), made offline
-    from whisper's own .tiktoken file by transformers' TikTokenConverter."""
+    """A HF `tokenizers` tokenizer.json (faster-whisper and transformers read it) that
+    encodes and decodes as whisper's tiktoken tokenizer does, ids included."""
     from tokenizers import AddedToken, processors
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
@@ -3314,8 +3242,7 @@ def read_ct2_model(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]
 def ct2_layout(n_audio_layer: int, n_text_layer: int) -> list[tuple[str, list[str]]]:
     """CTranslate2's WhisperSpec variables, each with the openai-whisper weights it
     holds, in order along dim 0: one, or q,k,v (k,v) fused into one matrix, where the
-    key's bias, which openai's lacks, is zeros. A norm's gamma and beta are openai's
-    weight and bias. The reader and the writer of model.bin both follow it."""
+    key's bias (openai's has none) is zeros. model.bin's reader and writer follow it."""
     layout = []
 
     def add(name: str, how: str, *srcs: str) -> None:  # how: "linear" or "norm"
@@ -3352,17 +3279,14 @@ def ct2_layout(n_audio_layer: int, n_text_layer: int) -> list[tuple[str, list[st
     return layout
 
 
-def write_ct2_model(
-    model: Whisper, out_dir: str | os.PathLike, dtype: torch.dtype
-) -> None:
+def write_ct2_model(model: Whisper, out_dir: str | os.PathLike, dtype) -> None:
     """A CTranslate2 model directory that faster-whisper loads offline: model.bin,
     config.json, vocabulary.json, tokenizer.json, preprocessor_config.json."""
     out_dir, dims, state = Path(out_dir), model.dims, model.state_dict()
     tokenizer = model_tokenizer(dims, "en")  # (for its ids: any language will do)
     v = {}
     for name, srcs in ct2_layout(dims.n_audio_layer, dims.n_text_layer):
-        # a key's bias, which openai's lacks, is zeros (shaped as the value's after it)
-        last = state[srcs[-1]]
+        last = state[srcs[-1]]  # (a key's missing bias: zeros shaped as this value)
         held = [state[s] if s in state else torch.zeros_like(last) for s in srcs]
         fused = torch.cat(held) if len(held) > 1 else last  # (cat would copy it)
         v[name] = fused.detach().to("cpu", dtype)
@@ -3711,9 +3635,8 @@ def _ggml_child(conn, path: str, mel: np.ndarray, language: str, n_max: int) -> 
     context = pw.whisper_context_default_params()
     context.flash_attn = False  # its f16 K, V would flip near ties, hiding a bad export
     ctx = pw.whisper_init_from_file_with_params(path, context)
-    params = pw.whisper_full_default_params(
-        pw.whisper_sampling_strategy.WHISPER_SAMPLING_GREEDY
-    )
+    greedy = pw.whisper_sampling_strategy.WHISPER_SAMPLING_GREEDY
+    params = pw.whisper_full_default_params(greedy)
     for flag in ("no_timestamps", "single_segment", "no_context", "suppress_blank"):
         setattr(params, flag, True)
     for flag in ("print_progress", "print_realtime", "print_timestamps"):
@@ -3729,13 +3652,11 @@ def _ggml_child(conn, path: str, mel: np.ndarray, language: str, n_max: int) -> 
     for m in mel:  # whisper's own mel, so that the check is of the weights alone
         pw.whisper_set_mel(ctx, np.ascontiguousarray(m).ravel(), *m.shape[::-1])
         pw.whisper_full(ctx, params, np.zeros(0, dtype=np.float32), 0)
-        tokens.append(
-            [
-                pw.whisper_full_get_token_id(ctx, s, j)
-                for s in range(pw.whisper_full_n_segments(ctx))
-                for j in range(pw.whisper_full_n_tokens(ctx, s))
-            ]
-        )
+        got = []
+        for s in range(pw.whisper_full_n_segments(ctx)):
+            n_tokens = pw.whisper_full_n_tokens(ctx, s)
+            got += [pw.whisper_full_get_token_id(ctx, s, j) for j in range(n_tokens)]
+        tokens.append(got)
     pw.whisper_free(ctx)
     conn.send(tokens)
 
@@ -3771,18 +3692,12 @@ def check_export(
     audio: Sequence[torch.Tensor],
     tokenizer: Tokenizer,
 ) -> dict:
-    """Greedy-decode `audio` with the exported model in its own runtime (ctranslate2 /
-    faster-whisper, transformers, whisper.cpp), given whisper's log-mel, and compare
-    with greedy_decode on `model`.
-
-    audio: 16 kHz waves, each shape = (n_samples,), at most 30 s
-
-    Returns
-    -------
-    dict: n, identical (utterances token for token the same), cer (of the runtime's
-    text against the reference's), first_diff (index of the first that differs, or
-    None), seconds (in the runtime), and the tokens of both: ref, got
-    """
+    """Greedy-decode `audio` (16 kHz waves, each shape = (n_samples,), at most 30 s)
+    with the exported model in its own runtime, given whisper's log-mel, and compare
+    with greedy_decode on `model`. Returns n, identical (utterances token for token the
+    same), cer (of the runtime's text against the reference's), first_diff (the index
+    of the first that differs, or None), seconds (in the runtime), and the tokens of
+    both: ref, got."""
     mel = torch.stack(
         [log_mel_spectrogram(whisper.pad_or_trim(a), model.dims.n_mels) for a in audio]
     )  # (n, n_mels, 3000)
@@ -3813,9 +3728,8 @@ def check_export(
 def export_model(
     ckpt: str, fmt: str, out: str | os.PathLike, dtype: str = "float16"
 ) -> Whisper:
-    """Write checkpoint `ckpt` (anything load_model reads) as `fmt` at `out`, via a
-    temporary path renamed at the end, so that `out` is whole or absent. Returns the
-    model that was exported (float32, CPU)."""
+    """Write checkpoint `ckpt` (anything load_model reads) as `fmt` at `out`, whole or
+    not at all. Returns the model that was exported (float32, CPU)."""
     if fmt not in EXPORT_FORMATS:
         raise UserError(f"format {fmt!r}: one of {', '.join(EXPORT_FORMATS)}")
     torch_dtype = export_dtype(dtype)
@@ -3823,14 +3737,12 @@ def export_model(
     if out.exists():
         raise UserError(f"{out} exists: remove it or choose another output")
     model = load_model(ckpt).float().eval()
+    writers = {"ct2": write_ct2_model, "hf": write_hf_model, "ggml": write_ggml_model}
     tmp = temp_name(out)
     try:
-        if fmt == "ggml":
-            write_ggml_model(model, tmp, torch_dtype)
-        else:
+        if fmt != "ggml":  # (a directory; ggml is one file)
             tmp.mkdir()
-            write = write_ct2_model if fmt == "ct2" else write_hf_model
-            write(model, tmp, torch_dtype)
+        writers[fmt](model, tmp, torch_dtype)
         publish(tmp, out)
     finally:
         if tmp.is_dir():
@@ -3880,33 +3792,6 @@ def cmd_export(args) -> None:
         )
 
 
-def add_export_args(add_parser: Callable) -> None:
-    """The `export` subcommand (main() calls this with its add_parser)."""
-    p = add_parser(
-        "export",
-        help="write a checkpoint for faster-whisper, transformers, whisper.cpp",
-    )
-    p.add_argument(
-        "ckpt", help="checkpoint (.pt), CTranslate2 or transformers dir, ggml file"
-    )
-    p.add_argument("out", help="output directory (ct2, hf) or file (ggml)")
-    p.add_argument("--to", required=True, choices=EXPORT_FORMATS)
-    p.add_argument(
-        "--dtype", default="float16", help="float32, float16, bfloat16 (not int8)"
-    )
-    p.add_argument("--audio", nargs="*", default=[], help="clips for the check")
-    p.add_argument(
-        "--language", type=language_code, default="ja", help="the check's language"
-    )
-    p.add_argument(
-        "--max-cer", type=at_least(0, float), default=0.01, help="the check's tolerance"
-    )
-    p.add_argument(
-        "--no-check", action="store_true", help="skip decoding in the runtime"
-    )
-    p.set_defaults(func=cmd_export)
-
-
 # -----------------------------------------------------------------------------
 # benchmark: the seed recipe against whisper_ft's paths, side by side in one process
 
@@ -3944,10 +3829,9 @@ def _seed_collate(utts: list[Utterance], n_mels: int):
 def seed_recipe(
     model: Whisper, utts: Sequence[Utterance], batch_size: int, n_epochs: int, lr: float
 ) -> tuple[float, float]:
-    """The recipe whisper_ft replaces (openai/whisper discussion #64): a 2-worker
-    DataLoader of per-item features, fp16 autocast + GradScaler on a GPU, the frozen
-    encoder recomputed every step, AdamW over all parameters. Returns the seconds its
-    n_epochs took, and those not spent waiting for data."""
+    """The recipe whisper_ft replaces (openai/whisper discussion #64): per-item features
+    in its loader's workers, the frozen encoder recomputed every step. Returns the
+    seconds its n_epochs took, and those not spent waiting for data."""
     device = model.device
     fp16 = device.type == "cuda"
     loader = torch.utils.data.DataLoader(
@@ -4058,9 +3942,8 @@ BENCH_FILES = {".bench", "model.pt", "corpus", "bench.json"} | {
 
 
 def bench_dir(out: Path) -> None:
-    """Make `out` anew for a bench, emptying an earlier bench's directory (marked by
-    .bench or bench.json, and holding only what a bench writes) or an empty one;
-    anything else is the user's: refused."""
+    """Make `out` anew for a bench, emptying an earlier bench's directory or an empty
+    one; anything else is the user's: refused."""
     if out.exists():
         names = set(os.listdir(out)) if out.is_dir() else {""}
         ours = names <= BENCH_FILES and bool(names & {".bench", "bench.json"})
@@ -4177,8 +4060,7 @@ def bench(args) -> dict:
 
 def profile_rows(cfgs: dict[str, TrainConfig], n_steps: int, out: Path) -> dict:
     """Each of bench's runs again, n_steps long, under torch.profiler (untimed: it slows
-    what it watches): a table a run of its ops (on a GPU, kernels, then a second table
-    by host time), most time first, in out/profile_NAME.txt. Returns {name: path}."""
+    what it watches): its ops by time in out/profile_NAME.txt. Returns {name: path}."""
     paths = {}
     for name, cfg in cfgs.items():
         gpu = cfg.device.startswith("cuda")
@@ -4287,10 +4169,9 @@ def make_demo_corpus(root: str | os.PathLike, n_parallel: int = 30) -> Path:
 def speak_english(
     jobs: Sequence[tuple[str, str, int, int]],
 ) -> tuple[list[np.ndarray], int]:
-    """English speech from eSpeak NG, the library and voices that the PyPI wheel
-    espeakng-loader bundles (no system package), driven through ctypes. jobs: (text,
-    voice, words a minute, pitch) each. Returns int16 waves, shape = (n_samples,) each,
-    and their sample rate (22050)."""
+    """English speech from the eSpeak NG that the PyPI wheel espeakng-loader bundles (no
+    system package). jobs: (text, voice, words a minute, pitch) each. Returns int16
+    waves, shape = (n_samples,) each, and their sample rate."""
     from ctypes import POINTER, c_char_p, c_int, c_short, c_size_t, c_uint, c_void_p
 
     import espeakng_loader
@@ -4360,9 +4241,8 @@ def make_english_set(root: str | os.PathLike) -> Optional[Path]:
 
 def make_hard_copy(root: str | os.PathLike, out: str | os.PathLike, seed: int = 0):
     """A copy of a JVS-layout corpus that is harder to recognise, standing in for new
-    recording conditions: each wav 8% faster (and higher: resampled), in a small room
-    (an exponentially decaying noise response, 0.3 s to -60 dB), under white noise at
-    10 dB SNR; the transcripts as they were. Deterministic; skipped when done."""
+    recording conditions: each wav faster (and higher), in a small room, under white
+    noise; the transcripts as they were. Deterministic; skipped when done."""
     root, out = Path(root), Path(out)
     source = (root / "DONE").read_text() if (root / "DONE").is_file() else ""
     stamp = hashlib.md5(f"{seed}|{source}|{sorted(os.listdir(root))}".encode())
@@ -4377,7 +4257,7 @@ def make_hard_copy(root: str | os.PathLike, out: str | os.PathLike, seed: int = 
             g = torch.Generator().manual_seed(int(digest[:8], 16))
             audio, rate = soundfile.read(wav, dtype="float32")
             x = resample(torch.from_numpy(audio), round(rate * 1.08), rate)
-            t = torch.arange(int(0.3 * rate)) / rate
+            t = torch.arange(int(0.3 * rate)) / rate  # -60 dB (e^-6.9) at 0.3 s
             response = torch.randn(len(t), generator=g) * torch.exp(-6.9 * t / 0.3)
             response[0] = 1.0
             wet = torchaudio.functional.fftconvolve(x, response / response.norm())
@@ -4579,10 +4459,9 @@ def cmd_eval(args) -> None:
         saved = load_config(config)
         cfg.retain_data, cfg.retain_language = saved.retain_data, saved.retain_language
     check_config(cfg)  # (a bad retain set: refused before anything is decoded)
-    log = functools.partial(print, file=sys.stderr)
-    retain = load_retain(cfg, model.dims, log) if cfg.retain_data else None
     tsvs = {"": tsv}  # what each result is written to, by its metrics' prefix
-    if retain:
+    if cfg.retain_data:
+        retain = load_retain(cfg, model.dims, lambda m: print(m, file=sys.stderr))
         tsvs["retain_"] = tsv.with_name(tsv.stem + "_retain.tsv")
     if args.long_form:
         tsvs["long_"] = tsv.with_name(tsv.stem + "_long.tsv")
@@ -4593,18 +4472,17 @@ def cmd_eval(args) -> None:
     graphs = CudaGraphs() if device.type == "cuda" else None
     options = EvalOptions(args.batch_size, args.num_workers, dtype, graphs=graphs)
     results = {"": score_set(model, EvalSet("eval", utts, tokenizer), options)}
-    if retain:
+    if cfg.retain_data:
         results["retain_"] = score_set(model, retain, options)
     if args.long_form:
         results["long_"] = long_form_eval(model, utts, tokenizer.language or "en")
     for prefix, result in results.items():
         write_eval(result, tsvs[prefix], replace=not args.out)
     print(f"per-utterance results: {tsv}", file=sys.stderr)
-    keys = ("cer", "wer", "n", "repeats", "lid", "timestamped", "coverage")
     said = [
         f"{prefix}{k}={r[k]:{'.6f' if isinstance(r[k], float) else ''}}"
         for prefix, r in results.items()
-        for k in keys
+        for k in ("cer", "wer", "n", "repeats", "lid", "timestamped", "coverage")
         if k in r
     ]
     print(" ".join(said))  # key=value of the numbers: for scripts
@@ -4659,20 +4537,17 @@ def cmd_demo(args) -> None:
     hard = make_hard_copy(corpus, f"{args.corpus}_hard")
     retain = make_english_set(args.retain_corpus)
     model = args.model or find_base_weights(Path("runs") / "weights" / "base-ct2")
+    # the demo's flags that are train's options by the same names, passed on
+    recipe = "max_steps lr train_encoder train_encoder_layers spec_augment long_form"
     cfg = TrainConfig(
+        **{name: getattr(args, name) for name in recipe.split()},
         data=str(corpus),
         model=model,
         out=str(out),
         eval_speakers=0.3,  # 3 voices: 1 for dev, 2 (a minute of audio) for test
         retain_data=str(retain or ""),
-        max_steps=args.max_steps,
         batch_size=8,
         warmup_steps=10,
-        lr=args.lr,
-        train_encoder=args.train_encoder,
-        train_encoder_layers=args.train_encoder_layers,
-        spec_augment=args.spec_augment,
-        long_form=args.long_form,
         eval_every=args.max_steps,
         device=args.device,
         feature_cache=str(Path("runs") / "features"),  # a second demo starts faster
@@ -4772,9 +4647,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also: 60-120 s recordings through whisper.transcribe (CLI defaults)",
     )
-    p.add_argument(
-        "--out", default="", help="per-utterance TSV (default: CKPT.eval.tsv)"
-    )
+    p.add_argument("--out", help="per-utterance TSV (default: CKPT.eval.tsv)")
     p.add_argument("--batch-size", type=at_least(1), default=16)
     p.add_argument("--num-workers", type=at_least(0), default=2)
     p.add_argument("--device", type=device_name, default="auto")
@@ -4835,7 +4708,29 @@ def add_tool_args(add_parser: Callable) -> None:
     )
     p.set_defaults(func=lambda a: print_bench(bench(a)))
 
-    add_export_args(add_parser)
+    p = add_parser(
+        "export",
+        help="write a checkpoint for faster-whisper, transformers, whisper.cpp",
+    )
+    p.add_argument(
+        "ckpt", help="checkpoint (.pt), CTranslate2 or transformers dir, ggml file"
+    )
+    p.add_argument("out", help="output directory (ct2, hf) or file (ggml)")
+    p.add_argument("--to", required=True, choices=EXPORT_FORMATS)
+    p.add_argument(
+        "--dtype", default="float16", help="float32, float16, bfloat16 (not int8)"
+    )
+    p.add_argument("--audio", nargs="*", default=[], help="clips for the check")
+    p.add_argument(
+        "--language", type=language_code, default="ja", help="the check's language"
+    )
+    p.add_argument(
+        "--max-cer", type=at_least(0, float), default=0.01, help="the check's tolerance"
+    )
+    p.add_argument(
+        "--no-check", action="store_true", help="skip decoding in the runtime"
+    )
+    p.set_defaults(func=cmd_export)
 
     p = add_parser("convert", help="write any model load_model reads as whisper's .pt")
     p.add_argument("src")
@@ -4843,14 +4738,13 @@ def add_tool_args(add_parser: Callable) -> None:
     p.set_defaults(func=cmd_convert)
 
     p = add_parser("demo", help="synthesise a corpus, fine-tune base, CER before/after")
-    p.add_argument(
-        "--corpus", default="data/demo_jvs", help="where the corpus is written"
-    )
-    p.add_argument(
-        "--retain-corpus", default="data/demo_en", help="where the English set is"
-    )
-    p.add_argument("--model", default="", help="default: base (see README)")
-    p.add_argument("--out", default="runs/demo")
+    for flag, default, said in [
+        ("--corpus", "data/demo_jvs", "where the corpus is written"),
+        ("--retain-corpus", "data/demo_en", "where the English set is"),
+        ("--model", "", "default: base (see README)"),
+        ("--out", "runs/demo", None),
+    ]:
+        p.add_argument(flag, default=default, help=said)
     p.add_argument("--max-steps", type=at_least(1), default=100)
     p.add_argument("--lr", type=at_least(1e-12, float), default=TrainConfig.lr)
     recipe = {"action": argparse.BooleanOptionalAction, "help": "train's option"}
