@@ -84,10 +84,10 @@ def write_wav(path, seconds=0.5, rate=24000, channels=1, subtype="PCM_16", freq=
 
 def write_jvs(root: Path, corpus: dict[str, dict[str, str]], subset="parallel100"):
     """corpus: speaker -> {utterance id: text}; a wav (a tone) for each line."""
-    for speaker, lines in corpus.items():
+    for k, (speaker, lines) in enumerate(corpus.items()):
         d = root / speaker / subset
-        for i, (utt_id, text) in enumerate(lines.items()):
-            write_wav(d / wf.JVS_WAV_DIR / f"{utt_id}.wav", freq=200 + 40 * i)
+        for i, (utt_id, text) in enumerate(lines.items()):  # no two files alike
+            write_wav(d / wf.JVS_WAV_DIR / f"{utt_id}.wav", freq=200 + 40 * i + 7 * k)
         text = "".join(f"{k}:{v}\n" for k, v in lines.items())
         (d / wf.JVS_TRANSCRIPT).write_text(text, encoding="utf-8")
 
@@ -3506,6 +3506,23 @@ def test_declared_sizes_are_checked_before_anything_is_allocated(tmp_path):
         f.write(struct.pack("<I", 5))
         f.truncate(2**31)
     assert "version 5" in refused_quickly(tmp_path / "ct2")
+    # a million one-byte tensors: each would cost a few hundred bytes to hold
+    name = b"x\0"
+    var = struct.pack("<H", len(name)) + name + struct.pack("<BBI", 0, 0, 1) + b"\0"
+    spec = struct.pack("<H", 12) + b"WhisperSpec\0"
+    with open(tmp_path / "ct2" / "model.bin", "wb") as f:
+        f.write(struct.pack("<I", 6) + spec + struct.pack("<II", 1, 10**6))
+        f.write(var * 10**6)
+    assert "1,000,000 variables" in refused_quickly(tmp_path / "ct2")
+    from safetensors.numpy import save_file
+
+    many = {f"t{i}": np.zeros(1, np.float16) for i in range(wf.MAX_TENSORS + 1)}
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    save_file(many, tmp_path / "hf" / "model.safetensors")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    assert f"{wf.MAX_TENSORS + 1:,} tensors" in refused_quickly(tmp_path / "hf")
+    state = wf.state_keys(wf.model_dims("large-v3"))
+    assert 3 * len(state) < wf.MAX_TENSORS  # room for any real Whisper
 
 
 def tiny_run_ckpt(tmp_path: Path) -> Path:
@@ -3562,6 +3579,18 @@ def test_eval_filters_exports_and_edited_test_sentences(small_run, tmp_path):
         assert eval_line(proc)["n"] == len(split["test"]) - 1
     else:
         assert proc.returncode == 1 and "every utterance overlaps" in proc.stderr
+    # a copy with every speaker renamed and every sentence edited: neither ids, nor
+    # speakers, nor sentences give the training clips away; their bytes do
+    renamed = tmp_path / "renamed"
+    for d in corpus.iterdir():
+        shutil.copytree(d, renamed / f"spk_{d.name}")
+    for transcript in renamed.glob(f"*/*/{wf.JVS_TRANSCRIPT}"):
+        text = transcript.read_text(encoding="utf-8").replace("。", "ですね。")
+        transcript.write_text(text, encoding="utf-8")
+    proc = run_cli("eval", run / "best.pt", data=renamed, out=tmp_path / "r.tsv")
+    assert f"{len(split['train'])} a copy of a training clip" in proc.stderr
+    n_all = sum(len(split[k]) for k in ("train", "dev", "test", "dropped"))
+    assert eval_line(proc)["n"] == n_all - len(split["train"])
 
 
 def test_late_and_misleading_messages(small_run, tiny_run, tmp_path):
@@ -3600,9 +3629,14 @@ def test_late_and_misleading_messages(small_run, tiny_run, tmp_path):
         "null",
         json.dumps(config | {"seed": "abc"}),
         json.dumps(config | {"max_steps": 3.5}),
+        json.dumps({k: v for k, v in config.items() if k != "data"}),
     ]:
         (copy / "config.json").write_text(bad)
         assert "config.json" in fails("train", resume=copy)
+    # a value no option check would pass, read from config.json: said as its, exit 1
+    (copy / "config.json").write_text(json.dumps(config | {"device": "gpu"}))
+    said = fails("train", resume=copy)
+    assert "config.json: device gpu" in said and "--device changes it" in said
     # split.json without test
     split = json.loads((run / "split.json").read_text())
     shutil.copytree(run, tmp_path / "nosplit")

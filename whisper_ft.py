@@ -149,6 +149,7 @@ GGML_HPARAMS = (  # whisper.cpp's hparams, in its file's order (then ftype)
     "n_vocab n_audio_ctx n_audio_state n_audio_head n_audio_layer "
     "n_text_ctx n_text_state n_text_head n_text_layer n_mels".split()
 )
+MAX_TENSORS = 40 * 512  # more than a Whisper of 512 layers a side holds (large: 32)
 HF_DIMS = {  # ModelDimensions' field -> transformers' WhisperConfig key
     "n_mels": "num_mel_bins",
     "n_audio_ctx": "max_source_positions",
@@ -742,6 +743,13 @@ def _stable_hash(text: str) -> bytes:
     return hashlib.md5(text.encode()).digest()
 
 
+def audio_digest(path: str) -> str:
+    """A file's bytes, hashed: eval knows a copy of a training clip by it, whatever its
+    id, speaker or transcript."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha1").hexdigest()[:16]
+
+
 def split_info(
     train: list[Utterance],
     dev: list[Utterance],
@@ -766,7 +774,7 @@ def read_split(path: Path) -> dict:
     """A run's split.json, refused in one line unless its parts are lists of ids (or
     of sentences, speakers), test is not empty, and train is apart from dev and test."""
     split = read_json(path)
-    keys = ("train", "dev", "test", "train_texts", "train_speakers")
+    keys = ("train", "dev", "test", "train_texts", "train_speakers", "train_audio")
     parts = {k: split.get(k, []) for k in keys} if type(split) is dict else {}
     for k, ids in parts.items():
         if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
@@ -1629,6 +1637,8 @@ def load_config(path: Path) -> TrainConfig:
     for name, choices in CHOICES.items():
         if saved.get(name, choices[0]) not in choices:
             raise UserError(f"{path}: {name} {saved[name]!r}: one of {choices}")
+    if not saved.get("data"):
+        raise UserError(f"{path}: no data (the corpus the run was made from)")
     return TrainConfig(**saved)
 
 
@@ -1742,6 +1752,8 @@ def load_data(
         train, dev, test, split = split_corpus(
             utts, cfg.eval_speakers, cfg.test_fraction
         )
+    if not cfg.resume:
+        split["train_audio"] = sorted({audio_digest(u.path) for u in train})
     if len(train) < cfg.batch_size:
         raise UserError(
             f"the split left {len(train)} training utterances, fewer than "
@@ -1836,9 +1848,18 @@ def cache_features(run: Run) -> None:
 def setup_run(cfg: TrainConfig, given: Optional[set[str]] = None) -> Run:
     """Processes, model, data and its split, features, optimizer, and a resume."""
     cfg, out, changes = run_config(cfg, given)
-    check_config(cfg)
+    try:
+        check_config(cfg)
+    except OptionError as e:  # a resumed run's own value: said as config.json's
+        flag, why = str(e).split(" ", 1)
+        name = flag.removeprefix("--").replace("-", "_")
+        if not cfg.resume or name in changes:
+            raise
+        hint = f" ({flag} changes it)" if name in RESUME_OPTIONS else ""
+        raise UserError(f"{out}/config.json: {name} {why}{hint}") from None
     rank, world, device = _dist_setup(cfg.device)
-    if not cfg.resume and out.is_dir() and (held := out_files(out)):
+    # (rank 0 alone: the others would see what it writes meanwhile)
+    if rank == 0 and not cfg.resume and out.is_dir() and (held := out_files(out)):
         raise UserError(
             f"--out {out}: holds {held}: a new run goes into a new or empty directory "
             f"(--resume {out} continues a run)"
@@ -3201,8 +3222,10 @@ def read_ct2_model(model_dir: str | os.PathLike) -> tuple[ModelDimensions, dict]
     spec, _ = take_str(), take("<u4")
     if spec != "WhisperSpec":
         raise UserError(f"{path}: a {spec}, not a Whisper model")
+    if (n_vars := take("<u4")) > MAX_TENSORS:  # (each costs far more than its bytes)
+        raise UserError(f"{path}: {n_vars:,} variables, more than any Whisper holds")
     v = {}
-    for _ in range(take("<u4")):
+    for _ in range(n_vars):
         name, rank = take_str(), take("<u1")
         shape = [take("<u4") for _ in range(rank)]
         dtype, n_bytes = dtypes[take("<u1")], take("<u4")
@@ -3410,10 +3433,15 @@ def _hf_weights(model_dir: Path) -> dict:
 
     def load(path: Path) -> dict:
         try:  # (safetensors checks its header's offsets against the file's size)
-            return safetensors.torch.load_file(path)
+            with safetensors.safe_open(path, "pt") as f:
+                n_tensors = len(f.keys())
+            if n_tensors <= MAX_TENSORS - len(weights):
+                return safetensors.torch.load_file(path)
         except Exception as e:
             raise UserError(f"{path}: not a whole safetensors file ({e})") from None
+        raise UserError(f"{path}: {n_tensors:,} tensors, more than any Whisper holds")
 
+    weights = {}
     if (model_dir / "model.safetensors").is_file():
         return load(model_dir / "model.safetensors")
     index = model_dir / "model.safetensors.index.json"
@@ -3421,7 +3449,6 @@ def _hf_weights(model_dir: Path) -> dict:
         shards = read_json(index).get("weight_map")
         if not isinstance(shards, dict):
             raise UserError(f"{index}: no weight_map (tensor -> shard file)")
-        weights = {}
         for shard in sorted(set(map(str, shards.values()))):
             if not (model_dir / shard).is_file():
                 raise UserError(f"{model_dir}: shard {shard} is missing")
@@ -4413,12 +4440,15 @@ def eval_utts(args, dims: ModelDimensions) -> tuple[list[Utterance], Tokenizer]:
     train, dev = set(split["train"]), set(split.get("dev", []))
     texts = set(split.get("train_texts", []))
     speakers = set(split.get("train_speakers", []))
+    audio = set(split.get("train_audio", [])) if not ours else set()
 
     def seen(u: Utterance) -> str:
         """Why an utterance says little of how the run does on speech it never met
         (of the run's own part: a transcript edited into a training sentence)."""
         if u.id in train:
             return "trained on"
+        if audio and audio_digest(u.path) in audio:  # renamed, or re-transcribed
+            return "a copy of a training clip"
         if u.id in dev - ours:
             return "picked best.pt (dev)"
         if normalize_text(u.target) in texts:
