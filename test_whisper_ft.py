@@ -2529,7 +2529,7 @@ def test_one_line_errors_where_tracebacks_were(tiny_run, tmp_path):
     assert f"{text}: cannot read audio" in proc.stderr
     assert "2 of 3 files not transcribed" in proc.stderr
     proc = run_cli("transcribe", tiny_run / "tiny.pt", tmp_path, check=False)
-    assert f"{tmp_path}: a directory, not an audio file" in proc.stderr
+    assert f"{tmp_path}: a directory, not a file" in proc.stderr
 
 
 def test_saves_that_fail_twice_still_leave_a_whole_pair(tmp_path, monkeypatch):
@@ -3229,9 +3229,16 @@ def test_bench_removes_no_directory_but_its_own(tmp_path, capsys):
             wf.main(["bench", "--device", "cpu", "--out", str(out)])
         assert e.value.code == 2 and "not removed" in capsys.readouterr().err
     assert (mine / "notes.txt").read_text() == "keep" and a_file.read_text() == "keep"
-    # an earlier bench's: interrupted (its mark), finished before the mark (its
-    # bench.json), or an empty directory: made anew
-    for k, leftover in enumerate([".bench", "bench.json", None]):
+    # bench's names without its mark (made first, by bench alone): the user's
+    theirs = tmp_path / "theirs"
+    (theirs / "corpus").mkdir(parents=True)
+    (theirs / "corpus" / "notes.txt").write_text("keep")
+    (theirs / "bench.json").write_text("{}")
+    with pytest.raises(wf.OptionError, match="not removed"):
+        wf.bench_dir(theirs)
+    assert (theirs / "corpus" / "notes.txt").read_text() == "keep"
+    # an earlier bench's (its mark), or an empty directory: made anew
+    for k, leftover in enumerate([".bench", None]):
         out = tmp_path / f"earlier_{k}"
         out.mkdir()
         if leftover:
@@ -3323,6 +3330,12 @@ def test_eval_and_train_never_write_over_a_file(small_run, tiny_run, tmp_path):
         assert f"{run / name} exists" in said, said
     after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     assert after == before
+    assert "give a .tsv" in fails(
+        "eval", run / "best.pt", out=tmp_path / "x.json", code=2
+    )
+    os.symlink(tmp_path / "nowhere", tmp_path / "link.tsv")
+    said = fails("eval", run / "best.pt", out=tmp_path / "link.tsv")
+    assert "link.tsv exists" in said and "eval:" not in said  # (nothing decoded)
     # its own default output is ours to replace: eval twice
     for _ in range(2):
         run_cli("eval", run / "best.pt")
@@ -3400,6 +3413,28 @@ def test_fifos_and_devices_are_skipped_never_opened(tmp_path):
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
     assert [u.id for u in utts] == ["a", "b"]
+    # a run's own files: a FIFO or a device is refused, never read
+    run = tmp_path / "run"
+    run.mkdir()
+    os.mkfifo(run / "config.json")
+    os.mkfifo(run / "last.pt")
+    os.symlink("/dev/zero", run / "metrics.jsonl")
+    signal.alarm(20)
+    try:
+        for read in (
+            wf.read_json,
+            wf.load_checked,
+            lambda p: wf.read_metrics(p.parent),
+        ):
+            for name in ("config.json", "last.pt", "metrics.jsonl"):
+                with pytest.raises(wf.UserError, match="not a regular file"):
+                    read(run / name)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").write_text('{"step": 0}\n{not json\n[1, 2]\nnull\n')
+    assert wf.read_metrics(run) == [{"step": 0}]  # (lines edited by hand: left out)
     where = report.skipped["not a regular file (a FIFO, device or socket)"]
     assert where == [
         f"{manifest}:2 ({tmp_path / 'fifo.wav'})",
@@ -3482,6 +3517,15 @@ def test_declared_sizes_are_checked_before_anything_is_allocated(tmp_path):
     ckpt["dims"]["n_text_layer"] = 10**8
     torch.save(ckpt, tmp_path / "layers.pt")
     assert "its dims make" in refused_quickly(tmp_path / "layers.pt")
+    # 300 views of one 4-MB storage: 2^20 numbers, not 300 x 2^20 (which would make
+    # dims of 400 M weights believable)
+    storage = torch.zeros(2**20)
+    views = {f"v{i}": storage[i:] for i in range(300)}
+    wide = dict(n_audio_state=1024, n_text_state=1024, n_audio_head=16, n_text_head=16)
+    dims = dict(ckpt["dims"], **wide, n_audio_layer=12, n_text_layer=12)
+    assert 2**21 < wf.n_weights(ModelDimensions(**dims)) < 300 * (2**20 - 300) * 2
+    torch.save({"dims": dims, "model_state_dict": views}, tmp_path / "views.pt")
+    assert "its dims make" in refused_quickly(tmp_path / "views.pt")
     pytest.importorskip("safetensors")
     (tmp_path / "hf").mkdir()
     wf.write_hf_model(model, tmp_path / "hf", torch.float16)
@@ -3636,7 +3680,7 @@ def test_late_and_misleading_messages(small_run, tiny_run, tmp_path):
     # a value no option check would pass, read from config.json: said as its, exit 1
     (copy / "config.json").write_text(json.dumps(config | {"device": "gpu"}))
     said = fails("train", resume=copy)
-    assert "config.json: device gpu" in said and "--device changes it" in said
+    assert "config.json: device gpu" in said and "give --device" in said
     # split.json without test
     split = json.loads((run / "split.json").read_text())
     shutil.copytree(run, tmp_path / "nosplit")

@@ -334,7 +334,7 @@ def not_a_file(path: str | os.PathLike) -> Optional[str]:
     if os.path.isfile(path):
         return None
     if os.path.isdir(path):
-        return "a directory, not an audio file"
+        return "a directory, not a file"
     if os.path.exists(path):
         return "not a regular file (a FIFO, device or socket)"
     return "not found"
@@ -744,10 +744,10 @@ def _stable_hash(text: str) -> bytes:
 
 
 def audio_digest(path: str) -> str:
-    """A file's bytes, hashed: eval knows a copy of a training clip by it, whatever its
-    id, speaker or transcript."""
+    """A file's size and first 16 MiB, hashed: eval knows a renamed training clip."""
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha1").hexdigest()[:16]
+        head = f.read(2**24) + os.fstat(f.fileno()).st_size.to_bytes(8, "little")
+    return hashlib.sha1(head).hexdigest()[:16]
 
 
 def split_info(
@@ -1124,10 +1124,10 @@ def check_dims(spec, dims: ModelDimensions, n_held: int) -> None:
 
 
 def n_stored(state: dict) -> int:
-    """The numbers a state_dict's tensors hold (an expanded view: its storage's)."""
+    """The numbers a state_dict's tensors hold, each storage counted once (views)."""
+    storages = {t.untyped_storage().data_ptr(): t for t in state.values()}
     return sum(
-        min(t.numel(), t.untyped_storage().nbytes() // t.element_size())
-        for t in state.values()
+        t.untyped_storage().nbytes() // t.element_size() for t in storages.values()
     )
 
 
@@ -1181,6 +1181,8 @@ def content_digest(obj) -> str:
 def load_checked(path: str | os.PathLike) -> dict:
     """A dict saved by torch.save, its "sha256" checked where it has one (whisper_ft's
     files do, whisper's do not); one that does not load or match raises UserError."""
+    if why := not_a_file(path):
+        raise UserError(f"{path}: {why}")
     if zipfile.is_zipfile(path):  # (torch.save stores, it does not compress)
         with zipfile.ZipFile(path) as z:
             n_bytes = sum(info.file_size for info in z.infolist())
@@ -1188,8 +1190,6 @@ def load_checked(path: str | os.PathLike) -> dict:
             raise UserError(f"{path}: a zip that would inflate to {n_bytes:,} bytes")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path}: not found") from None
     except Exception as e:  # a text file, random bytes, a cut-off zip...
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         if isinstance(e, pickle.UnpicklingError) or "Weights only" in str(e):
@@ -1443,6 +1443,7 @@ def _dist_setup(device_name: str) -> tuple[int, int, torch.device]:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.barrier()  # (every rank has checked --out before any writes there)
     return dist.get_rank(), world, device
 
 
@@ -1611,6 +1612,8 @@ def check_config(cfg: TrainConfig) -> None:
 
 def read_json(path: Path):
     """A JSON file, or one line that says why it is not one."""
+    if (why := not_a_file(path)) and why != "not found":
+        raise UserError(f"{path}: {why}")
     try:
         return json.loads(path.read_text())
     except OSError as e:
@@ -1852,18 +1855,16 @@ def setup_run(cfg: TrainConfig, given: Optional[set[str]] = None) -> Run:
         check_config(cfg)
     except OptionError as e:  # a resumed run's own value: said as config.json's
         flag, why = str(e).split(" ", 1)
-        name = flag.removeprefix("--").replace("-", "_")
-        if not cfg.resume or name in changes:
+        if not cfg.resume or (name := flag[2:].replace("-", "_")) in changes:
             raise
-        hint = f" ({flag} changes it)" if name in RESUME_OPTIONS else ""
-        raise UserError(f"{out}/config.json: {name} {why}{hint}") from None
-    rank, world, device = _dist_setup(cfg.device)
-    # (rank 0 alone: the others would see what it writes meanwhile)
-    if rank == 0 and not cfg.resume and out.is_dir() and (held := out_files(out)):
+        raise UserError(f"{out}/config.json: {name} {why} (or give {flag})") from None
+    # (every rank, before the rendezvous: no rank has written in `out` yet)
+    if not cfg.resume and out.is_dir() and (held := out_files(out)):
         raise UserError(
             f"--out {out}: holds {held}: a new run goes into a new or empty directory "
             f"(--resume {out} continues a run)"
         )
+    rank, world, device = _dist_setup(cfg.device)
     if cfg.batch_size % (cfg.grad_accum * world):
         raise OptionError(
             f"--batch-size {cfg.batch_size} is not a multiple of "
@@ -2442,10 +2443,12 @@ def final_report(run: Run, progress: Progress, step: int) -> dict:
 def read_metrics(out: Path) -> list[dict]:
     """metrics.jsonl's records, if any (a line a crash cut short is left out)."""
     path, records = out / "metrics.jsonl", []
+    if path.exists() and (why := not_a_file(path)):
+        raise UserError(f"{path}: {why}")
     for line in path.read_text().splitlines() if path.exists() else []:
         with contextlib.suppress(ValueError):
             records.append(json.loads(line))
-    return records
+    return [r for r in records if isinstance(r, dict)]  # (a line edited by hand: not)
 
 
 def train(cfg: TrainConfig, given: Optional[set[str]] = None) -> dict:
@@ -3973,8 +3976,7 @@ def bench_dir(out: Path) -> None:
     one; anything else is the user's: refused."""
     if out.exists():
         names = set(os.listdir(out)) if out.is_dir() else {""}
-        ours = names <= BENCH_FILES and bool(names & {".bench", "bench.json"})
-        if names and not ours:
+        if names and not (names <= BENCH_FILES and ".bench" in names):  # (its mark)
             raise OptionError(
                 f"--out {out}: exists and is not an earlier bench's directory: not "
                 "removed; give another --out"
@@ -4496,8 +4498,10 @@ def cmd_eval(args) -> None:
     if args.long_form:
         tsvs["long_"] = tsv.with_name(tsv.stem + "_long.tsv")
     for path in tsvs.values() if args.out else []:  # a name given: never written over
+        if path.suffix == ".json":  # (its summary would be the TSV itself)
+            raise OptionError(f"--out {path}: .json is the summary's: give a .tsv")
         for p in (path, path.with_suffix(".json")):
-            if p.exists():
+            if os.path.lexists(p):  # (a dangling link too: publish would refuse it)
                 raise UserError(f"{p} exists: remove it or choose another output")
     graphs = CudaGraphs() if device.type == "cuda" else None
     options = EvalOptions(args.batch_size, args.num_workers, dtype, graphs=graphs)
