@@ -3526,6 +3526,10 @@ def test_declared_sizes_are_checked_before_anything_is_allocated(tmp_path):
     assert 2**21 < wf.n_weights(ModelDimensions(**dims)) < 300 * (2**20 - 300) * 2
     torch.save({"dims": dims, "model_state_dict": views}, tmp_path / "views.pt")
     assert "its dims make" in refused_quickly(tmp_path / "views.pt")
+    # 40,000 one-number views: a pickle far longer than any Whisper's, refused unread
+    many = {f"v{i}": storage[i : i + 1] for i in range(40_000)}
+    torch.save({"dims": vars(TINY), "model_state_dict": many}, tmp_path / "many.pt")
+    assert "of pickle" in refused_quickly(tmp_path / "many.pt")
     pytest.importorskip("safetensors")
     (tmp_path / "hf").mkdir()
     wf.write_hf_model(model, tmp_path / "hf", torch.float16)

@@ -1184,10 +1184,13 @@ def load_checked(path: str | os.PathLike) -> dict:
     if why := not_a_file(path):
         raise UserError(f"{path}: {why}")
     if zipfile.is_zipfile(path):  # (torch.save stores, it does not compress)
-        with zipfile.ZipFile(path) as z:
-            n_bytes = sum(info.file_size for info in z.infolist())
-        if n_bytes > 2 * os.path.getsize(path) + 2**20:
-            raise UserError(f"{path}: a zip that would inflate to {n_bytes:,} bytes")
+        with zipfile.ZipFile(path) as z:  # (a tensor's record in a pickle: ~100 bytes)
+            sizes = {i.filename: i.file_size for i in z.infolist()}
+        n_bytes = sum(sizes.values())
+        n_pickle = sum(n for name, n in sizes.items() if name.endswith(".pkl"))
+        if n_bytes > 2 * os.path.getsize(path) + 2**20 or n_pickle > 100 * MAX_TENSORS:
+            why = f"would inflate to {n_bytes:,} bytes ({n_pickle:,} of pickle)"
+            raise UserError(f"{path}: a zip that {why}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a text file, random bytes, a cut-off zip...
@@ -1443,7 +1446,7 @@ def _dist_setup(device_name: str) -> tuple[int, int, torch.device]:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    dist.barrier()  # (every rank has checked --out before any writes there)
+    dist.barrier()  # (so every rank checks a new --out before any writes there)
     return dist.get_rank(), world, device
 
 
@@ -1858,7 +1861,6 @@ def setup_run(cfg: TrainConfig, given: Optional[set[str]] = None) -> Run:
         if not cfg.resume or (name := flag[2:].replace("-", "_")) in changes:
             raise
         raise UserError(f"{out}/config.json: {name} {why} (or give {flag})") from None
-    # (every rank, before the rendezvous: no rank has written in `out` yet)
     if not cfg.resume and out.is_dir() and (held := out_files(out)):
         raise UserError(
             f"--out {out}: holds {held}: a new run goes into a new or empty directory "
@@ -3354,8 +3356,7 @@ def write_ct2_model(model: Whisper, out_dir: str | os.PathLike, dtype) -> None:
 
 
 def state_keys(dims: ModelDimensions) -> list[str]:
-    """The keys of Whisper(dims).state_dict(): the weights ct2_layout lists, less the
-    attention keys' biases, which openai's lack."""
+    """Whisper(dims).state_dict()'s keys: ct2_layout's, less attention key biases."""
     layout = ct2_layout(dims.n_audio_layer, dims.n_text_layer)
     return [k for _, srcs in layout for k in srcs if not k.endswith(".key.bias")]
 
@@ -3972,8 +3973,7 @@ BENCH_FILES = {".bench", "model.pt", "corpus", "bench.json"} | {
 
 
 def bench_dir(out: Path) -> None:
-    """Make `out` anew for a bench, emptying an earlier bench's directory or an empty
-    one; anything else is the user's: refused."""
+    """`out` made anew for a bench: only an earlier bench's (its mark) is emptied."""
     if out.exists():
         names = set(os.listdir(out)) if out.is_dir() else {""}
         if names and not (names <= BENCH_FILES and ".bench" in names):  # (its mark)
