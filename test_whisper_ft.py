@@ -3074,9 +3074,11 @@ def test_export_refuses_int8_and_existing_output(tmp_path, capsys):
         (["--dtype", "int8"], "int8 export is not supported"),
         (["--max-cer", "-1"], "-1: must be >= 0"),
         (["--audio", str(tmp_path / "no.wav")], "no.wav: not found"),
+        (["--to", "ct2"], "no/such is not a directory"),  # not a temp's name
     ]:
         with pytest.raises(SystemExit) as exit:
-            wf.main(["export", "tiny.pt", out, "--to", "ct2", "--no-check", *flags])
+            to = str(tmp_path / "no" / "such" / "x") if flags[0] == "--to" else out
+            wf.main(["export", "tiny.pt", to, "--to", "ct2", "--no-check", *flags])
         assert said in capsys.readouterr().err + str(exit.value), flags
         assert not (tmp_path / "x").exists()
     (tmp_path / "out").mkdir()
@@ -3419,6 +3421,7 @@ def test_fifos_and_devices_are_skipped_never_opened(tmp_path):
     os.mkfifo(run / "config.json")
     os.mkfifo(run / "last.pt")
     os.symlink("/dev/zero", run / "metrics.jsonl")
+    os.mkfifo(run / "model.bin")
     signal.alarm(20)
     try:
         for read in (
@@ -3429,6 +3432,8 @@ def test_fifos_and_devices_are_skipped_never_opened(tmp_path):
             for name in ("config.json", "last.pt", "metrics.jsonl"):
                 with pytest.raises(wf.UserError, match="not a regular file"):
                     read(run / name)
+        with pytest.raises(wf.UserError, match="model.bin: not a regular file"):
+            wf.load_model(str(run / "model.bin"))  # (a ggml name: read whole)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)

@@ -1050,9 +1050,9 @@ def load_model(spec: str, init: str = "pretrained", seed: int = 0) -> Whisper:
                 f"{spec}: not a readable model ({type(e).__name__}: {said})"
             ) from None
         check_model(spec, dims, state)
-    elif spec not in whisper.available_models():
+    elif spec not in whisper.available_models():  # (a FIFO or a device: never read)
         raise UserError(
-            f"{spec}: not found: neither a file, a CTranslate2 directory nor one of "
+            f"{spec}: {not_a_file(spec)}: neither a model file or directory nor one of "
             f"{whisper.available_models()}"
         )
     elif init == "random":
@@ -3795,7 +3795,7 @@ def cmd_export(args) -> None:
         )
     export_dtype(args.dtype)  # (refused before any work)
     parent = Path(args.out).absolute().parent
-    if parent.exists() and not parent.is_dir():
+    if not parent.is_dir():  # (a missing one too: said as the option, not as a temp)
         raise OptionError(f"{args.out}: {parent} is not a directory")
     audio = [load_wave(p) for p in args.audio]  # a missing clip: before writing
     for path in (p for p, a in zip(args.audio, audio) if len(a) > N_SAMPLES):
