@@ -1758,8 +1758,6 @@ def load_data(
         train, dev, test, split = split_corpus(
             utts, cfg.eval_speakers, cfg.test_fraction
         )
-    if not cfg.resume:
-        split["train_audio"] = sorted({audio_digest(u.path) for u in train})
     if len(train) < cfg.batch_size:
         raise UserError(
             f"the split left {len(train)} training utterances, fewer than "
@@ -1932,7 +1930,8 @@ def load_run_data(
     if rank == 0:
         # a new run's files are refused if someone made them since --out was empty
         save_json(out / "config.json", dataclasses.asdict(cfg), bool(cfg.resume))
-        if not cfg.resume:
+        if not cfg.resume:  # (eval knows a renamed copy of a training clip by these)
+            split["train_audio"] = sorted({audio_digest(u.path) for u in train_utts})
             save_json(out / "split.json", split, replace=False)
     run = Run(
         cfg=cfg,
