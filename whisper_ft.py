@@ -4161,21 +4161,23 @@ def demo_done(root: Path, what: str, stamp: str) -> bool:
     return False
 
 
-def make_demo_corpus(root: str | os.PathLike, n_parallel: int = 30) -> Path:
-    """Write a JVS-layout corpus (24 kHz 16-bit wavs) of data/demo_sentences.txt read by
-    the voices in DEMO_VOICES: the first `n_parallel` sentences by every voice
-    ("parallel100"), the rest shared out among them ("nonpara30"). Deterministic, and
-    skipped when already done."""
+def make_demo_corpus(
+    root: str | os.PathLike, n_parallel=30, text=DEMO_SENTENCES, voices=DEMO_VOICES
+) -> Path:
+    """Write a JVS-layout corpus (24 kHz 16-bit wavs) of the sentences in `text` read
+    by `voices` ((speed, half tone) each): the first `n_parallel` sentences by every
+    voice ("parallel100"), the rest shared out among them ("nonpara30"). Deterministic,
+    and skipped when already done."""
     pyopenjtalk = _import_pyopenjtalk()
     root = Path(root)
-    lines = DEMO_SENTENCES.read_text(encoding="utf-8").splitlines()
+    lines = Path(text).read_text(encoding="utf-8").splitlines()
     sentences = list(enumerate(filter(None, lines), start=1))  # (number, text)
-    stamp = hashlib.md5(json.dumps([sentences, DEMO_VOICES]).encode()).hexdigest()
+    stamp = hashlib.md5(json.dumps([sentences, voices]).encode()).hexdigest()
     if demo_done(root, "a corpus", stamp):
         return root
     parallel = sentences[:n_parallel]
-    for s, (speed, half_tone) in enumerate(tqdm(DEMO_VOICES, desc="synthesising")):
-        own = sentences[n_parallel + s :: len(DEMO_VOICES)]
+    for s, (speed, half_tone) in enumerate(tqdm(voices, desc="synthesising")):
+        own = sentences[n_parallel + s :: len(voices)]
         subsets = {
             "parallel100": {f"VOICEACTRESS100_{n:03d}": t for n, t in parallel},
             "nonpara30": {f"BASIC5000_{n:04d}": t for n, t in own},
