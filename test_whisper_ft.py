@@ -111,7 +111,7 @@ def test_collate_tokens_properties(texts, kind, mask_prefix, n_pad_to):
     prefix = list(tok.sot_sequence_including_notimestamps)
     seqs = [prefix + t + [tok.eot] for t in texts]
     n_prefix = len(prefix) - 1 if mask_prefix else 0
-    tokens, labels = wf.collate_tokens(seqs, tok.eot, n_prefix, n_pad_to)
+    tokens, labels = wf.collate_tokens(seqs, tok.eot, [n_prefix] * len(seqs), n_pad_to)
 
     # shapes and the reference padding of torch's own pad_sequence
     n_ctx = max(max(len(s) for s in seqs) - 1, n_pad_to)
@@ -178,7 +178,7 @@ def test_padding_changes_neither_loss_nor_gradients(seed, lengths):
         prefix + torch.randint(0, 50000, (n,), generator=g).tolist() + [tok.eot]
         for n in lengths
     ]
-    tokens, labels = wf.collate_tokens(seqs, tok.eot, len(prefix) - 1)
+    tokens, labels = wf.collate_tokens(seqs, tok.eot, [len(prefix) - 1] * len(seqs))
     model = tiny_model(seed % 7)
     features = torch.randn(len(seqs), TINY.n_audio_ctx, TINY.n_audio_state, generator=g)
     loss, grads = _loss_and_grads(model, features, tokens, labels)
@@ -202,8 +202,8 @@ def test_prefix_is_masked_by_default():
     prefix = list(tok.sot_sequence_including_notimestamps)
     seq = prefix + wf.encode_text(tok, "テスト") + [tok.eot]
     model, features = tiny_model(), torch.randn(1, TINY.n_audio_ctx, TINY.n_audio_state)
-    tokens, masked = wf.collate_tokens([seq], tok.eot, len(prefix) - 1)
-    _, taught = wf.collate_tokens([seq], tok.eot, 0)
+    tokens, masked = wf.collate_tokens([seq], tok.eot, [len(prefix) - 1])
+    _, taught = wf.collate_tokens([seq], tok.eot, [0])
     assert masked[0, :3].eq(wf.IGNORE_INDEX).all()
     assert taught[0, :3].tolist() == prefix[1:]  # language, task, notimestamps
     # masked: the loss is the text tokens' (and eot's) alone
@@ -976,7 +976,9 @@ def test_cached_features_give_the_same_loss_as_the_encoder(tmp_path):
     utts, _ = wf.read_corpus(str(tmp_path), tok)
     model = tiny_model()
     features = wf.encode_audio(model, utts, batch_size=2, num_workers=0).rows
-    tokens, labels = wf.collate_tokens([u.tokens for u in utts], tok.eot, 3)
+    tokens, labels = wf.collate_tokens(
+        [u.tokens for u in utts], tok.eot, [3] * len(utts)
+    )
     mel = wf.log_mel_spectrogram(
         wf.pad_waves([wf.AudioDataset(utts)[i] for i in range(3)])
     )
@@ -1183,6 +1185,193 @@ def test_long_form_joins_test_audio_and_scores_whisper_transcribe(tiny_run):
     hyps = [wf.normalize_text(r["hyp"]) for r in result["rows"]]
     assert result["cer"] == pytest.approx(jiwer.cer(refs, hyps))
     assert result["seconds"] == pytest.approx(sum(r["seconds"] for r in result["rows"]))
+
+
+# -----------------------------------------------------------------------------
+# training for the way users transcribe: timestamps, the previous text, joined windows
+
+
+@st.composite
+def timed_segments(draw):
+    """(start, end, text tokens) a segment, increasing on the 0.02-s grid within 30 s;
+    the last one cut off (end None) or not."""
+    ticks = sorted(draw(st.sets(st.integers(0, 1500), min_size=1, max_size=8)))
+    texts = st.lists(token_ids, min_size=1, max_size=6)
+    segments = [(a / 50, b / 50, draw(texts)) for a, b in zip(ticks[::2], ticks[1::2])]
+    if len(ticks) % 2 or not segments:
+        segments.append((ticks[-1] / 50, None, draw(texts)))
+    return segments
+
+
+@given(
+    segments=timed_segments(),
+    timestamps=st.booleans(),
+    prompt=st.lists(token_ids, max_size=60),
+    n_text_ctx=st.integers(32, 448),
+    train_prefix=st.booleans(),
+)
+@example([(0.0, 1.0, [7])], False, list(range(60)), 64, False)  # half the context
+def test_timestamp_and_prompt_formats(
+    segments, timestamps, prompt, n_text_ctx, train_prefix
+):
+    tok = TOKENIZERS["multilingual"]
+    timestamps |= segments[-1][1] is None  # (a cut segment is timestamped)
+    seq = wf.sample_tokens(tok, segments, timestamps, prompt, n_text_ctx)
+    body_at = seq.index(tok.sot) + len(tok.sot_sequence)
+    n_body = len(seq) - body_at - 1
+    # the prompt: its last tokens after <|startofprev|>, at most half the context
+    if seq[0] == tok.sot_prev:
+        kept = seq[1 : seq.index(tok.sot)]
+        assert 0 < len(kept) <= min(len(prompt), n_text_ctx // 2 - 1)
+        assert kept == prompt[len(prompt) - len(kept) :] and len(seq) <= n_text_ctx
+    else:
+        assert seq.index(tok.sot) == 0
+        assert not prompt or len(seq) + 1 >= n_text_ctx or n_text_ctx // 2 - 1 < 1
+    assert seq[-1] == tok.eot and seq.count(tok.eot) == 1
+    stamps = [t - tok.timestamp_begin for t in seq if t >= tok.timestamp_begin]
+    if not timestamps:
+        assert seq[body_at] == tok.no_timestamps and not stamps
+        assert seq[body_at + 1 : -1] == [t for _, _, text in segments for t in text]
+    else:  # <|start|> text <|end|> a segment, times within 30 s and increasing
+        want = [round(t * 50) for s, e, _ in segments for t in (s, e) if t is not None]
+        assert stamps == want and stamps == sorted(stamps)
+        assert all(0 <= t <= 1500 for t in stamps)
+        body = [t for s, e, text in segments for t in ([s, *text, e] if e else [s])]
+        stamp = lambda t: t if isinstance(t, int) else wf.timestamp_token(tok, t)
+        assert seq[body_at:-1] == [stamp(t) for t in body] and n_body == len(body)
+    # what is masked: the prompt, sot (and the language, task, notimestamps), no more
+    n = wf.count_masked(seq, tok, train_prefix)
+    tokens, labels = wf.collate_tokens([seq], tok.eot, [n])
+    taught = labels[0][labels[0] != wf.IGNORE_INDEX].tolist()
+    first = seq.index(tok.sot) + (1 if train_prefix else len(tok.sot_sequence))
+    first += not train_prefix and not timestamps  # <|notimestamps|> is given
+    assert taught == seq[first:]
+
+
+@given(
+    seconds=st.lists(st.floats(0.2, 31.0), min_size=1, max_size=30),
+    n_tokens=st.lists(st.integers(1, 40), min_size=30, max_size=30),
+    seed=st.integers(0, 5),
+    n_body=st.integers(3, 200),
+)
+def test_joined_windows_on_the_grid_in_order_and_whole(seconds, n_tokens, seed, n_body):
+    utts = [
+        wf.Utterance(f"s{i % 3}/{i:03d}", "x.wav", "t", f"s{i % 3}", "", seconds=s)
+        for i, s in enumerate(seconds)
+    ]
+    windows = wf.join_windows(utts, n_tokens, seed, n_body)
+    fits = [i for i, s in enumerate(seconds) if s <= 29.0 and n_tokens[i] + 2 <= n_body]
+    placed = Counter()
+    for k, window in enumerate(windows):
+        assert len({utts[i].speaker for i, _, _ in window}) == 1
+        ids = [utts[i].id for i, _, _ in window]
+        assert ids == sorted(ids)  # the speaker's order
+        t = 0.0
+        for j, (i, start, end) in enumerate(window):
+            assert round(start * 50) / 50 == start and start >= t + 0.1 - 1e-9
+            if (
+                end is None
+            ):  # cut: the last, a second of it at least; next opens with it
+                assert j == len(window) - 1 and start <= 29.0 + 1e-9
+                assert windows[k + 1][0][0] == i if i in fits else i not in placed
+                continue
+            assert round(end * 50) / 50 == end and end <= 30
+            assert abs(end - start - utts[i].seconds) <= 0.01 + 1e-9
+            placed[i] += 1
+            t = end
+        cut = window[-1][2] is None
+        assert sum(n_tokens[i] + 2 for i, _, e in window if e) + cut <= n_body
+    # every utterance whole in one window, but those too long for any
+    assert set(fits) <= set(placed) and set(placed.values()) <= {1}
+
+
+def test_boundary_error_on_crafted_segments():
+    segments = [{"start": 0.2, "end": 2.0}, {"start": 2.5, "end": 6.0}]
+    # bounds 0, 2, 2.3, 5.3: distances 0.2, 0, 0.2, 0.7
+    assert wf.boundary_errors(segments, [0.0, 2.0, 2.3, 5.3]) == pytest.approx(
+        [0.2, 0.0, 0.2, 0.7]
+    )
+    assert wf.boundary_errors([], [0.0, 1.0]) == []
+
+
+def test_long_form_scores_where_the_segments_land(tiny_run, monkeypatch):
+    tok = TOKENIZERS["multilingual"]
+    utts, _ = wf.read_corpus(str(tiny_run / "jvs"), tok)
+    n = len(utts)  # 0.5 s each, 0.3 s apart: utterance k spans [0.8 k, 0.8 k + 0.5]
+    starts = [0.8 * k + 0.1 for k in range(n)]  # each segment 0.1 s late, 0.2 s short
+
+    def transcribe(model, audio, **options):
+        assert len(audio) == round((0.8 * n - 0.3) * wf.SAMPLE_RATE)
+        segments = [
+            {"start": s, "end": s + 0.2, "text": "", "tokens": [tok.timestamp_begin]}
+            for s in starts
+        ]
+        return {"text": "", "segments": segments}
+
+    monkeypatch.setattr(wf.whisper, "transcribe", transcribe)
+    result = wf.long_form_eval(tiny_model(0), utts, "ja")
+    # n starts 0.1 s off, n ends 0.2 s off: the median between them
+    assert result["boundary_error"] == pytest.approx(0.15, abs=1e-6)
+    assert result["rows"][0]["boundary_error"] == pytest.approx(0.15, abs=1e-6)
+
+
+def test_cli_trains_timestamps_prompts_windows_and_resumes_bitwise(
+    tiny_run, monkeypatch
+):
+    options = tiny_train(
+        tiny_run,
+        max_steps=6,
+        eval_every=0,
+        save_every=1,
+        eval_speakers=0.25,
+        timestamp_rate=0.5,
+        prompt_rate=0.5,
+        window_rate=1.0,
+    )
+    full = tiny_run / "ts_full"
+    run_cli("train", **options, out=full)
+    split = json.loads((full / "split.json").read_text())
+    windows = json.loads((full / "windows" / "windows.json").read_text())
+    assert windows and all(len(w) >= 1 for w in windows)
+    # only training utterances in windows; their audio where the plan puts it, exactly
+    utts = {
+        u.id: u
+        for u in wf.read_corpus(str(tiny_run / "jvs"), TOKENIZERS["multilingual"])[0]
+    }
+    members = [m for w in windows for m in w]
+    assert {i for i, _, _ in members} <= set(split["train"])
+    for k, window in enumerate(windows):
+        audio = wf.load_wave(full / "windows" / f"{k:06d}.wav")
+        for i, start, end in window:
+            wave = wf.load_wave(utts[i].path)
+            a = round(start * wf.SAMPLE_RATE)
+            assert (
+                audio[a : a + len(wave)] - wave[: len(audio) - a]
+            ).abs().max() < 1e-3
+            assert (audio[a - 1600 : a].abs().max() if a >= 1600 else 0) < 1e-3
+    # a kill and a resume: the same samples, the same weights
+    out = tiny_run / "ts_cut"
+    train_killed_after(3, {**options, "out": out}, monkeypatch)
+    wf.train(train_config({"resume": out}))
+    assert_same_weights(full, out)
+    # and the new formats changed what was learned
+    plain = tiny_run / "ts_off"
+    wf.train(
+        train_config(
+            {
+                **options,
+                "out": plain,
+                "timestamp_rate": 0.0,
+                "prompt_rate": 0.0,
+                "window_rate": 0.0,
+            }
+        )
+    )
+    assert not (plain / "windows").exists()
+    assert not torch.equal(
+        final_weights(plain)["decoder.ln.weight"],
+        final_weights(full)["decoder.ln.weight"],
+    )
 
 
 def write_retain_set(root: Path) -> Path:
@@ -1658,7 +1847,7 @@ def test_bucketed_batches_meet_few_shapes_and_the_same_loss():
     model, audio_features = tiny_model(1), torch.randn(2, 1500, 32)
     results = []
     for n_pad_to in (0, wf.bucket_length(13)):
-        tokens, labels = wf.collate_tokens(seqs, tok.eot, 3, n_pad_to)
+        tokens, labels = wf.collate_tokens(seqs, tok.eot, [3] * len(seqs), n_pad_to)
         assert tokens.shape[1] == (n_pad_to or 13)
         results.append(_loss_and_grads(model, audio_features, tokens, labels))
     (loss, grads), (padded_loss, padded_grads) = results
@@ -2021,7 +2210,7 @@ def test_cached_partial_step_is_the_uncached_step_with_those_blocks_frozen():
     mel = wf.log_mel_spectrogram(torch.randn(2, 16000) * 0.1)
     prefix = list(tok.sot_sequence_including_notimestamps)
     seqs = [prefix + tok.encode(t) + [tok.eot] for t in ("アメ", "ハレノヒ")]
-    tokens, labels = wf.collate_tokens(seqs, tok.eot, len(prefix) - 1)
+    tokens, labels = wf.collate_tokens(seqs, tok.eot, [len(prefix) - 1] * len(seqs))
     model.encoder.requires_grad_(False)
     model.encoder.blocks[1].requires_grad_(True)
     model.encoder.ln_post.requires_grad_(True)

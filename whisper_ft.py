@@ -97,6 +97,7 @@ _WHISPER_DIMS = {  # name: (n_state, n_head, n_audio_layer, n_text_layer)
 }
 FEATURE_VERSION = 1  # bump when log_mel_spectrogram's numbers change: caches go stale
 LONG_FORM_GAP = 0.3  # seconds of silence between joined utterances
+TIME_PRECISION = 0.02  # seconds a timestamp token: <|0.00|> .. <|30.00|> (whisper's)
 AUDIO_RATES = range(1_000, 768_001)  # Hz, audio files' sample rates that are read
 CHOICES = {
     "target": ["kana", "text"],
@@ -113,6 +114,7 @@ OPTION_RANGES = [
     ("lr", lambda v: v > 0, "> 0"),
     ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
     ("eval_speakers test_fraction", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("timestamp_rate prompt_rate window_rate", lambda v: 0 <= v <= 1, "in [0, 1]"),
 ]
 # what a resumed run may change: where its inputs are, how long it goes, how it runs
 RESUME_OPTIONS = set(
@@ -232,6 +234,10 @@ class TrainConfig:
     retain_data: str = ""  # a set in another language (dir or TSV): LID, WER on it
     retain_language: str = "en"  # the retain set's language
     long_form: bool = True  # test audio as 60-120 s recordings via whisper.transcribe
+    # what the decoder learns besides <|notimestamps|> clips (drawn once, from seed)
+    timestamp_rate: float = 0.0  # share of utterances with whisper's timestamps
+    prompt_rate: float = 0.0  # share after <|startofprev|> and the speaker's last text
+    window_rate: float = 0.0  # share of 30-s windows of joined utterances also trained
     # model
     model: str = "base"  # whisper name, openai-format .pt, or CTranslate2 model dir
     init: str = "pretrained"  # pretrained | random: same dims, random weights (tests)
@@ -1523,9 +1529,9 @@ class Run:
     dtype: torch.dtype  # what steps compute in (autocast), and features are kept in
     model: Whisper
     tokenizer: Tokenizer
-    n_prefix: int  # labels masked at the start of each sequence (the sot sequence)
-    train_utts: list[Utterance]
+    train_utts: list[Utterance]  # what it trains on (training_samples)
     lengths: list[int]  # train_utts' token counts
+    n_masked: list[int]  # and the labels masked at their start (count_masked)
     evals: dict[str, EvalSet]  # dev, test, and retain if there is one
     run_id: str  # split.json's; every state.pt carries it
     lock: Optional[object] = None  # the run directory's lock file (rank 0), held open
@@ -1795,6 +1801,174 @@ def load_retain(cfg: TrainConfig, dims: ModelDimensions, log) -> EvalSet:
     return EvalSet("retain", utts, tokenizer, detect_language=True)
 
 
+def on_grid(seconds: float) -> float:
+    """`seconds` rounded to whisper's timestamp grid (TIME_PRECISION)."""
+    per_second = round(1 / TIME_PRECISION)
+    return round(seconds * per_second) / per_second
+
+
+def timestamp_token(tokenizer: Tokenizer, seconds: float) -> int:
+    """<|seconds|>, on whisper's TIME_PRECISION grid, at most <|30.00|>."""
+    n_max = round(CHUNK_LENGTH / TIME_PRECISION)
+    return tokenizer.timestamp_begin + min(round(seconds / TIME_PRECISION), n_max)
+
+
+def sample_tokens(
+    tokenizer: Tokenizer,
+    segments: Sequence[tuple[float, Optional[float], list[int]]],
+    timestamps: bool,
+    prompt: Sequence[int] = (),
+    n_text_ctx: int = 448,
+) -> list[int]:
+    """A training sequence in the form whisper decodes: [<|startofprev|> prompt] then
+    the sot sequence; with timestamps, `<|start|> text <|end|>` a segment ((start, end,
+    text tokens) each; end None: cut off by the window's end, `<|start|>` alone, as in
+    whisper's own data), else <|notimestamps|> and the texts; then eot. The prompt keeps
+    its last tokens, at most half the context (as whisper.decode) and what fits."""
+    seq = list(
+        tokenizer.sot_sequence_including_notimestamps[: -1 if timestamps else None]
+    )
+    for start, end, text in segments:
+        assert timestamps or end is not None, "a cut segment needs timestamps"
+        if not timestamps:
+            seq += text
+        elif end is None:
+            seq.append(timestamp_token(tokenizer, start))
+        else:
+            seq += [timestamp_token(tokenizer, start), *text]
+            seq.append(timestamp_token(tokenizer, end))
+    seq.append(tokenizer.eot)
+    n_prompt = min(len(prompt), n_text_ctx // 2 - 1, n_text_ctx - len(seq) - 1)
+    return [tokenizer.sot_prev, *prompt[-n_prompt:]] + seq if n_prompt > 0 else seq
+
+
+def count_masked(
+    tokens: Sequence[int], tokenizer: Tokenizer, train_prefix: bool
+) -> int:
+    """How many of a sequence's first labels (label p: token p + 1) are not taught: the
+    prompt's and sot's, and unless train_prefix the language, task and <|notimestamps|>
+    (its first timestamp is taught: whether to write timestamps is the prefix's)."""
+    i_sot = list(tokens).index(tokenizer.sot)
+    n = len(tokenizer.sot_sequence)
+    given = n - 1 + (tokens[i_sot + n] == tokenizer.no_timestamps)
+    return i_sot + (0 if train_prefix else given)
+
+
+def join_windows(
+    utts: Sequence[Utterance], n_tokens: Sequence[int], seed: int, n_body: int
+) -> list[list[tuple[int, float, Optional[float]]]]:
+    """Each speaker's utterances, in id order, placed one after another into windows of
+    up to 30 s, with gaps of 0.1-1 s drawn from `seed`: (index, start, end) each, times
+    on the TIME_PRECISION grid. One that does not fit is cut at 30 s if a second of it
+    is heard there (end None) and opens the next window whole. A window's timestamps
+    and text tokens (n_tokens: each utterance's) number at most n_body."""
+    rng = random.Random(f"{seed}|windows")
+    order = sorted(range(len(utts)), key=lambda i: (utts[i].speaker, utts[i].id))
+    windows, window, t, n = [], [], 0.0, 0
+    k = 0
+    while k < len(order):
+        i = order[k]
+        if window and utts[i].speaker != utts[window[0][0]].speaker:
+            windows.append(window)
+            window, t, n = [], 0.0, 0
+        start = on_grid(t + rng.uniform(0.1, 1.0))
+        end = on_grid(start + utts[i].seconds)
+        if end <= CHUNK_LENGTH and n + n_tokens[i] + 2 <= n_body:
+            window.append((i, start, end))
+            t, n, k = end, n + n_tokens[i] + 2, k + 1
+            continue
+        if window and CHUNK_LENGTH - start >= 1.0 and n < n_body:
+            window.append((i, start, None))
+        k += not window  # too long for any window: left out
+        if window:
+            windows.append(window)
+        window, t, n = [], 0.0, 0
+    return windows + [window] * bool(window)
+
+
+def training_samples(
+    cfg: TrainConfig,
+    utts: list[Utterance],
+    tokenizer: Tokenizer,
+    n_text_ctx: int,
+    rank: int = 0,
+) -> list[Utterance]:
+    """What a run trains on: its utterances, a cfg.timestamp_rate share of them with
+    timestamps, a cfg.prompt_rate share after their speaker's preceding text; and a
+    cfg.window_rate share of join_windows' windows, with timestamps, their audio written
+    by rank 0 into cfg.out/windows/ (windows.json: where each utterance lies). Drawn
+    from cfg.seed alone: a resumed run trains on the same samples."""
+    if not (cfg.timestamp_rate or cfg.prompt_rate or cfg.window_rate):
+        return utts
+    rng = random.Random(f"{cfg.seed}|samples")
+    n_prefix = len(tokenizer.sot_sequence_including_notimestamps)
+    text = [u.tokens[n_prefix:-1] for u in utts]
+    before, context = {}, []  # the text an utterance's speaker said before it
+    order = sorted(range(len(utts)), key=lambda i: (utts[i].speaker, utts[i].id))
+    for j, i in enumerate(order):
+        if j and utts[order[j - 1]].speaker != utts[i].speaker:
+            context = []
+        before[i], context = context, (context + text[i])[-n_text_ctx:]
+
+    def sample(u: Utterance, segments: list, timestamps: bool, first: int) -> Utterance:
+        prompt = before[first] if rng.random() < cfg.prompt_rate else []
+        tokens = sample_tokens(tokenizer, segments, timestamps, prompt, n_text_ctx)
+        return dataclasses.replace(u, tokens=tokens)
+
+    samples = []
+    for i, u in enumerate(utts):
+        end = on_grid(min(u.seconds, CHUNK_LENGTH))
+        timestamps = rng.random() < cfg.timestamp_rate
+        samples.append(sample(u, [(0.0, end, text[i])], timestamps, i))
+    n_body = n_text_ctx - len(tokenizer.sot_sequence) - 1
+    plan = join_windows(utts, list(map(len, text)), cfg.seed, n_body)
+    plan = [w for w in plan if rng.random() < cfg.window_rate]
+    root = Path(cfg.out) / "windows"
+    for k, window in enumerate(plan):
+        i, seconds = window[0][0], window[-1][2] or CHUNK_LENGTH
+        full = [utts[j] for j, _, end in window if end]
+        u = Utterance(
+            id=f"windows/{k:06d}",
+            path=str(root / f"{k:06d}.wav"),
+            text=" ".join(v.text for v in full),
+            speaker=utts[i].speaker,
+            source=f"{root}/windows.json:{k + 1}",
+            target="".join(v.target for v in full),
+            seconds=seconds,
+        )
+        samples.append(sample(u, [(s, e, text[j]) for j, s, e in window], True, i))
+    if rank == 0 and plan:
+        write_windows(root, [[(utts[j], s, e) for j, s, e in w] for w in plan])
+    return samples
+
+
+def write_windows(
+    root: Path, plan: list[list[tuple[Utterance, float, Optional[float]]]]
+):
+    """Each window's audio, root/NNNNNN.wav (16-bit, 16 kHz): its utterances where plan
+    places them, silence between; root/windows.json records the plan. Files already
+    written for the same plan (a resumed run) are kept: the feature cache knows them."""
+    record = [[[u.id, start, end] for u, start, end in window] for window in plan]
+    if root.is_dir() and (root / "windows.json").is_file():
+        if read_json(root / "windows.json") == record:
+            if all((root / f"{k:06d}.wav").is_file() for k in range(len(plan))):
+                return
+    root.mkdir(exist_ok=True)
+    for k, window in enumerate(tqdm(plan, desc="joined windows", leave=False)):
+        seconds = window[-1][2] or CHUNK_LENGTH
+        audio = torch.zeros(round(seconds * SAMPLE_RATE))
+        for u, start, _ in window:
+            a = round(start * SAMPLE_RATE)
+            wave = load_wave(u.path)[: len(audio) - a]
+            audio[a : a + len(wave)] = wave
+        pcm = (audio * 32768).round().clamp(-32768, 32767).short().numpy()
+        path = root / f"{k:06d}.wav"
+        atomic_write(
+            path, lambda f: soundfile.write(f, pcm, SAMPLE_RATE, "PCM_16", format="WAV")
+        )
+    save_json(root / "windows.json", record)
+
+
 def cache_features(run: Run) -> None:
     """The frozen encoder's output for every utterance the run reads, on the GPU, in RAM
     or else on disk, as they fit; each rank encodes every world-th, all share them."""
@@ -1933,6 +2107,9 @@ def load_run_data(
         if not cfg.resume:  # (eval knows a renamed copy of a training clip by these)
             split["train_audio"] = sorted({audio_digest(u.path) for u in train_utts})
             save_json(out / "split.json", split, replace=False)
+    samples = training_samples(cfg, train_utts, tokenizer, model.dims.n_text_ctx, rank)
+    if world > 1 and cfg.window_rate:  # (rank 0 wrote the windows' audio)
+        dist.barrier()
     run = Run(
         cfg=cfg,
         out=out,
@@ -1942,9 +2119,9 @@ def load_run_data(
         dtype=dtype,
         model=model.to(device),
         tokenizer=tokenizer,
-        n_prefix=0 if cfg.train_prefix else len(tokenizer.sot_sequence),
-        train_utts=train_utts,
-        lengths=[len(u.tokens) for u in train_utts],
+        train_utts=samples,
+        lengths=[len(u.tokens) for u in samples],
+        n_masked=[count_masked(u.tokens, tokenizer, cfg.train_prefix) for u in samples],
         evals=evals,
         run_id=run_id,
     )
@@ -2084,7 +2261,7 @@ def plan_step(run: Run, step: int) -> tuple[list[list[int]], int]:
     """This rank's micro-batches of update `step` (from 0), and the label count of
     the whole update (all micro-batches of all ranks)."""
     idx = batch_indices(step, run.lengths, run.cfg.batch_size, run.cfg.seed)
-    n_labels = sum(run.lengths[i] - 1 - run.n_prefix for i in idx)
+    n_labels = sum(run.lengths[i] - 1 - run.n_masked[i] for i in idx)
     mine = idx[run.rank :: run.world]
     n = len(mine) // run.cfg.grad_accum
     return [mine[k * n : (k + 1) * n] for k in range(run.cfg.grad_accum)], n_labels
@@ -2107,20 +2284,23 @@ def audio_loader(run: Run) -> Iterator[torch.Tensor]:
 
 
 def collate_tokens(
-    sequences: Sequence[list[int]], pad_token: int, n_prefix: int = 0, n_pad_to: int = 0
+    sequences: Sequence[list[int]],
+    pad_token: int,
+    n_masked: Sequence[int] = (),
+    n_pad_to: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forcing (tokens, labels) of sequences (each `prefix + text tokens +
     [eot]`), shape = (n_batch, n_ctx) each, n_ctx at least n_pad_to: rows sequence[:-1]
     then pad_token (any id: causal attention never lets a real position see a later
-    pad), and sequence[1:] then IGNORE_INDEX, as are the first n_prefix labels (the sot
-    sequence's length minus one: the model is not taught the prefix it always gets)."""
+    pad), and sequence[1:] then IGNORE_INDEX, as are the first n_masked[i] labels of
+    row i (0 if not given): the prompt and prefix the model is given, not taught."""
     n_ctx = max([len(s) - 1 for s in sequences] + [n_pad_to])
     tokens = torch.full((len(sequences), n_ctx), pad_token, dtype=torch.long)
     labels = torch.full_like(tokens, IGNORE_INDEX)
     for i, seq in enumerate(sequences):
-        seq = torch.as_tensor(seq, dtype=torch.long)
+        seq, n = torch.as_tensor(seq, dtype=torch.long), n_masked[i] if n_masked else 0
         tokens[i, : len(seq) - 1] = seq[:-1]
-        labels[i, n_prefix : len(seq) - 1] = seq[n_prefix + 1 :]
+        labels[i, n : len(seq) - 1] = seq[n + 1 :]
     return tokens, labels
 
 
@@ -2141,7 +2321,8 @@ def micro_batch(run: Run, idx: list[int]) -> tuple[torch.Tensor, ...]:
     n_pad_to = 0
     if run.device.type == "cuda":  # (see bucket_length)
         n_pad_to = bucket_length(max(map(len, seqs)) - 1, run.model.dims.n_text_ctx)
-    tokens, labels = collate_tokens(seqs, run.tokenizer.eot, run.n_prefix, n_pad_to)
+    masked = [run.n_masked[i] for i in idx]
+    tokens, labels = collate_tokens(seqs, run.tokenizer.eot, masked, n_pad_to)
     if run.cached:
         x = run.train_x.take(idx, run.device)
         if run.cfg.spec_augment:
@@ -2857,6 +3038,7 @@ def summary_table(before: dict, after: dict, target: str, best_step: int) -> str
         ("long_cer", f"long-form {unit} (whisper.transcribe, {n('long')})"),
         ("long_timestamped", "long-form recordings with sane timestamps"),
         ("long_coverage", "long-form audio covered by segments"),
+        ("long_boundary_error", "long-form segment bounds: median error (s)"),
     ]
     lines = [
         f"| metric | zero-shot | fine-tuned (best.pt, step {best_step}) |",
@@ -2953,6 +3135,13 @@ def timestamps_ok(
     )
 
 
+def boundary_errors(segments: Sequence[dict], bounds: Sequence[float]) -> list[float]:
+    """Seconds from each segment's start and end to the nearest of `bounds` (where the
+    utterances joined into a recording start and end)."""
+    ends = [t for s in segments for t in (s["start"], s["end"])]
+    return [min(abs(t - b) for b in bounds) for t in ends] if bounds else []
+
+
 def measure_coverage(segments: Sequence[dict], duration: float) -> float:
     """The share of [0, duration] that the segments' [start, end] intervals cover."""
     covered, reach = 0.0, 0.0
@@ -2973,8 +3162,9 @@ def long_form_eval(
     **decode_options,
 ) -> dict:
     """The utterances joined into 60-120 s recordings, transcribed as `whisper --model
-    best.pt` does (whisper.transcribe, the CLI's defaults); scores CER, loops, and the
-    shares of recordings with sane timestamps and of the audio their segments cover."""
+    best.pt` does (whisper.transcribe, the CLI's defaults); scores CER, loops, the
+    shares of recordings with sane timestamps and of the audio their segments cover,
+    and the median distance of their starts and ends to the utterances' (seconds)."""
     spaced = language not in LANGUAGES_WITHOUT_SPACES
     # in speaker order: a recording changes voice only where a speaker's run ends
     ordered = sorted(utts, key=lambda u: (u.speaker, u.id))
@@ -2987,6 +3177,10 @@ def long_form_eval(
     for group in groups[rank::world]:
         waves = [load_wave(ordered[i].path)[:N_SAMPLES] for i in group]
         audio = torch.cat([p for wave in waves for p in (gap, wave)][1:])
+        starts = np.cumsum([0] + [len(w) + len(gap) for w in waves[:-1]])
+        bounds = [
+            t / SAMPLE_RATE for a, w in zip(starts, waves) for t in (a, a + len(w))
+        ]
         result = whisper.transcribe(
             model,
             audio,
@@ -3004,6 +3198,7 @@ def long_form_eval(
         row["seconds"] = duration
         row["timestamped"] = timestamps_ok(segments, duration, timestamp_begin)
         row["coverage"] = measure_coverage(segments, duration)
+        row["boundary_error"] = boundary_errors(segments, bounds)  # (a median, below)
         rows.append(row)
     model.train(was_training)
     rows = _gather_list(rows, len(groups), world)
@@ -3011,12 +3206,16 @@ def long_form_eval(
         return {"n": 0, "rows": []}
     total = sum(r["seconds"] for r in rows)
     chars = {k: [normalize_text(r[k]) for r in rows] for k in ("ref", "hyp")}
+    errors = [e for r in rows for e in r["boundary_error"]]
+    for r in rows:
+        r["boundary_error"] = float(np.median(r["boundary_error"] or [math.inf]))
     return {
         "cer": jiwer.cer(chars["ref"], chars["hyp"]),
         "n": len(rows),
         "seconds": total,
         "timestamped": sum(r["timestamped"] for r in rows) / len(rows),
         "coverage": sum(r["coverage"] * r["seconds"] for r in rows) / total,
+        "boundary_error": float(np.median(errors or [math.inf])),
         "repeats": sum(bool(r["repeat"]) for r in rows),
         "rows": rows,
     }
@@ -4517,7 +4716,7 @@ def cmd_eval(args) -> None:
     said = [
         f"{prefix}{k}={r[k]:{'.6f' if isinstance(r[k], float) else ''}}"
         for prefix, r in results.items()
-        for k in ("cer", "wer", "n", "repeats", "lid", "timestamped", "coverage")
+        for k in "cer wer n repeats lid timestamped coverage boundary_error".split()
         if k in r
     ]
     print(" ".join(said))  # key=value of the numbers: for scripts
@@ -4568,14 +4767,17 @@ def cmd_demo(args) -> None:
     t0, out = time.time(), Path(args.out)
     if out.exists() and not (out.is_dir() and not out_files(out)):  # (before work)
         raise UserError(f"--out {out}: exists (an earlier demo?): remove it or move")
+    # the demo's flags that are train's options by the same names, passed on
+    recipe = "max_steps lr train_encoder train_encoder_layers spec_augment long_form "
+    recipe += "timestamp_rate prompt_rate window_rate"
+    recipe = {name: getattr(args, name) for name in recipe.split()}
+    check_config(TrainConfig(**recipe))  # (before work)
     corpus = make_demo_corpus(args.corpus)
     hard = make_hard_copy(corpus, f"{args.corpus}_hard")
     retain = make_english_set(args.retain_corpus)
     model = args.model or find_base_weights(Path("runs") / "weights" / "base-ct2")
-    # the demo's flags that are train's options by the same names, passed on
-    recipe = "max_steps lr train_encoder train_encoder_layers spec_augment long_form"
     cfg = TrainConfig(
-        **{name: getattr(args, name) for name in recipe.split()},
+        **recipe,
         data=str(corpus),
         model=model,
         out=str(out),
@@ -4791,6 +4993,9 @@ def add_tool_args(add_parser: Callable) -> None:
         default=TrainConfig.train_encoder_layers,
         help="train's option",
     )
+    for name in "timestamp_rate prompt_rate window_rate".split():
+        flag, default = f"--{name.replace('_', '-')}", getattr(TrainConfig, name)
+        p.add_argument(flag, type=float, default=default, help="train's option")
     p.add_argument("--long-form", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--device", type=device_name, default="auto")
     p.set_defaults(func=cmd_demo)
