@@ -6,6 +6,7 @@ and corpora the tests write themselves. Run: python -m pytest -q
 import copy
 import dataclasses
 import functools
+import io
 import json
 import math
 import os
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import jiwer
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import soundfile
 import torch
@@ -4178,3 +4181,481 @@ def test_check_says_why_a_file_has_too_many_channels(tmp_path, monkeypatch):
 
     monkeypatch.setattr(wf, "frames_read", too_many)
     assert wf.probe_audio(wav)[0] == "9 channels: too many to read"
+
+
+# -----------------------------------------------------------------------------
+# other corpus layouts: Common Voice, Hugging Face, Kaldi, JSONL manifests
+#
+# Each layout is written here from the same recordings (speaker, text, part, MP3
+# bytes): real MP3s, as Common Voice ships, embedded as bytes where the Hub embeds them.
+
+LAYOUT_TEXTS = (
+    "雨が降る。 山に登る。 海で泳ぐ。 本を読む。 空が青い。 花が咲く。".split()
+)
+SPLIT_LAYOUTS = ["common_voice", "audiofolder", "parquet", "arrow", "kaldi"]
+LAYOUTS = SPLIT_LAYOUTS + ["nemo", "whisper_finetune", "tsv"]
+HUB_SPLIT = {"train": "train", "dev": "validation", "test": "test"}
+
+
+@functools.cache
+def mp3_bytes(freq: int) -> bytes:
+    """Half a second of a tone as MP3 (libsndfile's LAME: the same bytes each time)."""
+    t, f = np.arange(8000) / 16000, io.BytesIO()
+    soundfile.write(f, 0.5 * np.sin(2 * np.pi * freq * t), 16000, format="MP3")
+    return f.getvalue()
+
+
+def recording(speaker: int, text: int, part: str) -> tuple[str, str, str, bytes]:
+    """(speaker, text, part, MP3 bytes): a voice a speaker, a pitch a sentence."""
+    tone = mp3_bytes(150 + 60 * text + 7 * speaker)
+    return f"s{speaker}", LAYOUT_TEXTS[text], part, tone
+
+
+# the CLI runs': s1, s2 train on sentences 0-3, s3 is dev (sentence 4), s4 test (5)
+CLI_RECORDINGS = [recording(s, t, "train") for s in (1, 2) for t in range(4)]
+CLI_RECORDINGS += [recording(3, 4, "dev"), recording(4, 5, "test")]
+
+
+def write_layout(layout: str, root: Path, recs: list) -> Path:
+    """recs, (speaker, text, part, mp3 bytes) each, as a corpus of `layout` in root, as
+    its own tools write one: the --data path to give. Clip k is named <speaker>_<k>."""
+    root.mkdir(parents=True, exist_ok=True)
+    names = [f"{speaker}_{k}" for k, (speaker, *_) in enumerate(recs)]
+    by_part = {p: [k for k, r in enumerate(recs) if r[2] == p] for p in HUB_SPLIT}
+    by_part = {p: ks for p, ks in by_part.items() if ks}  # (as no release has)
+
+    def clip(path: Path, k: int) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(recs[k][3])
+        return path
+
+    if layout == "common_voice":
+        head = "client_id\tpath\tsentence_id\tsentence\tup_votes\tdown_votes\n"
+        for part, ks in [*by_part.items(), ("validated", range(len(recs)))]:
+            rows = [
+                f"{recs[k][0]}\t{names[k]}.mp3\t{k}\t{recs[k][1]}\t2\t0\n" for k in ks
+            ]
+            (root / f"{part}.tsv").write_text(head + "".join(rows), encoding="utf-8")
+        for k in range(len(recs)):
+            clip(root / "clips" / f"{names[k]}.mp3", k)
+    elif layout == "audiofolder":  # train: metadata.csv; the others, metadata.jsonl
+        for part, ks in by_part.items():
+            folder = root / HUB_SPLIT[part]
+            folder.mkdir()
+            for k in ks:
+                clip(folder / f"{names[k]}.mp3", k)
+            rows = [(f"{names[k]}.mp3", recs[k][1], recs[k][0]) for k in ks]
+            if part == "train":
+                lines = ["file_name,transcription,speaker_id"]
+                lines += [",".join(row) for row in rows]
+                (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
+            else:
+                keys = ("file_name", "transcription", "speaker_id")
+                lines = [json.dumps(dict(zip(keys, row))) + "\n" for row in rows]
+                (folder / "metadata.jsonl").write_text("".join(lines))
+    elif layout in ("parquet", "arrow"):
+        for part, ks in by_part.items():
+            audio = [{"bytes": recs[k][3], "path": f"{names[k]}.mp3"} for k in ks]
+            columns = {"client_id": [recs[k][0] for k in ks], "audio": audio}
+            table = pa.table({**columns, "sentence": [recs[k][1] for k in ks]})
+            if layout == "parquet":  # (data/train-00000-of-00001.parquet, as the Hub)
+                (root / "data").mkdir(exist_ok=True)
+                name = f"data/{HUB_SPLIT[part]}-00000-of-00001.parquet"
+                pq.write_table(table, root / name, row_group_size=2)
+            else:  # save_to_disk of a DatasetDict: a folder a split
+                (root / HUB_SPLIT[part]).mkdir()
+                write_arrow(table, root / HUB_SPLIT[part] / "data-00000-of-00001.arrow")
+                (root / HUB_SPLIT[part] / "state.json").write_text("{}")
+                (root / HUB_SPLIT[part] / "dataset_info.json").write_text("{}")
+        if layout == "arrow":
+            splits = [HUB_SPLIT[p] for p in by_part]
+            (root / "dataset_dict.json").write_text(json.dumps({"splits": splits}))
+    elif layout == "kaldi":  # data/{train,dev,test}; audio elsewhere, paths absolute
+        for part, ks in by_part.items():
+            d = root / part
+            d.mkdir()
+            wavs = [
+                f"{names[k]} {clip(root / 'wav' / f'{names[k]}.mp3', k)}" for k in ks
+            ]
+            (d / "wav.scp").write_text("".join(f"{line}\n" for line in wavs))
+            lines = [f"{names[k]} {recs[k][1]}\n" for k in ks]
+            (d / "text").write_text("".join(lines), encoding="utf-8")
+            (d / "utt2spk").write_text(
+                "".join(f"{names[k]} {recs[k][0]}\n" for k in ks)
+            )
+    else:  # manifests: no split; the speaker, the audio's folder (or a column: TSV)
+        for k in range(len(recs)):
+            clip(root / recs[k][0] / f"{names[k]}.mp3", k)
+        paths = [f"{recs[k][0]}/{names[k]}.mp3" for k in range(len(recs))]
+        if layout == "tsv":
+            rows = [f"{p}\t{r[1]}\t{r[0]}\n" for p, r in zip(paths, recs)]
+            (root / "list.tsv").write_text("".join(rows), encoding="utf-8")
+            return root / "list.tsv"
+        if layout == "nemo":
+            rows = [
+                {"audio_filepath": p, "text": r[1], "duration": 0.5}
+                for p, r in zip(paths, recs)
+            ]
+        else:
+            rows = [
+                {"audio": {"path": p}, "sentence": r[1]} for p, r in zip(paths, recs)
+            ]
+        (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return root / "train.jsonl"
+    return root
+
+
+def write_arrow(table, path: Path) -> None:
+    """An Arrow stream, as datasets' save_to_disk writes its shards, 2 rows a batch."""
+    with pa.OSFile(str(path), "wb") as f, pa.ipc.new_stream(f, table.schema) as out:
+        out.write_table(table, max_chunksize=2)
+
+
+def as_read(utts: list, split: bool = True) -> list[tuple]:
+    """What utterances are, whatever the layout: all but their ids, paths and sources
+    (and parts, unless `split`), their audio as load_wave reads it."""
+    return sorted(
+        (u.speaker, u.text, u.target, tuple(u.tokens), u.seconds, u.part * split)
+        + (wf.audio_digest(u.path), wf.load_wave(u.path).numpy().tobytes())
+        for u in utts
+    )
+
+
+@settings(max_examples=4, deadline=None)
+@given(
+    picks=st.lists(
+        st.tuples(
+            st.integers(1, 3), st.integers(0, 5), st.sampled_from(list(HUB_SPLIT))
+        ),
+        min_size=1,
+        max_size=5,
+        unique_by=lambda p: p[:2],
+    )
+)
+def test_the_same_recordings_in_any_two_layouts_give_the_same_utterances(
+    tmp_path_factory, picks
+):
+    recs = [recording(*p) for p in picks]
+    root = tmp_path_factory.mktemp("layouts")
+    read = {}
+    for layout in LAYOUTS:
+        data = write_layout(layout, root / layout, recs)
+        utts, report = wf.read_corpus(str(data), TOKENIZERS["multilingual"])
+        assert report.n_used == len(recs) and not report.skipped, report.summary(layout)
+        read[layout] = utts
+    # the layouts with a split of their own agree on it too; manifests have none
+    parts = {u.part for u in read["common_voice"]}
+    assert parts == {r[2] for r in recs}
+    for layout, utts in read.items():
+        split = layout in SPLIT_LAYOUTS
+        assert as_read(utts, split) == as_read(read["common_voice"], split), layout
+
+
+def layout_ids(utts: list) -> dict[str, list[str]]:
+    return {p: [u.id for u in utts if u.part == p] for p in ("train", "dev", "test")}
+
+
+# CLI_RECORDINGS' clip names by part, as write_layout names them
+CLI_IDS = {
+    p: [f"{r[0]}_{k}" for k, r in enumerate(CLI_RECORDINGS) if r[2] == p]
+    for p in ("train", "dev", "test")
+}
+
+
+def test_common_voice_release_its_split_and_quirks(tmp_path):
+    root = write_layout("common_voice", tmp_path / "cv", CLI_RECORDINGS)
+    (root / "clips" / "extra.mp3").write_bytes(mp3_bytes(999))
+    with open(root / "train.tsv", "a") as f:  # an empty sentence; a clip not there
+        f.write("s9\textra.mp3\t20\t\t2\t0\ns9\tgone.mp3\t21\t雲が出る。\t2\t0\n")
+    with open(root / "validated.tsv", "a") as f:  # in no split: not read
+        f.write('s9\textra.mp3\t22\t"星が" 光る。\t2\t0\n')
+    utts, report = wf.read_corpus(str(root), TOKENIZERS["multilingual"])
+    assert layout_ids(utts) == CLI_IDS
+    assert {u.speaker for u in utts if u.part == "test"} == {"s4"}  # client_id
+    assert report.skipped == {
+        "empty transcript": [f"{root / 'train.tsv'}:10"],
+        "transcript line without wav": [
+            f"{root / 'train.tsv'}:11 ({root / 'clips' / 'gone.mp3'})"
+        ],
+    }
+    said = report.summary("cv").splitlines()[0]
+    assert said == "cv: read as Common Voice release (dev.tsv, test.tsv, train.tsv)"
+    # a release of validated.tsv alone: all of it, no split of its own; its quotes
+    # are text (its tools write no quoting)
+    for part in ("train", "dev", "test"):
+        (root / f"{part}.tsv").unlink()
+    utts, report = wf.read_corpus(str(root), TOKENIZERS["multilingual"])
+    assert len(utts) == len(CLI_RECORDINGS) + 1 and {u.part for u in utts} == {""}
+    assert utts[-1].text == '"星が" 光る。' and utts[-1].speaker == "s9"
+    assert "Common Voice release, unsplit" in report.summary("cv")
+
+
+@pytest.mark.parametrize("layout", ["parquet", "arrow"])
+def test_hub_tables_embedded_audio_splits_and_quirks(tmp_path, layout):
+    root = write_layout(layout, tmp_path / layout, CLI_RECORDINGS)
+    # a shard of the train split with a null audio, and audio by path, not bytes
+    write_wav(tmp_path / "a.wav", seconds=0.4, rate=16000)
+    audio = [None, {"bytes": None, "path": str(tmp_path / "a.wav")}]
+    more = pa.table(
+        {"audio": audio, "sentence": ["雲。", "星。"], "client_id": ["x"] * 2}
+    )
+    shard = root / (
+        "data/train-00001-of-00002.parquet"
+        if layout == "parquet"
+        else "train/data-00001-of-00002.arrow"
+    )
+    pq.write_table(more, shard) if layout == "parquet" else write_arrow(more, shard)
+    utts, report = wf.read_corpus(str(root), TOKENIZERS["multilingual"])
+    assert layout_ids(utts) == {
+        **CLI_IDS,
+        "train": CLI_IDS["train"] + [str(tmp_path / "a")],
+    }
+    assert report.skipped == {"no audio named (or null)": [f"{shard}:0"]}
+    first = root / (
+        "data/train-00000-of-00001.parquet"
+        if layout == "parquet"
+        else "train/data-00000-of-00001.arrow"
+    )
+    by_id = {u.id: u for u in utts}
+    assert by_id["s1_3"].path == f"{first}#3"  # (2 rows a part: the second's 2nd)
+    assert by_id[str(tmp_path / "a")].path == str(tmp_path / "a.wav")
+    # the embedded audio is the MP3's, read in memory, also in loader workers; its
+    # feature cache key is the row's
+    mp3 = tmp_path / "s1_3.mp3"
+    mp3.write_bytes(CLI_RECORDINGS[3][3])
+    assert torch.equal(wf.load_wave(by_id["s1_3"].path), wf.load_wave(mp3))
+    assert wf.audio_digest(by_id["s1_3"].path) == wf.audio_digest(mp3)
+    keys = {wf._audio_key(u.path) for u in utts}
+    assert len(keys) == len(utts) and wf._audio_key(f"{first}#3") in keys
+    waves = [list(wf.audio_batches(utts, 3, n)) for n in (0, 2)]
+    assert all(torch.equal(a, b) for a, b in zip(*waves)) and len(waves[1]) == 4
+    # the text column: the first of sentence, transcription, text; or --text-column
+    table = pa.table(
+        {
+            "audio": [{"bytes": CLI_RECORDINGS[0][3], "path": "u.mp3"}],
+            "text": ["テキスト"],
+            "transcription": ["書き起こし"],
+        }
+    )
+    pq.write_table(table, tmp_path / "t.parquet")
+    read = functools.partial(
+        wf.read_corpus, str(tmp_path / "t.parquet"), TOKENIZERS["multilingual"]
+    )
+    assert read()[0][0].text == "書き起こし"
+    assert read(text_column="text")[0][0].text == "テキスト"
+    with pytest.raises(
+        wf.UserError,
+        match=r"t.parquet:0: no kana column \(it has: text, transcription; --text",
+    ):
+        read(text_column="kana")
+
+
+def test_kaldi_data_directories_and_their_quirks(tmp_path):
+    root = write_layout("kaldi", tmp_path / "data", CLI_RECORDINGS)
+    train, test = root / "train", root / "test"
+    with open(train / "text", "a") as f:  # a text line whose ID wav.scp lacks
+        f.write("s9_20 雲が出る。\n")
+    with open(train / "wav.scp", "a") as f:  # a command: never run; no text line
+        f.write(
+            f"s1_0b sox {root}/wav/s1_0.mp3 -t wav - |\ns1_0c {root}/wav/s1_0.mp3\n"
+        )
+    with open(train / "text", "a") as f:
+        f.write("s1_0b 雨が降る。\n")
+    (test / "utt2spk").unlink()  # then each utterance is its own speaker
+    utts, report = wf.read_corpus(str(root), TOKENIZERS["multilingual"])
+    assert layout_ids(utts) == CLI_IDS
+    assert [u.speaker for u in utts if u.part in ("dev", "test")] == ["s3", "s4_9"]
+    assert report.skipped == {
+        "no audio named (or null)": [f"{train / 'text'}:9"],
+        "wav.scp command (never run)": [f"{train / 'wav.scp'}:9"],
+        "wav.scp line without a text line": [f"{train / 'wav.scp'}:10"],
+    }
+    assert "read as Kaldi data directories (dev/wav.scp, test/wav.scp, train/wav" in (
+        report.summary("data")
+    )
+
+
+def test_jsonl_manifests_and_audiofolder_quirks(tmp_path):
+    tok = TOKENIZERS["multilingual"]
+    for layout in ("nemo", "whisper_finetune"):
+        manifest = write_layout(layout, tmp_path / layout, CLI_RECORDINGS)
+        with open(manifest, "a") as f:  # a line that is not JSON, one not an object
+            f.write('{"audio_filepath": "s1/s1_0.mp3", "text": \n[1, 2]\n')
+        utts, report = wf.read_corpus(str(manifest), tok)
+        assert [u.id for u in utts] == [
+            f"{r[0]}/{r[0]}_{k}" for k, r in enumerate(CLI_RECORDINGS)
+        ]
+        assert [u.speaker for u in utts] == [r[0] for r in CLI_RECORDINGS]  # folders
+        assert report.skipped == {
+            "line not a JSON object": [f"{manifest}:11", f"{manifest}:12"]
+        }
+    root = write_layout("audiofolder", tmp_path / "af", CLI_RECORDINGS)
+    (root / "train" / "s7_20.mp3").write_bytes(mp3_bytes(999))
+    with open(root / "train" / "metadata.csv", "a") as f:  # a quoted comma; an id again
+        f.write('s7_20.mp3,"雨が, 降る。",s7\ns1_0.mp3,雨が降る。,s1\n')
+    utts, report = wf.read_corpus(str(root), tok)
+    ids = {p: [f"{HUB_SPLIT[p]}/{i}" for i in ids] for p, ids in CLI_IDS.items()}
+    assert layout_ids(utts) == {**ids, "train": ids["train"] + ["train/s7_20"]}
+    said = {u.id: (u.text, u.speaker) for u in utts}["train/s7_20"]
+    assert said == ("雨が, 降る。", "s7")
+    assert report.skipped == {
+        "duplicate utterance id": [f"{root / 'train' / 'metadata.csv'}:11"]
+    }
+
+
+def test_a_layout_s_own_split_is_used_unless_eval_data_is_given(tmp_path):
+    tok, said = TOKENIZERS["multilingual"], []
+    data = write_layout("parquet", tmp_path / "hub", CLI_RECORDINGS)
+    cfg = wf.TrainConfig(data=str(data), batch_size=2)
+    train, held, split = wf.load_data(cfg, TINY, tok, tmp_path, said.append)
+    got = {"train": train, **held}
+    assert {p: [u.id for u in utts] for p, utts in got.items()} == CLI_IDS
+    assert split["dev"] == CLI_IDS["dev"] and split["n_dropped"] == 0
+    assert f"split: the corpus' own train, dev and test parts ({data})" in said
+    # train and test alone (no validation split): dev is cut from its test part
+    recs = CLI_RECORDINGS[:8] + [recording(3, 4, "test"), recording(4, 5, "test")]
+    data = write_layout("arrow", tmp_path / "two", recs)
+    cfg = wf.TrainConfig(data=str(data), batch_size=2)
+    train, held, _ = wf.load_data(cfg, TINY, tok, tmp_path, said.append)
+    assert [u.id for u in train] == CLI_IDS["train"]
+    assert sorted(u.id for u in held["dev"] + held["test"]) == ["s3_8", "s4_9"]
+    assert held["dev"] and held["test"]
+    # a test part alone is no split of its own (nor a manifest named test.jsonl): the
+    # held-out speakers make one, as of any corpus
+    data = write_layout(
+        "parquet",
+        tmp_path / "test",
+        [r[:2] + ("test",) + r[3:] for r in CLI_RECORDINGS],
+    )
+    cfg = wf.TrainConfig(data=str(data), batch_size=2, eval_speakers=0.5)
+    said.clear()
+    train, held, split = wf.load_data(cfg, TINY, tok, tmp_path, said.append)
+    assert split["eval_speakers"] == ["s3", "s4"]
+    assert not [line for line in said if "own train, dev" in line], said
+    # --eval-data: its dev and test, as before; the whole of --data trains (less the
+    # sentences eval reads)
+    other = write_layout(
+        "tsv", tmp_path / "other", [recording(5, 4, ""), recording(6, 5, "")]
+    )
+    cfg = wf.TrainConfig(data=str(data), eval_data=str(other), batch_size=2)
+    train, held, split = wf.load_data(cfg, TINY, tok, tmp_path, said.append)
+    assert [u.id for u in train] == CLI_IDS["train"] and split["n_dropped"] == 2
+    assert sorted(u.id for u in held["dev"] + held["test"]) == ["s5/s5_0", "s6/s6_1"]
+
+
+@pytest.mark.parametrize("layout", ["common_voice", "parquet"])
+def test_cli_trains_and_scores_a_layout_on_its_own_split(tiny_run, tmp_path, layout):
+    data = write_layout(layout, tmp_path / layout, CLI_RECORDINGS)
+    out = tmp_path / "run"
+    # (parquet: its audio, embedded, also read in DataLoader workers)
+    workers = 2 if layout == "parquet" else 0
+    options = dict(out=out, max_steps=2, eval_every=2, num_workers=workers)
+    proc = run_cli("train", **tiny_train(tiny_run, data=data, **options))
+    assert "split: the corpus' own train, dev and test parts" in proc.stderr
+    split = json.loads((out / "split.json").read_text())
+    assert {p: split[p] for p in CLI_IDS} == CLI_IDS
+    records = read_records(out)
+    assert [(r["step"], r["dev_n"]) for r in records if "dev_n" in r] == [
+        (0, 1),
+        (2, 1),
+    ]
+    got = eval_line(run_cli("eval", out / "best.pt", device="cpu", num_workers=0))
+    assert got["n"] == 1 and got["cer"] == pytest.approx(records[-1]["test_cer"])
+
+
+def test_bad_layouts_and_tables_fail_in_one_line(tiny_run, tmp_path, monkeypatch):
+    tok = TOKENIZERS["multilingual"]
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "notes.txt").write_text("not a corpus")
+    said = fails("check", data=tmp_path / "none", model="tiny").strip().splitlines()[-1]
+    assert said.startswith(f"error: {tmp_path / 'none'}: no corpus: looked for ")
+    for name in ("train.tsv", "validated.tsv", "wav.scp", "metadata.csv", "*.parquet"):
+        assert name in said
+    assert "*.arrow" in said and "<speaker>/parallel100|nonpara30/transcripts" in said
+    # a table without audio: its columns said; one that is not parquet
+    pq.write_table(
+        pa.table({"file": ["a.wav"], "sentence": ["あ"]}), tmp_path / "x.parquet"
+    )
+    with pytest.raises(
+        wf.UserError,
+        match=r"x.parquet: no audio column \(bytes, path\); it has: file, sentence$",
+    ):
+        wf.read_corpus(str(tmp_path / "x.parquet"), tok)
+    (tmp_path / "junk.parquet").write_bytes(b"PAR1" + bytes(100) + b"PAR1")
+    with pytest.raises(wf.UserError, match=r"junk.parquet: not a readable table \("):
+        wf.read_corpus(str(tmp_path / "junk.parquet"), tok)
+    # --text-column, on the command line too
+    audio = {"bytes": mp3_bytes(300), "path": "u.mp3"}
+    pq.write_table(
+        pa.table({"audio": [audio], "kana": ["アメ"]}), tmp_path / "k.parquet"
+    )
+    with pytest.raises(
+        wf.UserError,
+        match=r"k.parquet:0: no sentence or transcription or text column \(it has: "
+        r"kana; --text-column picks one\)$",
+    ):
+        wf.read_corpus(str(tmp_path / "k.parquet"), tok)
+    proc = run_cli(
+        "check", data=tmp_path / "k.parquet", model="tiny", text_column="kana"
+    )
+    assert "1 utterances used, 0 skipped" in proc.stdout
+    # no pyarrow: said in one line, with how to install it
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    shutil.copy(tmp_path / "k.parquet", tmp_path / "k2.parquet")  # (open_table caches)
+    with pytest.raises(
+        wf.UserError, match=r"k2.parquet: needs pyarrow: pip install pyarrow$"
+    ):
+        wf.read_corpus(str(tmp_path / "k2.parquet"), tok)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc, RLIMIT_AS")
+def test_crafted_tables_are_refused_before_they_are_read(tmp_path):
+    """What a table declares is checked against its size before pyarrow reads it."""
+    struct_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    n = 10**7  # 10 M rows (null) in 58 KB
+    rows = {"audio": pa.nulls(n, struct_type), "sentence": pa.nulls(n, pa.string())}
+    pq.write_table(pa.table(rows), tmp_path / "rows.parquet")
+    # a 64 MiB blob, zstd-packed into 3 KB
+    blob = {"audio": [{"bytes": bytes(2**26), "path": "z.wav"}], "sentence": ["あ"]}
+    pq.write_table(pa.table(blob), tmp_path / "bomb.parquet", compression="zstd")
+    # an Arrow stream whose binary offsets run 1 GiB past its data
+    write_wav(tmp_path / "a.wav", seconds=0.1, rate=16000)
+    wav = (tmp_path / "a.wav").read_bytes()
+    table = pa.table({"audio": [{"bytes": wav, "path": "a.wav"}], "sentence": ["あ"]})
+    write_arrow(table, tmp_path / "ok.arrow")
+    data = (tmp_path / "ok.arrow").read_bytes()
+    at = data.rindex(struct.pack("<ii", 0, len(wav)))  # (the body's, not the schema's)
+    crafted = data[:at] + struct.pack("<ii", 0, 2**30) + data[at + 8 :]
+    (tmp_path / "offsets.arrow").write_bytes(crafted)
+    # an embedded WAV whose header says 2^31 bytes of samples follow
+    head = bytearray(wav)
+    struct.pack_into("<I", head, head.index(b"data") + 4, 2**31)
+    audio = [{"bytes": bytes(head), "path": "h.wav"}]
+    pq.write_table(
+        pa.table({"audio": audio, "sentence": ["あ"]}), tmp_path / "h.parquet"
+    )
+    code = (
+        "import time\n"
+        "tok = wf.get_tokenizer(True, language='ja', task='transcribe')\n"
+        "for name in ('rows.parquet', 'bomb.parquet', 'offsets.arrow', 'h.parquet'):\n"
+        "    t0 = time.time()\n"
+        "    try:\n"
+        f"        said = wf.read_corpus({str(tmp_path)!r} + '/' + name, tok)[1]\n"
+        "        said = dict(said.skipped)\n"
+        "    except wf.UserError as e:\n"
+        "        said = e\n"
+        "    print(f'{time.time() - t0:.2f} {said}')\n"
+    )
+    proc = run_capped(code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert all(float(line.split()[0]) < 1.0 for line in lines), lines
+    rows, bomb, offsets, header = [line.split(" ", 1)[1] for line in lines]
+    declared = r"declares 10,000,000 rows, [\d,]+ bytes decoded, in [\d,]+ bytes"
+    assert re.search(rf"rows.parquet: {declared} \(damaged, or crafted\)$", rows)
+    assert "bomb.parquet: declares 1 rows, 67,109," in bomb
+    assert "offsets.arrow: not a readable table (" in offsets and "offsets" in offsets
+    assert (
+        header
+        == f"{{'audio data shorter than its header says': ['{tmp_path}/h.parquet#0']}}"
+    )

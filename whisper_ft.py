@@ -20,11 +20,13 @@ what fine-tuning costs (language ID, another language, long-form, decoding loops
     torchrun --nproc_per_node=8 whisper_ft.py train --data jvs_ver1/ --batch-size 64
     python whisper_ft.py bench --dims base  # the seed recipe against ours, timed
 
-Any other corpus: `--data list.tsv` with lines `path<TAB>text[<TAB>speaker]`.
+Any other corpus: Common Voice, Hugging Face (audiofolder, parquet, save_to_disk),
+Kaldi, JSONL (NeMo) or `--data list.tsv` with lines `path<TAB>text[<TAB>speaker]`.
 """
 
 import argparse
 import contextlib
+import csv
 import ctypes
 import dataclasses
 import errno
@@ -32,6 +34,7 @@ import functools
 import hashlib
 import importlib.util
 import inspect
+import io
 import json
 import math
 import os
@@ -99,6 +102,11 @@ FEATURE_VERSION = 1  # bump when log_mel_spectrogram's numbers change: caches go
 LONG_FORM_GAP = 0.3  # seconds of silence between joined utterances
 TIME_PRECISION = 0.02  # seconds a timestamp token: <|0.00|> .. <|30.00|> (whisper's)
 AUDIO_RATES = range(1_000, 768_001)  # Hz, audio files' sample rates that are read
+TEXT_COLUMNS = ("sentence", "transcription", "text")  # a row's transcript: the first
+SPEAKER_COLUMNS = ("client_id", "speaker_id", "speaker")  # its speaker: the first there
+# the words of a corpus file's folders or name that say which part of a split it holds
+SPLIT_WORDS = dict(train="train", validation="dev", valid="dev", dev="dev", test="test")
+EMBEDDED = re.compile(r"(.+\.(?:parquet|arrow))#(\d+)\Z", re.S)  # FILE#ROW: a table's
 CHOICES = {
     "target": ["kana", "text"],
     "init": ["pretrained", "random"],
@@ -221,9 +229,10 @@ DEMO_VOICES_EN = {
 @dataclass
 class TrainConfig:
     # data
-    data: str = ""  # JVS-layout dir, or TSV manifest: path<TAB>text[<TAB>speaker]
+    data: str = ""  # corpus dir (JVS, Common Voice, Hub, Kaldi...) or TSV/JSONL list
     eval_data: str = ""  # eval corpus (default: held-out speakers/sentences of data)
     subsets: str = "parallel100,nonpara30"  # JVS subsets to read, comma-separated
+    text_column: str = ""  # transcript column (default: sentence, transcription, text)
     exclude: str = ""  # file of utterance ids or wav paths to leave out, one a line
     target: str = "kana"  # kana: pyopenjtalk katakana reading; text: as written
     language: str = "ja"  # language token for multilingual models
@@ -309,12 +318,12 @@ def resample(wave: torch.Tensor, orig_freq: int, new_freq: int) -> torch.Tensor:
 
 
 def load_wave(path: str | os.PathLike) -> torch.Tensor:
-    """An audio file at any rate, sample format and channel count, its first 31 s (see
-    frames_read), as mono float32 at 16 kHz in [-1, 1], shape = (n_samples,)."""
+    """An audio file (FILE#ROW: see audio_file) at any rate, format and channel count,
+    its first 31 s (frames_read), as mono float32 at 16 kHz in [-1, 1], (n_samples,)."""
     if why := not_a_file(path):
         raise UserError(f"{path}: {why}")
     try:
-        with soundfile.SoundFile(path) as f:
+        with soundfile.SoundFile(audio_file(path)) as f:
             if why := rate_problem(f.samplerate):
                 raise UserError(f"{path}: {why}")
             # 16-bit PCM (JVS's) read as int16, scaled here: libsndfile's x / 32768
@@ -336,7 +345,8 @@ def load_wave(path: str | os.PathLike) -> torch.Tensor:
 
 def not_a_file(path: str | os.PathLike) -> Optional[str]:
     """Why `path` is not opened, or None: only regular files are (a FIFO's reader
-    would wait for a writer forever, a device's read never end)."""
+    would wait for a writer forever, a device's read never end); FILE#ROW: FILE."""
+    path = EMBEDDED.sub(r"\1", str(path))
     if os.path.isfile(path):
         return None
     if os.path.isdir(path):
@@ -344,6 +354,26 @@ def not_a_file(path: str | os.PathLike) -> Optional[str]:
     if os.path.exists(path):
         return "not a regular file (a FIFO, device or socket)"
     return "not found"
+
+
+def audio_file(path: str | os.PathLike):
+    """What soundfile reads for an utterance: its file's path, or for FILE#ROW the audio
+    bytes that row of a parquet or Arrow file embeds, in memory (none put on disk)."""
+    if not (m := EMBEDDED.fullmatch(str(path))):
+        return str(path)
+    starts, _, audio = open_table(m[1])  # (the row's part: the Hub's 100 rows are read)
+    row, k = int(m[2]), int(np.searchsorted(starts, int(m[2]), side="right")) - 1
+    blob = row < starts[-1] and read_part(m[1], k).column(audio)[row - starts[k]]
+    if not (blob := blob and blob["bytes"].as_py()):
+        raise UserError(f"{m[1]}: no audio in row {row} (changed since it was read?)")
+    return io.BytesIO(blob)
+
+
+def audio_head(path: str | os.PathLike, n: int) -> tuple[bytes, int]:
+    """The first n bytes of an utterance's audio (see audio_file), and its size."""
+    f = audio_file(path)
+    with open(f, "rb") if isinstance(f, str) else f as f:
+        return f.read(n), f.seek(0, os.SEEK_END)
 
 
 def rate_problem(rate: int) -> Optional[str]:
@@ -369,8 +399,9 @@ def probe_audio(
     """(why an audio file cannot be used, a warning of what is odd about it, its
     seconds), None for none. Samples are read too: a NaN makes each batch holding it
     non-finite; a WAV shorter than its header says would train on all its text."""
+    source = audio_file(path)  # (a table's own errors name it)
     try:
-        info = soundfile.info(str(path))
+        info = soundfile.info(source)
         if why := rate_problem(info.samplerate):
             return why, None, 0.0
         seconds = info.frames / info.samplerate
@@ -380,7 +411,7 @@ def probe_audio(
             return f"longer than {max_seconds:g} s", None, seconds
         if (_wav_declared_frames(path) or 0) > info.frames:
             return "audio data shorter than its header says", None, seconds
-        audio, _ = soundfile.read(str(path), frames_read(info), dtype="float32")
+        audio, _ = soundfile.read(audio_file(path), frames_read(info), dtype="float32")
     except UserError as e:  # (frames_read's: its message names the file first)
         return str(e).removeprefix(f"{info.name}: "), None, 0.0
     except Exception as e:  # soundfile raises LibsndfileError, TypeError, RuntimeError
@@ -397,8 +428,7 @@ def probe_audio(
 def _wav_declared_frames(path: Path) -> Optional[int]:
     """The frame count a RIFF/WAVE header declares for its PCM or float data, or None
     (another format, or a streamed size): libsndfile counts what the file holds."""
-    with open(path, "rb") as f:
-        head = f.read(4096)
+    head, _ = audio_head(path, 4096)
     if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
         return None
     pos, block_align = 12, 0
@@ -498,19 +528,20 @@ def clean_target(tokenizer: Tokenizer, text: str) -> tuple[str, str]:
 
 
 # -----------------------------------------------------------------------------
-# corpus: JVS layout or a TSV manifest -> utterances, a report of the skipped; the split
+# corpus: a layout or a manifest -> utterances, a report of the skipped; the split
 
 
 @dataclass
 class Utterance:
     id: str  # jvs001/parallel100/VOICEACTRESS100_001, or the manifest path sans suffix
-    path: str  # audio file
+    path: str  # audio file, or FILE#ROW: the audio a parquet or Arrow file embeds
     text: str  # transcript as written
     speaker: str  # held-out speakers make the eval split
     source: str  # "file:line" of the transcript line, for error messages
     target: str = ""  # what the decoder learns: the kana reading (or the text itself)
     tokens: list[int] = field(default_factory=list)  # prefix + target tokens + eot
     seconds: float = 0.0  # the audio's duration
+    part: str = ""  # train, dev or test: the corpus' own split ("": it has none)
 
 
 @dataclass
@@ -519,6 +550,7 @@ class CorpusReport:
     reason -> where, in order."""
 
     n_used: int = 0
+    layout: str = ""  # what was read: JVS, a TSV manifest, a Common Voice release...
     skipped: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     changed: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     warned: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
@@ -526,6 +558,7 @@ class CorpusReport:
     def summary(self, name: str, n_show: int = 3) -> str:
         n_skipped = sum(map(len, self.skipped.values()))
         lines = [f"{name}: {self.n_used} utterances used, {n_skipped} skipped"]
+        lines[:0] = [f"{name}: read as {self.layout}"] if self.layout else []
         verbs = ("skipped,", "changed,", "used, but")
         for verb, tally in zip(verbs, (self.skipped, self.changed, self.warned)):
             for reason, where in sorted(tally.items()):
@@ -585,8 +618,6 @@ def read_jvs(
             for wav in sorted(wav_dir.glob("*.wav")):
                 if wav.stem not in seen:
                     report.skipped["wav without transcript line"].append(str(wav))
-    if not utts and not report.skipped:
-        raise UserError(f"{root}: no {'/'.join(subsets)}/{JVS_TRANSCRIPT} under it")
     return utts
 
 
@@ -616,6 +647,178 @@ def read_manifest(path: Path, report: CorpusReport) -> list[Utterance]:
     return utts
 
 
+def split_of(rel: Path) -> str:
+    """train, dev, test or "": the part of a split a corpus file holds, by the first of
+    its folders, then of the words of its name (at - _ .), that says (as the Hub's)."""
+    words = [*rel.parent.parts, *re.split(r"[-_.]", rel.name)]
+    return next((SPLIT_WORDS[w] for w in words if w in SPLIT_WORDS), "")
+
+
+def read_rows(records: list[tuple], report: CorpusReport, text_column: str = ""):
+    """Utterances of (where, row, audio, id, part) records, row a dict: its text in
+    column `text_column`, else the first of TEXT_COLUMNS (none: refused, naming the
+    columns), its speaker in the first of SPEAKER_COLUMNS, else the audio's folder."""
+    utts, seen = [], set()
+    for where, row, audio, utt_id, part in records:
+        names = [text_column] if text_column else TEXT_COLUMNS
+        if (text := next((c for c in names if c in row), None)) is None:
+            have = ", ".join(map(str, row)) + "; --text-column picks one"
+            raise UserError(f"{where}: no {' or '.join(names)} column (it has: {have})")
+        if not audio:
+            report.skipped["no audio named (or null)"].append(where)
+        elif utt_id in seen:
+            report.skipped["duplicate utterance id"].append(where)
+        else:
+            seen.add(utt_id)
+            who = [str(row[c]) for c in SPEAKER_COLUMNS if row.get(c) not in (None, "")]
+            speaker, text = (who or [Path(audio).parent.name])[0], row[text] or ""
+            utts.append(Utterance(utt_id, audio, str(text), speaker, where, part=part))
+    return utts
+
+
+def read_lines_of(files: list[Path], root: Path, report: CorpusReport) -> list[tuple]:
+    """read_rows' records of files of a row a line, audio paths relative to them: TSV
+    (Common Voice's: a header, no quoting, audio in clips/), CSV (a header), JSONL (a
+    JSON object a line). Ids: the path a line names, sans suffix, under root."""
+    records, keys = [], ("file_name", "audio_filepath", "audio", "path")
+    for file in files:
+        folder, part = file.parent.relative_to(root), split_of(file.relative_to(root))
+        base, lines = file.parent, list(_read_lines(file, report))
+        numbered = lines  # (a JSON object a line: parsed below)
+        if file.suffix in (".tsv", ".csv"):
+            tsv = {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
+            fmt, base = (tsv, base / "clips") if file.suffix == ".tsv" else ({}, base)
+            rows = csv.DictReader((line for _, line in lines), **fmt)
+            numbered = ((lines[rows.line_num - 1][0], row) for row in rows)
+        try:
+            for lineno, row in numbered:
+                with contextlib.suppress(ValueError):
+                    row = json.loads(row) if isinstance(row, str) else row
+                if not isinstance(row, dict):
+                    report.skipped["line not a JSON object"].append(f"{file}:{lineno}")
+                    continue
+                name = next((row[k] for k in keys if row.get(k)), "")
+                name = name.get("path") if isinstance(name, dict) else name
+                path = isinstance(name, str) and name and str(base / name)
+                utt_id = path and os.path.splitext(folder / name)[0]
+                records.append((f"{file}:{lineno}", row, path, utt_id, part))
+        except csv.Error as e:  # (a field over 128 KiB)
+            raise UserError(f"{file}: not a CSV file ({e})") from None
+    return records
+
+
+def read_kaldi(scps: list[Path], root: Path, report: CorpusReport) -> list[tuple]:
+    """read_rows' records of Kaldi data directories: wav.scp `ID path` (relative to the
+    current directory, as Kaldi reads them; a piped command `ID cmd |` is never run),
+    text `ID text`, utt2spk `ID speaker` (none: each utterance its own, as Kaldi's)."""
+    records = []
+    for scp in scps:
+        d, tables = scp.parent, {"wav.scp": {}, "utt2spk": {}, "text": {}}
+        for name, table in tables.items():  # ID -> (the rest of its line, file:line)
+            lines = _read_lines(d / name, report) if (d / name).is_file() else ()
+            for n, line in lines:
+                key, value = (line.split(maxsplit=1) + [""])[:2]
+                if key in table:
+                    report.skipped["duplicate utterance id"].append(f"{d / name}:{n}")
+                table.setdefault(key, (value.strip(), f"{d / name}:{n}"))
+        for utt, (text, where) in tables["text"].items():
+            wav, at = tables["wav.scp"].pop(utt, ("", where))
+            if wav.endswith("|"):
+                report.skipped["wav.scp command (never run)"].append(at)
+                continue
+            row = {"text": text, "speaker": tables["utt2spk"].get(utt, (utt,))[0]}
+            part = split_of(d.relative_to(root))
+            records.append((where, row, wav and os.path.abspath(wav), utt, part))
+        for wav, where in tables["wav.scp"].values():
+            report.skipped["wav.scp line without a text line"].append(where)
+    return records
+
+
+@functools.lru_cache(maxsize=64)
+def open_table(path: str) -> tuple[list[int], Callable, str]:
+    """(each part's first row, then the row count; a reader of part k; the audio column)
+    of a parquet file (parts: row groups) or an Arrow stream (record batches, mapped),
+    what it declares checked first: 8 times its size decoded at most, 16 bytes a row."""
+    try:  # (pyarrow: imported for such a file alone)
+        import pyarrow as pa
+        import pyarrow.parquet
+    except ImportError:
+        raise UserError(f"{path}: needs pyarrow: pip install pyarrow") from None
+    size, arrow = os.path.getsize(path), path.endswith(".arrow")
+    try:
+        if arrow:
+            table = pa.ipc.open_stream(pa.memory_map(path)).read_all()
+            table.validate(full=True)  # (its offsets and lengths: within the file)
+            batches, schema = table.to_batches(), table.schema
+            rows, n_bytes, read = [b.num_rows for b in batches], 0, batches.__getitem__
+        else:
+            f = pa.parquet.ParquetFile(path)
+            groups = [f.metadata.row_group(k) for k in range(f.num_row_groups)]
+            rows, schema = [g.num_rows for g in groups], f.schema_arrow
+            n_bytes = sum(g.total_byte_size for g in groups)  # (decoded)
+            read = functools.partial(f.read_row_group, use_threads=False)
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{path}: not a readable table ({e})") from None
+    if sum(rows) * 16 > size or n_bytes > 8 * size + 2**20:  # (audio hardly packs)
+        said = f"{sum(rows):,} rows, {n_bytes:,} bytes decoded, in {size:,} bytes"
+        raise UserError(f"{path}: declares {said} (damaged, or crafted)")
+    is_audio = lambda t: pa.types.is_struct(t) and t.get_field_index("bytes") >= 0
+    if not (audio := [f.name for f in schema if is_audio(f.type)]):
+        have = ", ".join(schema.names)  # (`datasets` stores audio as {bytes, path})
+        raise UserError(f"{path}: no audio column (bytes, path); it has: {have}")
+    return [0, *np.cumsum(rows).tolist()], read, audio[0]
+
+
+# part k of a table (see open_table), the last 8 read kept (by each process)
+read_part = functools.lru_cache(maxsize=8)(lambda path, k: open_table(path)[1](k))
+
+
+def read_tables(files: list[Path], root: Path, report: CorpusReport) -> list[tuple]:
+    """read_rows' records of parquet (the Hub's) or Arrow (save_to_disk's) files, a part
+    at a time: audio bytes as FILE#ROW (see audio_file), else the file its path names
+    (relative to the table); ids: those paths sans suffix, else FILE:ROW."""
+    records = []
+    for file in files:
+        starts, _, audio = open_table(str(file))
+        rel, part = file.relative_to(root), split_of(file.relative_to(root))
+        for k in range(len(starts) - 1):
+            for row, r in enumerate(read_part(str(file), k).to_pylist(), starts[k]):
+                a, where = r.pop(audio) or {}, f"{file}:{row}"
+                path = a.get("path") and str(file.parent / a["path"])
+                path = f"{file}#{row}" if a.get("bytes") else path
+                name = a.get("path") and os.path.splitext(a["path"])[0]
+                records.append((where, r, path, name or f"{rel}:{row}", part))
+    return records
+
+
+# the layouts of a --data directory besides JVS, by the files that make one: the first
+# whose files it holds (up to two folders down: a split's, a language's) is read
+LAYOUTS = {
+    "Common Voice release": (("train.tsv", "dev.tsv", "test.tsv"), read_lines_of),
+    "Common Voice release, unsplit": (("validated.tsv",), read_lines_of),
+    "Kaldi data directories": (("wav.scp",), read_kaldi),
+    "Hugging Face audiofolder": (("metadata.csv", "metadata.jsonl"), read_lines_of),
+    "Hugging Face parquet": (("*.parquet",), read_tables),
+    "Hugging Face save_to_disk (Arrow)": (("*.arrow",), read_tables),
+}
+
+
+def read_dir(root: Path, subsets: Sequence[str], report: CorpusReport, text_column=""):
+    """The corpus in a directory: the first of LAYOUTS it holds, else JVS."""
+    for name, (names, read) in LAYOUTS.items():
+        found = [p for d in ("", "*/", "*/*/") for n in names for p in root.glob(d + n)]
+        if found:
+            shown = ", ".join(str(p.relative_to(root)) for p in sorted(found)[:3])
+            report.layout = f"{name} ({shown}{', ...' * (len(found) > 3)})"
+            return read_rows(read(sorted(found), root, report), report, text_column)
+    report.layout = "JVS"
+    if not (utts := read_jvs(root, subsets, report)) and not report.skipped:
+        looked = ", ".join(n for names, _ in LAYOUTS.values() for n in names)
+        jvs = f"<speaker>/{'|'.join(subsets)}/{JVS_TRANSCRIPT}"
+        raise UserError(f"{root}: no corpus: looked for {looked}, {jvs}")
+    return utts
+
+
 def read_corpus(
     data: str,
     tokenizer: Tokenizer,
@@ -624,16 +827,21 @@ def read_corpus(
     exclude: str = "",
     n_text_ctx: int = 448,
     max_seconds: float = CHUNK_LENGTH,
+    text_column: str = "",
 ) -> tuple[list[Utterance], CorpusReport]:
-    """Every usable utterance of a corpus with its target tokens, and a report of the
+    """Every usable utterance of a corpus (a directory: see read_dir; a .jsonl, .json,
+    .parquet, .arrow or else TSV manifest) with its target tokens, and a report of the
     rest, all checked here, up front: transcripts, audio headers, target lengths."""
     path, report = Path(data), CorpusReport()
     if not path.exists():
         raise UserError(f"{data}: no such file or directory")
     if path.is_dir():
-        utts = read_jvs(path, subsets, report)
+        utts = read_dir(path, subsets, report, text_column)
     elif why := not_a_file(path):
         raise UserError(f"{data}: {why}")
+    elif path.suffix in (".jsonl", ".json", ".parquet", ".arrow"):
+        read = read_tables if path.suffix in (".parquet", ".arrow") else read_lines_of
+        utts = read_rows(read([path], path.parent, report), report, text_column)
     else:
         utts = read_manifest(path, report)
     excluded = set()
@@ -750,10 +958,9 @@ def _stable_hash(text: str) -> bytes:
 
 
 def audio_digest(path: str) -> str:
-    """A file's size and first 16 MiB, hashed: eval knows a renamed training clip."""
-    with open(path, "rb") as f:
-        head = f.read(2**24) + os.fstat(f.fileno()).st_size.to_bytes(8, "little")
-    return hashlib.sha1(head).hexdigest()[:16]
+    """Audio's size and first 16 MiB, hashed: eval knows a renamed training clip."""
+    head, size = audio_head(path, 2**24)
+    return hashlib.sha1(head + size.to_bytes(8, "little")).hexdigest()[:16]
 
 
 def split_info(
@@ -834,9 +1041,10 @@ def pad_waves(waves: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def longest_first(utts: Sequence[Utterance]) -> list[int]:
-    """Indices of `utts`, the longest audio first (by file size: a stat, not a read):
+    """Indices of `utts`, the longest audio first (seconds as read, else file size):
     batches of alike lengths pad little, and wait little for the longest transcript."""
-    return sorted(range(len(utts)), key=lambda i: -os.stat(utts[i].path).st_size)
+    size = [u.seconds or os.stat(u.path).st_size for u in utts]
+    return sorted(range(len(utts)), key=lambda i: -size[i])
 
 
 def audio_batches(
@@ -1004,7 +1212,7 @@ def _encoder_key(model: Whisper, dtype: torch.dtype, n_top: int = 0) -> str:
 
 
 def _audio_key(path: str) -> str:
-    st = os.stat(path)
+    st = os.stat(EMBEDDED.sub(r"\1", path))  # (FILE#ROW: its table's)
     ident = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
     return hashlib.sha1(ident.encode()).hexdigest()
 
@@ -1738,10 +1946,13 @@ def load_data(
         exclude=cfg.exclude,
         n_text_ctx=dims.n_text_ctx,
         max_seconds=math.inf if cfg.allow_trim else CHUNK_LENGTH,
+        text_column=cfg.text_column,
     )
     utts, report = read(cfg.data)
     log(report.summary(cfg.data))
-    held = utts
+    own_split = any(u.part == "train" for u in utts) and not cfg.eval_data
+    own = [u for u in utts if u.part in ("dev", "test")] if own_split else []
+    held = own or utts
     if cfg.eval_data:
         held, eval_report = read(cfg.eval_data)
         log(eval_report.summary(cfg.eval_data))
@@ -1754,12 +1965,18 @@ def load_data(
         train = apply_split(utts, split, "train")
         dev, test = apply_split(held, split, "dev"), apply_split(held, split, "test")
         log(f"split: as {split_json} lists it")
-    elif cfg.eval_data:
-        dev, test, dropped = split_dev_test(held, cfg.test_fraction)
-        train = drop_leaks(utts, held)
+    elif cfg.eval_data or own:
+        dev, test = ([u for u in own if u.part == p] for p in ("dev", "test"))
+        dropped = []
+        if not (dev and test):  # (--eval-data's, or a corpus' one held-out part: cut)
+            dev, test, dropped = split_dev_test(held, cfg.test_fraction)
+        pool = [u for u in utts if u.part not in ("dev", "test")] if own else utts
+        train = drop_leaks(pool, held)
         kept = {u.id for u in train}
-        dropped += [u for u in utts if u.id not in kept]
+        dropped += [u for u in pool if u.id not in kept]
         split = {**split_info(train, dev, test, dropped), "eval_data": cfg.eval_data}
+        if own:
+            log(f"split: the corpus' own train, dev and test parts ({cfg.data})")
     else:
         train, dev, test, split = split_corpus(
             utts, cfg.eval_speakers, cfg.test_fraction
@@ -3168,7 +3385,7 @@ def long_form_eval(
     spaced = language not in LANGUAGES_WITHOUT_SPACES
     # in speaker order: a recording changes voice only where a speaker's run ends
     ordered = sorted(utts, key=lambda u: (u.speaker, u.id))
-    seconds = [min(soundfile.info(u.path).duration, CHUNK_LENGTH) for u in ordered]
+    seconds = [min(u.seconds, CHUNK_LENGTH) for u in ordered]
     groups = join_recordings(seconds)
     timestamp_begin = model_tokenizer(model.dims, language).timestamp_begin
     gap = torch.zeros(int(LONG_FORM_GAP * SAMPLE_RATE))
@@ -4596,7 +4813,8 @@ def _read_for(opts, dims: ModelDimensions, file) -> tuple[list[Utterance], Token
     tokenizer = model_tokenizer(dims, opts.language)
     subsets = opts.subsets.split(",")
     limit = math.inf if opts.allow_trim else CHUNK_LENGTH  # seconds: longer is skipped
-    utts, report = read_corpus(
+    read = functools.partial(read_corpus, text_column=opts.text_column)
+    utts, report = read(
         opts.data, tokenizer, opts.target, subsets, opts.exclude, dims.n_text_ctx, limit
     )
     print(report.summary(opts.data), file=file)
@@ -4846,9 +5064,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def data_args(p, required=True):
         p.add_argument(
-            "--data", required=required, help="JVS-layout dir or TSV manifest"
+            "--data", required=required, help="corpus dir or manifest (see README)"
         )
         p.add_argument("--subsets", default=TrainConfig.subsets, help="JVS subsets")
+        p.add_argument("--text-column", default="", help="the transcripts' column")
         p.add_argument("--exclude", default="", help="file of ids/paths to leave out")
         p.add_argument("--target", default="kana", choices=CHOICES["target"])
         p.add_argument(
