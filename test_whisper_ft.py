@@ -64,6 +64,23 @@ TINY = ModelDimensions(
     n_text_head=2,
     n_text_layer=2,
 )
+
+
+def tiny_layout(name: str) -> ModelDimensions:
+    """TINY's widths in the layout of whisper's `name`: its mels and vocabulary (so its
+    tokenizer), its encoder and decoder depths in proportion (turbo: 32, 4 -> 2, 1)."""
+    dims = wf.model_dims(name)
+    n_text_layer = max(1, 2 * dims.n_text_layer // dims.n_audio_layer)
+    return dataclasses.replace(
+        TINY,
+        n_mels=dims.n_mels,
+        n_vocab=dims.n_vocab,
+        n_audio_layer=2,
+        n_text_layer=n_text_layer,
+    )
+
+
+V3 = {name: tiny_layout(name) for name in ("large-v3", "turbo")}  # 128 mels, 100 langs
 TOKENIZERS = {
     "multilingual": get_tokenizer(True, language="ja", task="transcribe"),
     "english": get_tokenizer(False),
@@ -1746,7 +1763,11 @@ def test_cli_sigint_saves_and_resumes(tiny_run):
     assert_same_weights(tiny_run / "full", out)
 
 
-def test_grad_accumulation_and_two_process_ddp_match_one_batch(tiny_run):
+# (LoRA's dropout off: its masks are drawn per micro-batch, so differ with the split)
+@pytest.mark.parametrize(
+    "lora", [{}, dict(lora_rank=4, lora_dropout=0.0)], ids=["full", "lora"]
+)
+def test_grad_accumulation_and_two_process_ddp_match_one_batch(tiny_run, lora):
     shared = ["今日は晴れ。", "雨が降る。", "山に登る。"]
     corpus = {
         f"jvs{s:03d}": {
@@ -1765,35 +1786,37 @@ def test_grad_accumulation_and_two_process_ddp_match_one_batch(tiny_run):
         max_eval=3,
         eval_speakers=0.5,
         weight_decay=0.1,
+        **lora,  # (LoRA: DDP averages the adapters' gradients, StepNet's modules)
     )
+    runs = {k: tiny_run / f"{k}{'_lora' * bool(lora)}" for k in ("one", "accum", "ddp")}
     # RAM for the features of one process, not of two: one holds them...
     dims = tiny_model(0).dims
     utts, _ = wf.read_corpus(str(tiny_run / "jvs4"), TOKENIZERS["multilingual"])
     train, dev, test, _ = wf.split_corpus(utts, 0.5)
     n_utts = len(train) + min(3, len(dev)) + len(test)  # max_eval's 3 of dev
     gib = 1.5 * n_utts * dims.n_audio_ctx * dims.n_audio_state * 4 / 2**30
-    proc = run_cli("train", **options, out=tiny_run / "one", feature_ram_gib=gib)
+    proc = run_cli("train", **options, out=runs["one"], feature_ram_gib=gib)
     assert "read a batch at a time" not in proc.stderr
-    assert json.loads((tiny_run / "one" / "split.json").read_text())["n_train"] == 6
-    run_cli("train", **options, out=tiny_run / "accum", grad_accum=2)
+    assert json.loads((runs["one"] / "split.json").read_text())["n_train"] == 6
+    run_cli("train", **options, out=runs["accum"], grad_accum=2)
     # ... and the 2 ranks share them through the disk instead, each encoding half
-    ddp = cli("train", **options, out=tiny_run / "ddp", feature_ram_gib=gib)
+    ddp = cli("train", **options, out=runs["ddp"], feature_ram_gib=gib)
     ddp[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     proc = subprocess.run(ddp, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "read a batch at a time" in proc.stderr
-    split = json.loads((tiny_run / "ddp" / "split.json").read_text())
-    n_features = len(list((tiny_run / "ddp" / "features").rglob("*.npy")))
+    split = json.loads((runs["ddp"] / "split.json").read_text())
+    n_features = len(list((runs["ddp"] / "features").rglob("*.npy")))
     assert n_features == split["n_train"] + 3 + split["n_test"]  # max_eval's 3
 
-    one, init = final_weights(tiny_run / "one"), tiny_model(0).state_dict()
+    one, init = final_weights(runs["one"]), tiny_model(0).state_dict()
     update = max((one[k] - init[k]).abs().max().item() for k in one)
     assert update > 1e-3  # 3 AdamW steps of lr 1e-3 did move the weights
     # Float rounding differs with the batch split, and Adam turns the rounding of
     # near-zero gradients into whole updates: the bound is a small part of one update.
     # (A wrong split, say no averaging across ranks, misses it by far: ~1e-3.)
     for other in ("accum", "ddp"):
-        weights = final_weights(tiny_run / other)
+        weights = final_weights(runs[other])
         for k in one:
             assert (one[k] - weights[k]).abs().max() < 0.02 * update, (other, k)
 
@@ -1801,7 +1824,7 @@ def test_grad_accumulation_and_two_process_ddp_match_one_batch(tiny_run):
     def evals(run):
         return [
             (r["dev_n"], r["dev_cer"])
-            for r in read_records(tiny_run / run)
+            for r in read_records(runs[run])
             if "dev_cer" in r
         ]
 
@@ -1903,9 +1926,11 @@ def test_cuda_graphed_steps_are_eager_steps_replayed(tiny_run, buckets_corpus):
 
 
 @GPU
-def test_cuda_graphed_run_resumes_exactly(tiny_run, buckets_corpus, monkeypatch):
+@pytest.mark.parametrize("lora", [{}, dict(lora_rank=4)], ids=["full", "lora"])
+def test_cuda_graphed_run_resumes_exactly(tiny_run, buckets_corpus, monkeypatch, lora):
     # killed right after its save of step 6, then resumed (its graphs captured again,
-    # its lr the device tensor): the weights of an uninterrupted graphed run
+    # its lr the device tensor): the weights of an uninterrupted graphed run (LoRA:
+    # its adapters' dropout drawn in the graphs)
     options = tiny_train(
         tiny_run,
         data=buckets_corpus,
@@ -1915,13 +1940,16 @@ def test_cuda_graphed_run_resumes_exactly(tiny_run, buckets_corpus, monkeypatch)
         device="cuda",
         dtype="bf16",
         target="text",
+        **lora,
     )
-    wf.train(train_config({**options, "out": tiny_run / "graphed_full"}))
-    out = tiny_run / "graphed_cut"
+    full, out = (
+        tiny_run / f"graphed_{k}{'_lora' * bool(lora)}" for k in ("full", "cut")
+    )
+    wf.train(train_config({**options, "out": full}))
     train_killed_after(6, {**options, "out": out}, monkeypatch)
     result = wf.train(train_config({"resume": out, "device": "cuda"}))
     assert result["cuda_graphs"] >= 2
-    assert_same_weights(tiny_run / "graphed_full", out)
+    assert_same_weights(full, out)
 
 
 @GPU
@@ -2031,7 +2059,9 @@ N_MLP = 4  # of an MLP
         ("cpu", dict(dtype="fp16", grad_accum=2)),  # a GradScaler; sums in fp32
         ("cpu", dict(dtype="bf16", grad_checkpoint=True)),  # recomputed in backward
         ("cpu", dict(dtype="bf16", train_encoder=True)),  # no copies: arithmetic-bound
+        ("cpu", dict(dtype="bf16", lora_rank=4)),  # the adapters' weights alone
         pytest.param("cuda", dict(dtype="bf16"), marks=GPU),  # replayed graphs
+        pytest.param("cuda", dict(dtype="bf16", lora_rank=4), marks=GPU),  # dropout
     ],
 )
 def test_weights_kept_in_the_step_dtype_train_as_casts_to_the_bit(
@@ -2063,8 +2093,9 @@ def test_weights_kept_in_the_step_dtype_train_as_casts_to_the_bit(
             assert result["cuda_graphs"] >= 2 and not result["graph_failure"]
         runs[out] = [r["loss"] for r in read_records(out) if "loss" in r]
     # every Linear weight and bias of the decoder's 2 blocks (self and cross
-    # attention, MLP): copied where the decoder alone trains
-    n = 2 * (2 * N_ATTN + N_MLP)
+    # attention, MLP): copied where the decoder alone trains; with LoRA, the a and b
+    # weights of each Linear's adapter (10 a block)
+    n = 2 * 2 * 10 if "lora_rank" in options else 2 * (2 * N_ATTN + N_MLP)
     assert n_copies == ([] if "train_encoder" in options else [n])
     (a, losses_a), (b, losses_b) = runs.items()
     assert len(losses_a) == 5 and losses_a == losses_b
@@ -2388,6 +2419,253 @@ def test_spec_augment_and_top_blocks_resume_bitwise_after_a_kill(
     )
 
 
+# --- LoRA: adapters of what trains, merged into whisper's own checkpoints
+
+LINEARS = [
+    f"{a}.{n}" for a in ("attn", "cross_attn") for n in "query key value out".split()
+]
+LINEARS += ["mlp.0", "mlp.2"]
+
+
+def test_lora_starts_as_the_base_and_merges_into_whispers_weights():
+    model = tiny_model(1, TINY2).train()  # (dropout off: its numbers are compared)
+    cfg = wf.TrainConfig(
+        lora_rank=4, lora_alpha=8.0, lora_dropout=0.0, train_encoder_layers=1
+    )
+    mel = wf.log_mel_spectrogram(torch.randn(2, 16000) * 0.1)
+    tokens = torch.tensor([[50258, 50266, 50359, 50363, 1000, 2000]] * 2)
+    base, before = copy.deepcopy(model.state_dict()), model(mel, tokens)
+    adapters = wf.set_trainable(model, cfg)
+    # the attention and MLP layers of what trains: the decoder, the top encoder block
+    names = [f"decoder.blocks.{i}.{n}" for i in range(2) for n in LINEARS]
+    names += [f"encoder.blocks.1.{n}" for n in LINEARS if "cross" not in n]
+    assert sorted(adapters) == sorted(n.replace(".", "/") for n in names)
+    assert not any(p.requires_grad for p in model.parameters())
+    assert torch.equal(model(mel, tokens), before)  # b = 0: the base, to the bit
+    with torch.no_grad():
+        for lora in adapters.values():
+            lora.b.weight.normal_(std=0.1)
+    hooked = model(mel, tokens)
+    assert not torch.allclose(hooked, before, atol=1e-3)
+    with wf.merged_lora(model, adapters):
+        merged = model.state_dict()
+        assert list(merged) == list(base)  # whisper's keys: whisper.load_model's
+        for k, t in base.items():
+            if k.removesuffix(".weight") in names:
+                lora = adapters[k.removesuffix(".weight").replace(".", "/")]
+                want = t + (8.0 / 4) * (lora.b.weight @ lora.a.weight)
+                torch.testing.assert_close(merged[k], want, rtol=0, atol=1e-6)
+            else:
+                assert torch.equal(merged[k], t), k
+        torch.testing.assert_close(model(mel, tokens), hooked, rtol=0, atol=1e-4)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], t) for k, t in base.items())  # to the bit
+
+
+def test_lora_trains_adapters_alone_resumes_bitwise_and_saves_whispers_format(
+    tiny_run, tiny2, monkeypatch, capsys
+):
+    options = tiny_train(
+        tiny_run,
+        model=tiny2,
+        max_steps=6,
+        eval_every=3,
+        save_every=1,
+        train_encoder_layers=1,
+        lora_rank=4,
+        lora_alpha=8.0,
+        lora_dropout=0.1,  # (drawn from the RNG that state.pt saves)
+        lr=1e-2,  # (so that the adapters change what it writes: see below)
+    )
+    run = wf.setup_run(train_config({**options, "out": tiny_run / "lora_setup"}))
+    run.lock.close()
+    names = {name for group in run.optimizer.param_groups for name in group["names"]}
+    assert names == {f"adapters.{k}.{ab}.weight" for k in run.adapters for ab in "ab"}
+    assert len(names) == 2 * (2 * len(LINEARS) + len(LINEARS) - 4)
+    full, cut = tiny_run / "lora_full", tiny_run / "lora_cut"
+    wf.train(train_config({**options, "out": full}))
+    train_killed_after(3, {**options, "out": cut}, monkeypatch)
+    wf.train(train_config({"resume": cut}))
+    assert_same_weights(full, cut)
+    lora = torch.load(full / "state.pt", weights_only=True)["lora"]
+    cut_lora = torch.load(cut / "state.pt", weights_only=True)["lora"]
+    assert all(torch.equal(t, cut_lora[k]) for k, t in lora.items())
+    # last.pt: whisper's keys; a base weight + alpha / rank * B @ A where adapted
+    base = torch.load(tiny2, weights_only=True)["model_state_dict"]
+    last = final_weights(full)
+    assert list(last) == list(base)
+    n_adapted = 0
+    for k, t in base.items():
+        name = k.removesuffix(".weight").replace(".", "/")
+        if f"{name}.a.weight" in lora and k.endswith(".weight"):
+            b, a = lora[f"{name}.b.weight"], lora[f"{name}.a.weight"]
+            torch.testing.assert_close(last[k], t + 2.0 * b @ a, rtol=0, atol=1e-6)
+            n_adapted += not torch.equal(last[k], t)  # (trained: b is not 0 now)
+        else:
+            assert torch.equal(last[k], t), k
+    assert n_adapted == len(lora) // 2
+    # whisper.load_model reads last.pt, and whisper.decode writes what the run's own
+    # eval of that step decoded (eval_dev_last.tsv, step 6)
+    model = whisper.load_model(str(full / "last.pt"), device="cpu")
+    tokenizer = TOKENIZERS["multilingual"]
+    utts, _ = wf.read_corpus(str(tiny_run / "jvs"), tokenizer)
+    by_id = {u.id: u for u in utts}
+    rows = (full / "eval_dev_last.tsv").read_text().splitlines()[1:]
+    assert rows
+    decoding = wf.decode_options(model, tokenizer, fp16=False)
+    for row in rows:
+        utt_id, hyp = row.split("\t")[0], row.split("\t")[2]
+        mel = wf.log_mel_spectrogram(wf.load_wave(by_id[utt_id].path))
+        assert whisper.decode(model, mel, decoding).text.strip() == hyp
+    # and eval of best.pt (whisper's format) scores test as the run's final report did,
+    # which decoded otherwise than the base did (its adapters made a difference)
+    hyps = [
+        [row.split("\t")[2] for row in (full / tsv).read_text().splitlines()[1:]]
+        for tsv in ("eval_test_zero_shot.tsv", "eval_test.tsv")
+    ]
+    assert hyps[0] != hyps[1]
+    summary = json.loads((full / "summary.json").read_text())
+    capsys.readouterr()
+    wf.main(["eval", str(full / "best.pt"), "--device", "cpu", "--num-workers", "0"])
+    cer = summary["after"]["test_cer"]
+    assert f"cer={cer:.6f}" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_lora_resume_refuses_a_base_that_changed(tiny_run, tiny2, tmp_path):
+    base = tmp_path / "base.pt"
+    shutil.copyfile(tiny2, base)
+    options = tiny_train(tiny_run, model=base, max_steps=2, eval_every=0, lora_rank=2)
+    wf.train(train_config({**options, "out": tmp_path / "run", "max_steps": 1}))
+    wf.save_checkpoint(tiny_model(5, TINY2), base)  # another model under its name
+    with pytest.raises(wf.UserError, match="has this base model changed"):
+        wf.train(train_config({"resume": tmp_path / "run", "max_steps": 2}))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, dict(lora_rank=4, train_encoder_layers=1), dict(train_encoder=True)],
+    ids=["decoder", "lora", "encoder"],
+)
+def test_memory_estimate_counts_what_a_step_holds(tiny_run, tiny2, options):
+    """Each part of memory_estimate against the tensors of a real step on the CPU:
+    weights, gradients, AdamW's state, features to the byte; activations within 5% of
+    what autograd keeps for backward plus the logits' two fp32 gradients."""
+    options = tiny_train(tiny_run, model=tiny2, **options)  # (dev, test: cached too)
+    run = wf.setup_run(train_config({**options, "out": tiny_run / "memory"}))
+    run.lock.close()
+    shutil.rmtree(tiny_run / "memory")
+    estimate = wf.memory_estimate(run)
+    dims = TINY2  # its tensors, and the decoder's mask and alignment heads (buffers)
+    n_adapters = (
+        sum(p.numel() for p in run.adapters.parameters()) if run.adapters else 0
+    )
+    n_buffers = dims.n_text_ctx**2 * 4 + dims.n_text_layer * dims.n_text_head
+    assert estimate["weights"] == (wf.n_weights(dims) + n_adapters) * 4 + n_buffers
+    features = run.train_x.rows.untyped_storage().nbytes() if run.cached else 0
+    assert estimate["features"] == features
+    # a step on the longest utterances, its saved tensors and gradients measured
+    longest = sorted(range(len(run.lengths)), key=run.lengths.__getitem__)[-2:]
+    x, tokens, labels = wf.micro_batch(run, longest)
+    weights = {p.untyped_storage().data_ptr() for p in run.net.parameters()}
+    saved = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        logits = run.net(x, tokens).flatten(0, 1).float()  # as train_step
+        F.cross_entropy(logits, labels.flatten(), ignore_index=wf.IGNORE_INDEX)
+    measured = sum(saved.values()) + 2 * logits.numel() * 4
+    assert 0.95 < estimate["activations"] / measured < 1.05
+    step, grads = run.optimizer.step, []
+
+    def counted(*args, **kwargs):
+        grads.append(
+            sum(p.grad.nbytes for p in run.net.parameters() if p.grad is not None)
+        )
+        return step(*args, **kwargs)
+
+    run.optimizer.step = counted
+    wf.train_step(run, [(x, tokens, labels)], torch.tensor(float((labels >= 0).sum())))
+    assert grads == [estimate["grads"]]
+    state = run.optimizer.state.values()
+    moments = sum(t.nbytes for s in state for t in s.values() if t.ndim)
+    assert moments == estimate["optimizer"]
+
+
+@GPU
+def test_memory_estimate_against_the_cuda_peak_and_refusal(
+    tiny_run, tiny2, monkeypatch, capsys
+):
+    # unmeasured when written (no GPU): the band is a first guess, to be calibrated
+    for k, options in enumerate([{}, dict(lora_rank=4), dict(train_encoder=True)]):
+        options = tiny_train(tiny_run, model=tiny2, device="cuda", **options)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        held = torch.cuda.memory_allocated()
+        cfg = train_config({**options, "max_steps": 3, "eval_every": 0})
+        result = wf.train(dataclasses.replace(cfg, out=str(tiny_run / f"cuda_mem{k}")))
+        peak = (torch.cuda.max_memory_allocated() - held) / 2**30
+        assert 0.5 < peak / result["memory_gib"] < 2.0, (options, peak, result)
+    huge = {"weights": 2**50, "activations": 0}
+    monkeypatch.setattr(wf, "memory_estimate", lambda run: huge)
+    out = tiny_run / "cuda_refused"
+    argv = ["train", "--data", str(tiny_run / "jvs"), "--out", str(out)]
+    with pytest.raises(SystemExit) as exit:
+        wf.main(argv + ["--model", str(tiny2), "--device", "cuda", "--batch-size", "2"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "--batch-size 2: a step needs about" in err
+    assert "--grad-checkpoint, --lora-rank 32, a smaller --batch-size" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [("large-v3", dict(train_encoder_layers=1)), ("turbo", dict(lora_rank=4))],
+)
+def test_v3_layouts_train_resume_eval_transcribe_and_long_form(
+    tiny_run, monkeypatch, capsys, name, options
+):
+    """large-v3 (its top encoder block trained) and turbo (LoRA) at tiny widths, with
+    their 128 mels and 51,866 tokens (100 languages): a run resumes to the bit, eval
+    scores its best.pt as the run did, transcribe writes what whisper.decode does, and
+    whisper.transcribe (long-form) reads it."""
+    dims, ckpt = V3[name], tiny_run / f"{name}.pt"
+    wf.save_checkpoint(tiny_model(0, dims), ckpt)
+    tokenizer = wf.model_tokenizer(dims, "ja")
+    assert tokenizer.num_languages == 100 and "yue" in tokenizer.all_language_codes
+    options = tiny_train(
+        tiny_run, model=ckpt, max_steps=4, eval_every=2, save_every=1, **options
+    )
+    full, cut = tiny_run / f"{name}_full", tiny_run / f"{name}_cut"
+    wf.train(train_config({**options, "out": full}))
+    train_killed_after(2, {**options, "out": cut}, monkeypatch)
+    wf.train(train_config({"resume": cut}))
+    assert_same_weights(full, cut)
+    start = tiny_model(0, dims).state_dict()
+    assert not torch.equal(
+        final_weights(full)["decoder.blocks.0.mlp.0.weight"],
+        start["decoder.blocks.0.mlp.0.weight"],
+    )
+    summary = json.loads((full / "summary.json").read_text())
+    capsys.readouterr()
+    wf.main(["eval", str(full / "best.pt"), "--device", "cpu", "--num-workers", "0"])
+    cer = summary["after"]["test_cer"]
+    assert f"cer={cer:.6f}" in capsys.readouterr().out.splitlines()[-1]
+    wav = next((tiny_run / "jvs").rglob("*.wav"))
+    wf.main(["transcribe", str(full / "best.pt"), str(wav), "--device", "cpu"])
+    model = whisper.load_model(str(full / "best.pt"), device="cpu")
+    mel = wf.log_mel_spectrogram(wf.load_wave(wav), 128)
+    decoded = whisper.decode(model, mel, wf.decode_options(model, tokenizer, False))
+    assert capsys.readouterr().out.strip() == decoded.text.strip()
+    utts, _ = wf.read_corpus(str(tiny_run / "jvs"), tokenizer)
+    result = wf.long_form_eval(model, utts[:4], "ja", sample_len=6)  # (it rambles)
+    assert result["n"] == 1 and result["seconds"] > 1.5
+
+
 # -----------------------------------------------------------------------------
 # a damaged run never trains on garbage; bad options and audio refused before work
 
@@ -2479,6 +2757,10 @@ def test_damaged_saves_are_never_trained_on(tiny_run):
             "--train-encoder trains every layer already",
         ),
         (["--spec-augment", "--no-cache-features"], "masks the cached features"),
+        (["--lora-rank", "-1"], "--lora-rank -1: must be >= 0"),
+        (["--lora-dropout", "1"], "--lora-dropout 1.0: must be in [0, 1)"),
+        (["--lora-alpha", "16"], "--lora-alpha 16.0: only with --lora-rank"),
+        (["--lora-rank", "33"], "--lora-rank 33: over the width of {tiny}'s layers"),
     ],
 )
 def test_bad_options_are_refused_before_any_work(tiny_run, flags, said, capsys):
@@ -2799,6 +3081,12 @@ TEXTS = {
         "明日の会議は午後三時",
         "駅までの道を教えてください。",
     ],
+    51866: [  # (large-v3's vocabulary: its tokens for these are 51865's)
+        "こんにちは、今日はいい天気ですね。",
+        "音声認識のモデル",
+        "明日の会議は午後三時",
+        "駅までの道を教えてください。",
+    ],
     51864: [
         "hello world, this is a tiny model",
         "four clips of tones and noise",
@@ -2834,7 +3122,7 @@ def fit(dims: ModelDimensions, clips, texts: list[str], wants=()) -> Whisper:
     """
     model, tokenizer = tiny_model(0, dims), wf.model_tokenizer(dims, "ja")
     with torch.no_grad():
-        features = model.encoder(mels(clips))
+        features = model.encoder(mels(clips, dims.n_mels))
     prefix = list(tokenizer.sot_sequence_including_notimestamps)
     targets = [tokenizer.encode(t) for t in texts]
     seqs = [prefix + t + [tokenizer.eot] for t in targets]
@@ -2875,9 +3163,8 @@ def fit(dims: ModelDimensions, clips, texts: list[str], wants=()) -> Whisper:
 @pytest.fixture(scope="session")
 def trained(clips) -> dict:
     """{n_vocab: a tiny model whose greedy decoding of clip i is TEXTS[n_vocab][i]}"""
-    return {
-        n: fit(dims, clips, TEXTS[n]) for n, dims in [(51865, TINY), (51864, TINY_EN)]
-    }
+    layouts = [(51865, TINY), (51864, TINY_EN), (51866, V3["large-v3"])]
+    return {n: fit(dims, clips, TEXTS[n]) for n, dims in layouts}
 
 
 @pytest.fixture(scope="session")
@@ -2986,7 +3273,9 @@ def test_special_token_ids(multilingual):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("dims", [TINY, TINY_EN], ids=["multilingual", "english"])
+@pytest.mark.parametrize(
+    "dims", [TINY, TINY_EN, V3["large-v3"]], ids=["multilingual", "english", "v3"]
+)
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_round_trip(tmp_path, fmt, dims, dtype):
     if fmt == "hf":
@@ -3060,17 +3349,18 @@ def test_read_model_dir_finds_the_format(tmp_path):
         )
 
 
-def test_export_from_every_format(tmp_path):
+@pytest.mark.parametrize("dims", [TINY_EN, V3["turbo"]], ids=["english", "turbo"])
+def test_export_from_every_format(tmp_path, dims):
     """export reads what it writes: .pt -> hf -> ggml -> ct2 -> .pt keeps the weights
     (float32; ggml float32 files are read here, only whisper.cpp cannot run them)."""
     pytest.importorskip("safetensors")
-    model = tiny_model(4, TINY_EN)
+    model = tiny_model(4, dims)
     wf.save_checkpoint(model, tmp_path / "a.pt")
     wf.export_model(str(tmp_path / "a.pt"), "hf", tmp_path / "hf", "float32")
     wf.export_model(str(tmp_path / "hf"), "ggml", tmp_path / "m.bin", "float32")
     wf.export_model(str(tmp_path / "m.bin"), "ct2", tmp_path / "ct2", "float32")
     final = wf.load_model(str(tmp_path / "ct2"))
-    assert final.dims == TINY_EN
+    assert final.dims == dims
     for name, t in model.state_dict().items():
         assert torch.equal(final.state_dict()[name], t), name
 
@@ -3079,7 +3369,9 @@ def test_export_from_every_format(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("n_vocab", [51865, 51864], ids=["multilingual", "english"])
+@pytest.mark.parametrize(
+    "n_vocab", [51865, 51864, 51866], ids=["multilingual", "english", "v3"]
+)
 def test_runtime_writes_greedy_decode_tokens(tmp_path, trained, clips, fmt, n_vocab):
     pytest.importorskip(RUNTIME[fmt])
     model = trained[n_vocab]
@@ -3210,6 +3502,38 @@ def test_cli_export_checks_user_audio(tmp_path, trained, clips, capsys):
         "tokenizer.json",
         "preprocessor_config.json",
     }
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cli_exports_v3_with_its_128_mels_and_converts_it_back(
+    tmp_path, trained, clips, capsys, fmt
+):
+    """large-v3's layout through `export` (checked in its runtime) and `convert`: each
+    format says 128 mels where its runtime reads them (faster-whisper#582: a converted
+    large-v3 that wanted 80), and whisper loads what comes back."""
+    pytest.importorskip(RUNTIME[fmt])
+    pytest.importorskip("safetensors")
+    model = trained[51866]
+    wf.save_checkpoint(model, tmp_path / "v3.pt")
+    wavs = [str(tmp_path / f"clip{i}.wav") for i in range(len(clips))]
+    for wav, clip in zip(wavs, clips):
+        soundfile.write(wav, clip.numpy(), 16000, subtype="FLOAT")
+    out = tmp_path / ("v3.bin" if fmt == "ggml" else fmt)
+    argv = ["export", str(tmp_path / "v3.pt"), str(out), "--to", fmt, "--audio", *wavs]
+    wf.main(argv + ["--dtype", RUN_DTYPE[fmt]])
+    assert "check: identical 4/4, cer 0.0000" in capsys.readouterr().out
+    if fmt == "ggml":  # its hparams after the magic, n_mels the 10th (GGML_HPARAMS)
+        assert struct.unpack_from("<10i", out.read_bytes(), 4)[9] == 128
+    else:
+        config = json.loads((out / "preprocessor_config.json").read_text())
+        assert config["feature_size"] == 128
+        if fmt == "hf":
+            assert json.loads((out / "config.json").read_text())["num_mel_bins"] == 128
+    wf.main(["convert", str(out), str(tmp_path / "back.pt")])
+    back = whisper.load_model(str(tmp_path / "back.pt"), device="cpu")
+    assert back.dims == model.dims and back.num_languages == 100
+    for name, t in model.state_dict().items():  # (as the export's dtype rounds them)
+        assert torch.allclose(back.state_dict()[name], t, rtol=1e-2, atol=1e-3), name
 
 
 def test_cli_export_fails_naming_the_utterance(tmp_path, trained, clips, monkeypatch):
@@ -3442,7 +3766,7 @@ def test_bench_removes_no_directory_but_its_own(tmp_path, capsys):
         assert [p.name for p in out.iterdir()] == [".bench"]
 
 
-def test_bench_runs_all_three_paths_and_reports_ratios(tmp_path):
+def test_bench_runs_all_its_paths_and_reports_ratios(tmp_path):
     # without pyopenjtalk too, which a GPU machine may lack: its import fails here
     (tmp_path / "no").mkdir()
     (tmp_path / "no" / "pyopenjtalk.py").write_text("raise ImportError('absent')\n")
@@ -3455,12 +3779,20 @@ def test_bench_runs_all_three_paths_and_reports_ratios(tmp_path):
     last = proc.stdout.strip().splitlines()[-1]
     m = re.fullmatch(
         r"frozen_speedup=([\d.]+) full_speedup=([\d.]+) data_speedup=([\d.]+) "
-        r"partial_speedup=([\d.]+)",
+        r"partial_speedup=([\d.]+) lora_speedup=([\d.]+)",
         last,
     )
     assert m, proc.stdout
     report = json.loads((out / "bench.json").read_text())
-    assert set(report["rows"]) == {"a_seed", "b_frozen", "c_full", "d_partial"}
+    rows = report["rows"]
+    assert set(rows) == {"a_seed", "b_frozen", "c_full", "d_partial", "e_lora"}
+    a, e = rows["a_seed"], rows["e_lora"]
+    assert report["lora_speedup"] == pytest.approx(e["utt_per_s"] / a["utt_per_s"])
+    assert float(m[5]) == pytest.approx(report["lora_speedup"], abs=0.01)
+    # each whisper_ft row beside its memory estimate (the GPU's peak: None here)
+    assert all(rows[k]["estimate_gib"] > 0 for k in rows if k != "a_seed")
+    assert rows["e_lora"]["estimate_gib"] < rows["b_frozen"]["estimate_gib"]
+    assert "| estimate " in proc.stdout and report["lora_rank"] == 32
     assert report["partial_layers"] == 2  # (bench's test dims have 2 encoder blocks)
     a, d = report["rows"]["a_seed"], report["rows"]["d_partial"]
     assert report["partial_speedup"] == pytest.approx(d["utt_per_s"] / a["utt_per_s"])
@@ -3475,7 +3807,8 @@ def test_bench_runs_all_three_paths_and_reports_ratios(tmp_path):
     assert report["decode"]["identical"] and report["decode"]["batch"] == 16
     assert "identical tokens: True" in proc.stdout
     # each of whisper_ft's paths again under the profiler: its ops, most time first
-    for name in ("b_frozen", "c_full", "d_partial"):
+    for name in ("b_frozen", "c_full", "d_partial", "e_lora"):
+        assert not (out / name).exists()  # (its last.pt and state.pt: GBs when large)
         path = out / f"profile_{name}.txt"
         assert report["profiles"][name] == str(path)
         assert f"profile of {name} (untimed): {path}" in proc.stdout
@@ -3487,6 +3820,42 @@ def test_bench_runs_all_three_paths_and_reports_ratios(tmp_path):
         # (the frozen run's encoder runs too, in its feature build: forward only)
         trains_encoder = "aten::convolution_backward" in ops
         assert "aten::mm" in ops and trains_encoder == (name == "c_full")
+
+
+def test_a_bench_row_that_does_not_fit_is_reported_not_crashed(capsys):
+    def out_of_memory():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB")
+
+    cpu = torch.device("cpu")
+    row = wf.bench_row(out_of_memory, 100, cpu)
+    assert row == {"does_not_fit": "CUDA out of memory. Tried to allocate 9 GiB"}
+    refused = wf.bench_row(lambda: wf.check_config(wf.TrainConfig(lr=-1)), 100, cpu)
+    assert refused == {"does_not_fit": "--lr -1: must be > 0"}  # (check_memory's kind)
+    fitted = wf.bench_row(lambda: (2.0, 1.0, {"estimate_gib": 3.0}), 100, cpu)
+    assert fitted == dict(
+        utt_per_s=50.0, seconds=2.0, peak_gib=None, estimate_gib=3.0, step_utt_per_s=100
+    )
+    report = dict(
+        device="H100", dims="large-v3", n_utts=64, epochs=1, batch_size=16,
+        grad_checkpoint=True, partial_layers=2, lora_rank=32, data_speedup=2.0,
+        rows={"a_seed": row, "b_frozen": fitted, "c_full": refused},
+        frozen_speedup=None, full_speedup=None, partial_speedup=None, lora_speedup=None,
+        data_ms_per_utt={"seed": 2.0, "ours": 1.0},
+        decode=dict(whisper_utt_per_s=1, ours_utt_per_s=2, speedup=2, identical=True),
+    )  # fmt: skip
+    wf.print_bench(report)
+    lines = capsys.readouterr().out.splitlines()
+    assert (
+        "a_seed    does not fit: CUDA out of memory. Tried to allocate 9 GiB" in lines
+    )
+    assert "c_full    does not fit: --lr -1: must be > 0" in lines
+    frozen = next(s for s in lines if s.startswith("b_frozen "))
+    assert frozen.startswith("b_frozen      50.0 utt/s (  nanx)")  # (no seed row)
+    assert frozen.endswith("| estimate 3.00 GiB")
+    assert lines[-1] == (
+        "frozen_speedup=nan full_speedup=nan data_speedup=2.00 partial_speedup=nan "
+        "lora_speedup=nan"
+    )
 
 
 # -----------------------------------------------------------------------------

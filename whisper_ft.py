@@ -117,9 +117,10 @@ OPTION_RANGES = [
     ("batch_size grad_accum max_steps log_every", lambda v: v >= 1, ">= 1"),
     ("max_bad_steps eval_batch_size", lambda v: v >= 1, ">= 1"),
     ("warmup_steps eval_every save_every max_eval", lambda v: v >= 0, ">= 0"),
-    ("train_encoder_layers", lambda v: v >= 0, ">= 0"),
+    ("train_encoder_layers lora_rank", lambda v: v >= 0, ">= 0"),
     ("num_workers feature_ram_gib weight_decay grad_clip", lambda v: v >= 0, ">= 0"),
-    ("lr", lambda v: v > 0, "> 0"),
+    ("lr lora_alpha", lambda v: v > 0, "> 0"),
+    ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
     ("eval_speakers test_fraction", lambda v: 0 < v < 1, "in (0, 1)"),
     ("timestamp_rate prompt_rate window_rate", lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -255,6 +256,9 @@ class TrainConfig:
     spec_augment: bool = False  # time and channel masks on what the trained part reads
     train_prefix: bool = False  # also learn the language/task/notimestamps tokens
     grad_checkpoint: bool = False  # recompute activations in backward: less memory
+    lora_rank: int = 0  # train rank-R adapters (LoRA) of what trains, alone (0: off)
+    lora_alpha: float = 64.0  # LoRA: the adapters' product is scaled by alpha / rank
+    lora_dropout: float = 0.05  # LoRA: dropout on what each adapter reads
     cuda_graphs: bool = True  # on CUDA: train (frozen encoder) and decode steps graphed
     # optimization
     max_steps: int = 1000  # optimizer updates
@@ -1571,6 +1575,78 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+class LoRA(torch.nn.Module):
+    """A low-rank adapter (LoRA, Hu et al. 2021) of one of whisper's Linear layers, added
+    by a forward hook: the layer computes base(x) + alpha / rank * b(a(dropout(x))), its
+    own weights frozen, and stays whisper's module (its state_dict keys whisper's). b
+    starts at zero: at step 0 the model computes what its base computes."""
+
+    def __init__(self, base: Linear, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.a = Linear(base.in_features, rank, bias=False)  # (nn.Linear's init)
+        self.b = Linear(rank, base.out_features, bias=False)
+        torch.nn.init.zeros_(self.b.weight)
+        self.scale, self.dropout, self.merged = alpha / rank, dropout, False
+        base.register_forward_hook(self.add)
+
+    def add(self, base: Linear, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+        if self.merged:  # (its product is in base.weight: see merged_lora)
+            return out
+        x = F.dropout(inputs[0], self.dropout, base.training)
+        return out + self.b(self.a(x)) * self.scale
+
+    def delta(self) -> torch.Tensor:
+        """What merging adds to the base's weight, shape = (out_features, in_features)."""
+        return self.b.weight @ self.a.weight * self.scale
+
+
+def set_trainable(model: Whisper, cfg: TrainConfig) -> Optional[torch.nn.ModuleDict]:
+    """Mark what a run trains: the decoder, and the encoder's top train_encoder_layers
+    blocks and ln_post (all of it with train_encoder). With lora_rank, none of the model
+    trains but LoRA adapters of those blocks' Linear layers (attention: query, key,
+    value, out; the MLP's two), returned by the layer's name ("/" for ".")."""
+    blocks = model.encoder.blocks
+    n_top = len(blocks) if cfg.train_encoder else cfg.train_encoder_layers
+    model.encoder.requires_grad_(cfg.train_encoder)
+    blocks[len(blocks) - n_top :].requires_grad_(True)
+    model.encoder.ln_post.requires_grad_(n_top > 0)
+    if not cfg.lora_rank:
+        return None
+    model.requires_grad_(False)
+    top = [f"encoder.blocks.{i}." for i in range(len(blocks) - n_top, len(blocks))]
+    adapters, lora = torch.nn.ModuleDict(), (
+        cfg.lora_rank,
+        cfg.lora_alpha,
+        cfg.lora_dropout,
+    )
+    for name, m in model.named_modules():
+        if isinstance(m, Linear) and name.startswith(("decoder.blocks.", *top)):
+            adapters[name.replace(".", "/")] = LoRA(m, *lora)
+    return adapters
+
+
+@contextlib.contextmanager
+def merged_lora(model: Whisper, adapters: Optional[torch.nn.ModuleDict]):
+    """Inside, `model` is whisper's model of the run: each adapter's product added into
+    its layer's weight (its hook off), as eval decodes it and last.pt and best.pt hold
+    it. On leaving, the base weights as they were to the bit (from a copy on the host:
+    subtracting the product again would round)."""
+    pairs = (adapters or {}).items()
+    layers = [(model.get_submodule(k.replace("/", ".")), lora) for k, lora in pairs]
+    kept = [layer.weight.detach().to("cpu", copy=True) for layer, _ in layers]
+    with torch.no_grad():
+        for layer, lora in layers:
+            layer.weight += lora.delta()
+            lora.merged = True
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for (layer, lora), weight in zip(layers, kept):
+                layer.weight.copy_(weight)
+                lora.merged = False
+
+
 # -----------------------------------------------------------------------------
 # training: the set-up, made once
 
@@ -1714,11 +1790,13 @@ class EvalSet:
 class StepNet(torch.nn.Module):
     """What a training step runs: net(x, tokens) -> logits, (n_batch, n_ctx, n_vocab).
     x: the log-mel, (n_batch, n_mels, N_FRAMES), where n_top is None; else what
-    encode(..., n_top) cached, (n_batch, n_audio_ctx, n_audio_state)."""
+    encode(..., n_top) cached, (n_batch, n_audio_ctx, n_audio_state). LoRA's adapters
+    are its modules too (their hooks add them): DDP averages their gradients."""
 
-    def __init__(self, model: Whisper, n_top: Optional[int]):
+    def __init__(self, model: Whisper, n_top: Optional[int], adapters=None):  # (LoRA)
         super().__init__()
         self.encoder, self.decoder, self.n_top = model.encoder, model.decoder, n_top
+        self.adapters = adapters
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         x = self.encoder(x) if self.n_top is None else encode_top(self, x, self.n_top)
@@ -1742,6 +1820,7 @@ class Run:
     n_masked: list[int]  # and the labels masked at their start (count_masked)
     evals: dict[str, EvalSet]  # dev, test, and retain if there is one
     run_id: str  # split.json's; every state.pt carries it
+    adapters: Optional[torch.nn.ModuleDict] = None  # LoRA's, by layer (set_trainable)
     lock: Optional[object] = None  # the run directory's lock file (rank 0), held open
     # what a step runs, and how (setup_step)
     train_x: Optional[Features] = None  # cached encoder output, or None
@@ -1757,6 +1836,7 @@ class Run:
     eval_due: bool = False  # the eval of step `start` was abandoned: made on resume
     feature_seconds: float = 0.0
     feature_gib: float = 0.0
+    memory_gib: float = 0.0  # a step's expected peak (memory_estimate)
 
     @property
     def master(self) -> bool:
@@ -1806,6 +1886,10 @@ def check_config(cfg: TrainConfig) -> None:
             f"--train-encoder-layers {cfg.train_encoder_layers}: --train-encoder "
             "trains every layer already"
         )
+    for name in ("lora_alpha", "lora_dropout"):  # (else silently of no effect)
+        if not cfg.lora_rank and getattr(cfg, name) != getattr(TrainConfig, name):
+            flag = "--" + name.replace("_", "-")
+            raise OptionError(f"{flag} {getattr(cfg, name)}: only with --lora-rank")
     if cfg.spec_augment and (cfg.train_encoder or not cfg.cache_features):
         raise OptionError(
             "--spec-augment masks the cached features: not with --train-encoder "
@@ -2108,15 +2192,14 @@ def training_samples(
     utts: list[Utterance],
     tokenizer: Tokenizer,
     n_text_ctx: int,
-    rank: int = 0,
-) -> list[Utterance]:
+) -> tuple[list[Utterance], list]:
     """What a run trains on: its utterances, a cfg.timestamp_rate share of them with
     timestamps, a cfg.prompt_rate share after their speaker's preceding text; and a
-    cfg.window_rate share of join_windows' windows, with timestamps, their audio written
-    by rank 0 into cfg.out/windows/ (windows.json: where each utterance lies). Drawn
-    from cfg.seed alone: a resumed run trains on the same samples."""
+    cfg.window_rate share of join_windows' windows, with timestamps, whose audio is
+    cfg.out/windows/ (the second value: what write_windows writes there). Drawn from
+    cfg.seed alone: a resumed run trains on the same samples."""
     if not (cfg.timestamp_rate or cfg.prompt_rate or cfg.window_rate):
-        return utts
+        return utts, []
     rng = random.Random(f"{cfg.seed}|samples")
     n_prefix = len(tokenizer.sot_sequence_including_notimestamps)
     text = [u.tokens[n_prefix:-1] for u in utts]
@@ -2154,9 +2237,7 @@ def training_samples(
             seconds=seconds,
         )
         samples.append(sample(u, [(s, e, text[j]) for j, s, e in window], True, i))
-    if rank == 0 and plan:
-        write_windows(root, [[(utts[j], s, e) for j, s, e in w] for w in plan])
-    return samples
+    return samples, [[(utts[j], s, e) for j, s, e in w] for w in plan]
 
 
 def write_windows(
@@ -2240,6 +2321,92 @@ def cache_features(run: Run) -> None:
     run.log(f"encoder features: {len(features)} in {seconds:.1f} s, {gib:.2f} GiB")
 
 
+def memory_estimate(run: Run) -> dict[str, int]:
+    """Bytes that a training step's peak holds on run.device, part by part: a simple
+    analytic estimate (README: its measure on a GPU), made before the step exists.
+    weights: the model's and adapters' tensors, and CastWeights' copies of the trained
+    Linear ones; grads: of what trains (fp32, and the copies'); optimizer: AdamW's two
+    fp32 moments; features: the cached encoder outputs (on a GPU: where they fit in a
+    third of its free memory, as cache_features keeps them); activations: what backward
+    keeps of one micro-batch of the longest sequences (see below)."""
+    cfg, dims, size = run.cfg, run.model.dims, run.dtype.itemsize
+    modules = [run.model, *([run.adapters] if run.adapters else [])]
+    params = [p for m in modules for p in m.parameters()]
+    n_trained = sum(p.numel() for p in params if p.requires_grad)
+    tensors = params + [b for m in modules for b in m.buffers()]
+    n_bytes = sum(x.numel() * x.element_size() for x in tensors)  # (one is sparse)
+    linears = [
+        m for module in modules for m in module.modules() if isinstance(m, Linear)
+    ]
+    cached = cfg.cache_features and not cfg.train_encoder
+    n_cast = (size < 4 and run.world == 1 and cached) * sum(
+        p.numel() for m in linears for p in m.parameters() if p.requires_grad
+    )
+    s, a, n = dims.n_text_state, dims.n_audio_ctx, cfg.batch_size // cfg.grad_accum
+    n_evals = sum(len(e.utts) for e in run.evals.values()) * (cfg.eval_every > 0)
+    features = cached * (len(run.train_utts) + n_evals) * a * s * size
+    gpu, t = run.device.type == "cuda", max(run.lengths) - 1
+    if gpu and features > torch.cuda.mem_get_info(run.device)[0] // 3:
+        features = 0  # (in RAM or on disk)
+    t = bucket_length(t, dims.n_text_ctx) if gpu else t
+    # kept a token, per block: the norms' inputs in fp32; q, k, v, attention, the MLP's
+    # 4s in and out in the step's dtype (SDPA keeps no attention matrix); a decoder
+    # block also its cross-attention, and that attention's keys and values of the audio
+    per_token = (16 * size + 8) * s
+    decoder = t * (per_token + (3 * size + 4) * s) + 2 * a * s * size
+    # (frozen and uncached, the encoder runs without autograd: it keeps nothing)
+    n_encoder = cfg.train_encoder_layers if cached else dims.n_audio_layer
+    n_encoder *= cached or cfg.train_encoder
+    blocks = [decoder] * dims.n_text_layer + [a * per_token] * n_encoder
+    if cfg.grad_checkpoint:  # a block's input kept each, one block's all at a time
+        blocks = (
+            [t * s * 4] * dims.n_text_layer + [a * s * 4] * n_encoder + [max(blocks)]
+        )
+    stem = 6 * a * s * size * cfg.train_encoder  # the convolutions' outputs, GELU's
+    logits = t * dims.n_vocab * (size + 8)  # and in fp32: log-softmax, its gradient
+    return {
+        "weights": n_bytes + n_cast * size,
+        "grads": n_trained * 4 + n_cast * size,
+        "optimizer": n_trained * 8,
+        "features": features,
+        "activations": n // run.world * (sum(blocks) + stem + logits + a * s * size),
+    }
+
+
+def check_memory(run: Run) -> None:
+    """Say what a step will hold at its peak (memory_estimate); on a GPU, refuse a run
+    it would not fit in (OptionError), naming what would make it fit."""
+    parts = memory_estimate(run)
+    run.memory_gib = sum(parts.values()) / 2**30
+    said = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items())
+    run.log(f"memory: about {run.memory_gib:.2f} GiB a step ({said} GiB; an estimate)")
+    if run.device.type != "cuda":
+        return
+    room = torch.cuda.mem_get_info(run.device)[0]
+    room += torch.cuda.memory_reserved(run.device)  # (the model, already there)
+    if sum(parts.values()) > room:
+        cfg = run.cfg
+        helps = ["--grad-checkpoint"] * (not cfg.grad_checkpoint)
+        helps += ["--lora-rank 32"] * (not cfg.lora_rank) + ["a smaller --batch-size"]
+        raise OptionError(
+            f"--batch-size {cfg.batch_size}: a step needs about {run.memory_gib:.1f} "
+            f"GiB ({said} GiB), the GPU has {room / 2**30:.1f}: try " + ", ".join(helps)
+        )
+
+
+def check_base(run: Run, merged: dict) -> None:
+    """Refuse (UserError) to resume a LoRA run whose base (--model, read again) and
+    state.pt's adapters do not make its last.pt: the base changed since."""
+    with merged_lora(run.model, run.adapters):
+        state = run.model.state_dict()
+        same = all(torch.allclose(t, merged[k].to(t.device)) for k, t in state.items())
+    if not same:
+        raise UserError(
+            f"{run.cfg.model}: with {run.out}/state.pt's adapters, not the weights of "
+            "its last.pt: has this base model changed since the run began?"
+        )
+
+
 def setup_run(cfg: TrainConfig, given: Optional[set[str]] = None) -> Run:
     """Processes, model, data and its split, features, optimizer, and a resume."""
     cfg, out, changes = run_config(cfg, given)
@@ -2306,6 +2473,12 @@ def load_run_data(
             f"--train-encoder-layers {cfg.train_encoder_layers}: {cfg.model} has "
             f"{model.dims.n_audio_layer} encoder blocks"
         )
+    if cfg.lora_rank > model.dims.n_text_state:
+        raise OptionError(
+            f"--lora-rank {cfg.lora_rank}: over the width of {cfg.model}'s layers "
+            f"({model.dims.n_text_state}): not low-rank"
+        )
+    adapters = set_trainable(model, cfg)
     tokenizer = model_tokenizer(model.dims, cfg.language)
     train_utts, held, split = load_data(cfg, model.dims, tokenizer, out, log)
     evals = {name: EvalSet(name, utts, tokenizer) for name, utts in held.items()}
@@ -2318,15 +2491,9 @@ def load_run_data(
     if saved and saved[1].get("run_id") != run_id:
         step = saved[1]["step"]
         raise UserError(f"{out}: its last.pt/state.pt (step {step}) are another run's")
-    if rank == 0:
-        # a new run's files are refused if someone made them since --out was empty
-        save_json(out / "config.json", dataclasses.asdict(cfg), bool(cfg.resume))
-        if not cfg.resume:  # (eval knows a renamed copy of a training clip by these)
-            split["train_audio"] = sorted({audio_digest(u.path) for u in train_utts})
-            save_json(out / "split.json", split, replace=False)
-    samples = training_samples(cfg, train_utts, tokenizer, model.dims.n_text_ctx, rank)
-    if world > 1 and cfg.window_rate:  # (rank 0 wrote the windows' audio)
-        dist.barrier()
+    samples, windows = training_samples(
+        cfg, train_utts, tokenizer, model.dims.n_text_ctx
+    )
     run = Run(
         cfg=cfg,
         out=out,
@@ -2341,7 +2508,19 @@ def load_run_data(
         n_masked=[count_masked(u.tokens, tokenizer, cfg.train_prefix) for u in samples],
         evals=evals,
         run_id=run_id,
+        adapters=adapters and adapters.to(device),
     )
+    check_memory(run)  # (a run it refuses leaves no config.json behind)
+    if rank == 0:
+        # a new run's files are refused if someone made them since --out was empty
+        save_json(out / "config.json", dataclasses.asdict(cfg), bool(cfg.resume))
+        if not cfg.resume:  # (eval knows a renamed copy of a training clip by these)
+            split["train_audio"] = sorted({audio_digest(u.path) for u in train_utts})
+            save_json(out / "split.json", split, replace=False)
+        if windows:
+            write_windows(out / "windows", windows)
+    if world > 1 and windows:  # (rank 0 wrote their audio)
+        dist.barrier()
     return run, saved
 
 
@@ -2350,12 +2529,9 @@ def setup_step(run: Run, saved: Optional[tuple[dict, dict]]) -> None:
     graphs; and a resumed run's weights, optimizer, scaler and RNG, as `saved`."""
     cfg, model, device, dtype = run.cfg, run.model, run.device, run.dtype
     n_top = cfg.train_encoder_layers
-    model.encoder.requires_grad_(cfg.train_encoder)
-    model.encoder.blocks[len(model.encoder.blocks) - n_top :].requires_grad_(True)
-    model.encoder.ln_post.requires_grad_(cfg.train_encoder or n_top > 0)
     if cfg.cache_features and not cfg.train_encoder:
         cache_features(run)  # then a step runs the top n_top blocks and the decoder
-    run.net = StepNet(model, n_top if run.cached else None)
+    net = run.net = StepNet(model, n_top if run.cached else None, run.adapters)
     if cfg.grad_checkpoint:
         checkpoint_blocks(model)
     if dtype != torch.float32 and run.world == 1 and run.cached:
@@ -2372,7 +2548,7 @@ def setup_step(run: Run, saved: Optional[tuple[dict, dict]]) -> None:
     small = run.world == 1 and cfg.grad_accum == 1 and run.cached
     run.graphed = run.graphs is not None and small and dtype != torch.float16
     run.optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
+        param_groups(net, cfg.weight_decay),  # (LoRA: the adapters alone)
         # a captured step reads its lr and step count from the device: so does eager
         lr=torch.tensor(cfg.lr, device=device) if run.graphed else cfg.lr,
         fused=device.type in ("cuda", "cpu"),  # one kernel for all parameters
@@ -2381,7 +2557,11 @@ def setup_step(run: Run, saved: Optional[tuple[dict, dict]]) -> None:
     run.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     if saved:
         checkpoint, state = saved
-        model.load_state_dict(checkpoint["model_state_dict"])
+        if run.adapters is None:
+            model.load_state_dict(checkpoint["model_state_dict"])
+        else:  # the base is --model's (frozen), the adapters are state.pt's
+            run.adapters.load_state_dict(state["lora"])
+            check_base(run, checkpoint["model_state_dict"])
         lrs = [group["lr"] for group in run.optimizer.param_groups]
         run.optimizer.load_state_dict(state["optimizer"])
         for group, lr in zip(run.optimizer.param_groups, lrs):
@@ -2670,7 +2850,7 @@ def train_step(
         step_loss += loss.detach()
     scaler.unscale_(optimizer)
     max_norm = run.cfg.grad_clip if run.cfg.grad_clip > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.net.parameters(), max_norm)
     bad = ~torch.isfinite(step_loss)
     if not scaler.is_enabled():  # (with fp16 the GradScaler skips overflows itself)
         bad |= ~torch.isfinite(grad_norm)
@@ -2784,25 +2964,29 @@ def save_last(run: Run, step: int) -> None:
             "scaler": run.scaler.state_dict(),
             "rng": _rng_state(),
         }
-        write_last_pair(run.out, run.model, step, state)
+        if run.adapters is not None:  # unmerged: a resume goes on from them exactly
+            state["lora"] = run.adapters.state_dict()
+        with merged_lora(run.model, run.adapters):  # last.pt: whisper's format
+            write_last_pair(run.out, run.model, step, state)
 
 
 def eval_step(run: Run, progress: Progress, step: int) -> None:
     """Dev (and retain) at this step, best.pt kept on dev CER; at step 0, the zero-shot
     baseline of every part: dev, test, retain, long-form."""
-    record = evaluate(run, step, ["dev", "retain"], "last")
-    if step == 0:
-        record |= evaluate(run, step, ["test", "long"], "zero_shot")
-    cer = record["dev_cer"]
-    finite = torch.stack([p.isfinite().all() for p in run.model.parameters()]).all()
-    if not finite:  # (it writes nothing, which can score better than a bad start)
-        run.log(f"step {step}: the weights are not finite: not a best.pt")
-        cer = math.inf
-    if run.master and cer < run.best_cer:
-        save_checkpoint(run.model, run.out / "best.pt", step=step, cer=cer)
-        for suffix in (".tsv", ".json"):
-            last = run.out / f"eval_dev_last{suffix}"
-            shutil.copyfile(last, last.with_name(f"eval_dev_best{suffix}"))
+    with merged_lora(run.model, run.adapters):  # what best.pt holds is decoded
+        record = evaluate(run, step, ["dev", "retain"], "last")
+        if step == 0:
+            record |= evaluate(run, step, ["test", "long"], "zero_shot")
+        cer = record["dev_cer"]
+        finite = torch.stack([p.isfinite().all() for p in run.model.parameters()]).all()
+        if not finite:  # (it writes nothing, which can score better than a bad start)
+            run.log(f"step {step}: the weights are not finite: not a best.pt")
+            cer = math.inf
+        if run.master and cer < run.best_cer:
+            save_checkpoint(run.model, run.out / "best.pt", step=step, cer=cer)
+            for suffix in (".tsv", ".json"):
+                last = run.out / f"eval_dev_last{suffix}"
+                shutil.copyfile(last, last.with_name(f"eval_dev_best{suffix}"))
     run.best_cer = min(run.best_cer, cer)
     progress.record(record)
     message = f"step {step} | dev cer {cer:.4f} wer {record['dev_wer']:.4f}"
@@ -2821,8 +3005,9 @@ def final_report(run: Run, progress: Progress, step: int) -> dict:
         dist.barrier()  # rank 0 wrote best.pt
     checkpoint = load_checked(run.out / "best.pt")
     best_step = checkpoint["step"]
-    run.model.load_state_dict(checkpoint["model_state_dict"])
-    record = evaluate(run, step, ["test", "retain", "long"], "")
+    with merged_lora(run.model, run.adapters):  # (hooks off: best.pt is merged)
+        run.model.load_state_dict(checkpoint["model_state_dict"])
+        record = evaluate(run, step, ["test", "retain", "long"], "")
     record |= {"final": True, "best_step": best_step}
     progress.record(record)
     records = read_metrics(run.out) if run.master else []
@@ -2927,6 +3112,7 @@ def train(cfg: TrainConfig, given: Optional[set[str]] = None) -> dict:
         "best_cer": run.best_cer,
         "feature_gib": run.feature_gib,
         "feature_seconds": run.feature_seconds,
+        "memory_gib": run.memory_gib,
         "step_seconds": progress.step_seconds,
         "cuda_graphs": (
             sum(k[0] == "train" for k in run.graphs.graphs) if run.graphed else 0
@@ -4382,7 +4568,7 @@ def decode_costs(
 # what a bench writes in its --out: all it may remove there
 BENCH_FILES = {".bench", "model.pt", "corpus", "bench.json"} | {
     f"{prefix}{run}{suffix}"
-    for run in ("b_frozen", "c_full", "d_partial")
+    for run in ("b_frozen", "c_full", "d_partial", "e_lora")
     for prefix, suffix in [("", ""), ("profile_", ""), ("profile_", ".txt")]
 }
 
@@ -4412,9 +4598,39 @@ def peak_gib(device: torch.device, reset: bool = False) -> Optional[float]:
     return peak
 
 
+def bench_row(measure: Callable, n_trained: int, device: torch.device) -> dict:
+    """A row of bench: utt/s of measure()'s (seconds, seconds in steps alone, extras)
+    and the GPU's peak; or, where the run does not fit on the GPU (refused up front by
+    check_memory, or out of memory), a row that says why; the next rows still run."""
+    try:
+        seconds, step_seconds, extras = measure()
+    except (OptionError, torch.cuda.OutOfMemoryError) as e:
+        why = str(e).splitlines()[0]
+        torch.cuda.empty_cache()  # (what the failed run held, freed by now)
+        return {"does_not_fit": why}
+    return {
+        "utt_per_s": n_trained / seconds,  # (b)-(e): the cache build amortised
+        "seconds": seconds,
+        "peak_gib": peak_gib(device),
+        **extras,
+        "step_utt_per_s": n_trained / step_seconds,
+    }
+
+
+def timed_train(cfg: TrainConfig) -> tuple[float, float, dict]:
+    """train(cfg) for bench: its seconds, its steps' alone, its feature cache's and its
+    memory estimate; its run directory then removed (GBs with large dims)."""
+    r = train(cfg)
+    shutil.rmtree(cfg.out)
+    seconds = r["feature_seconds"] + r["step_seconds"]
+    cache = {"cache_seconds": r["feature_seconds"], "cache_gib": r["feature_gib"]}
+    return seconds, r["step_seconds"], {**cache, "estimate_gib": r["memory_gib"]}
+
+
 def bench(args) -> dict:
     """Run (a) the seed recipe, and whisper_ft with (b) the encoder frozen, (c) all of
-    it trained, (d) its top --train-encoder-layers blocks trained; report."""
+    it trained, (d) its top --train-encoder-layers blocks trained, (e) LoRA adapters of
+    the decoder (encoder frozen); report. A row that does not fit the GPU says so."""
     device = pick_device(args.device)
     # on a GPU, more and larger batches: else start-up (workers, CUDA) is much of it
     n_utts = args.n_utts or (1024 if device.type == "cuda" else 64)
@@ -4435,22 +4651,20 @@ def bench(args) -> dict:
     n_trained = n_steps * batch_size
     lr = 1e-5
 
-    def row(seconds: float, step_seconds: float, **cache) -> dict:
-        return {
-            "utt_per_s": n_trained / seconds,  # (b)-(d): the cache build amortised
-            "seconds": seconds,
-            "peak_gib": peak_gib(device),
-            **cache,
-            "step_utt_per_s": n_trained / step_seconds,
-        }
-
     rows, cfgs = {}, {}
     peak_gib(device, reset=True)
-    rows["a_seed"] = row(*seed_recipe(model.to(device), utts, batch_size, epochs, lr))
-    del model
+    model = model.to(device)
+    seed = functools.partial(seed_recipe, model, utts, batch_size, epochs, lr)
+    rows["a_seed"] = bench_row(lambda: (*seed(), {}), n_trained, device)
+    del model, seed
     n_top = min(args.train_encoder_layers, dims.n_audio_layer)
-    paths = [("b_frozen", False, 0), ("c_full", True, 0), ("d_partial", False, n_top)]
-    for name, train_encoder, layers in paths:
+    paths = {
+        "b_frozen": {},
+        "c_full": dict(train_encoder=True, grad_checkpoint=args.grad_checkpoint),
+        "d_partial": dict(train_encoder_layers=n_top),
+        "e_lora": dict(lora_rank=args.lora_rank),
+    }
+    for name, options in paths.items():
         peak_gib(device, reset=True)
         cfg = TrainConfig(
             data=str(corpus),
@@ -4465,17 +4679,21 @@ def bench(args) -> dict:
             batch_size=batch_size,
             lr=lr,
             warmup_steps=1,
-            train_encoder=train_encoder,
-            train_encoder_layers=layers,
-            grad_checkpoint=args.grad_checkpoint and train_encoder,
             device=str(device),
             num_workers=2,
             log_every=max(1, n_steps // 4),
+            **options,
         )
-        r, cfgs[name] = train(cfg), cfg
-        seconds = r["feature_seconds"] + r["step_seconds"]
-        cache = {"cache_seconds": r["feature_seconds"], "cache_gib": r["feature_gib"]}
-        rows[name] = row(seconds, r["step_seconds"], **cache)
+        rows[name] = bench_row(lambda: timed_train(cfg), n_trained, device)
+        if "utt_per_s" in rows[name]:  # (one that does not fit: not profiled)
+            cfgs[name] = cfg
+    seed = rows["a_seed"].get("utt_per_s")
+    speedups = {  # frozen_speedup...: None where a row does not fit
+        f"{name[2:]}_speedup": (
+            r["utt_per_s"] / seed if seed and "utt_per_s" in r else None
+        )
+        for name, r in list(rows.items())[1:]
+    }
     seed_s, ours_s = data_costs(utts, dims.n_mels, device, batch_size)
     decode = decode_costs(out / "model.pt", utts[: 2 * batch_size], tokenizer, device)
     report = {
@@ -4487,10 +4705,9 @@ def bench(args) -> dict:
         "grad_checkpoint": args.grad_checkpoint,
         "rows": rows,
         "data_ms_per_utt": {"seed": seed_s * 1e3, "ours": ours_s * 1e3},
-        "frozen_speedup": rows["b_frozen"]["utt_per_s"] / rows["a_seed"]["utt_per_s"],
-        "full_speedup": rows["c_full"]["utt_per_s"] / rows["a_seed"]["utt_per_s"],
-        "partial_speedup": rows["d_partial"]["utt_per_s"] / rows["a_seed"]["utt_per_s"],
+        **speedups,
         "partial_layers": n_top,
+        "lora_rank": args.lora_rank,
         "data_speedup": seed_s / ours_s,
         "decode": decode,
     }
@@ -4534,11 +4751,16 @@ def print_bench(report: dict) -> None:
     print(
         "device {device}, dims {dims}, {n_utts} utts, {epochs} epochs, batch "
         "{batch_size}, grad checkpoint {grad_checkpoint}, (d) trains the top "
-        "{partial_layers} encoder blocks".format_map(report)
+        "{partial_layers} encoder blocks, (e) LoRA rank {lora_rank}".format_map(report)
     )
-    base = report["rows"]["a_seed"]["utt_per_s"]
+    base = report["rows"]["a_seed"].get("utt_per_s", math.nan)
     for name, r in report["rows"].items():
+        if "does_not_fit" in r:
+            print(f"{name:9s} does not fit: {r['does_not_fit']}")
+            continue
         peak = "" if r["peak_gib"] is None else f" | peak {r['peak_gib']:.2f} GiB"
+        if "estimate_gib" in r:  # (memory_estimate's, of a training step)
+            peak += f" | estimate {r['estimate_gib']:.2f} GiB"
         cache = ""
         if r.get("cache_gib"):
             cache = f" | cache {r['cache_seconds']:.1f} s, {r['cache_gib']:.3f} GiB"
@@ -4556,10 +4778,9 @@ def print_bench(report: dict) -> None:
     )
     for name, path in report.get("profiles", {}).items():
         print(f"profile of {name} (untimed): {path}")
+    names = "frozen full data partial lora".split()  # (nan: a row that does not fit)
     print(
-        "frozen_speedup={frozen_speedup:.2f} full_speedup={full_speedup:.2f} "
-        "data_speedup={data_speedup:.2f} partial_speedup={partial_speedup:.2f}"
-        "".format_map(report)
+        " ".join(f"{k}_speedup={report[f'{k}_speedup'] or math.nan:.2f}" for k in names)
     )
 
 
@@ -5157,9 +5378,12 @@ def add_tool_args(add_parser: Callable) -> None:
         help="(d) trains this many top encoder blocks (default: train's, else 2)",
     )
     p.add_argument(
+        "--lora-rank", type=at_least(1), default=32, help="(e): its LoRA adapters' rank"
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
-        help="then (b) and (c) again, shorter and untimed, under torch.profiler: "
+        help="then (b) to (e) again, shorter and untimed, under torch.profiler: "
         "OUT/profile_*.txt",
     )
     p.set_defaults(func=lambda a: print_bench(bench(a)))
