@@ -1527,6 +1527,9 @@ def tiny_train(tiny_run: Path, **options) -> dict:
             lr=1e-3,
             warmup_steps=1,
             long_form=False,  # whisper.transcribe on a random model: slow
+            # the frozen encoder (train's default trains the top block: N > 0 and
+            # --train-encoder have tests of their own)
+            train_encoder_layers=0,
         )
         | options
     )
@@ -2425,6 +2428,18 @@ LINEARS = [
     f"{a}.{n}" for a in ("attn", "cross_attn") for n in "query key value out".split()
 ]
 LINEARS += ["mlp.0", "mlp.2"]
+
+
+def test_train_encoder_alone_is_every_layer_whatever_the_default_n(tmp_path):
+    # the default N (the top blocks trained) is moot with --train-encoder: dropped
+    cfg, _, _ = wf.run_config(wf.TrainConfig(train_encoder=True, out=str(tmp_path)))
+    assert cfg.train_encoder_layers == 0 < wf.TrainConfig.train_encoder_layers
+    wf.check_config(cfg)
+    # both named: a contradiction, refused
+    both = wf.TrainConfig(train_encoder=True, train_encoder_layers=2, out=str(tmp_path))
+    cfg, _, _ = wf.run_config(both, {"train_encoder", "train_encoder_layers"})
+    with pytest.raises(wf.OptionError, match="trains every layer already"):
+        wf.check_config(cfg)
 
 
 def test_lora_starts_as_the_base_and_merges_into_whispers_weights():
@@ -3793,7 +3808,7 @@ def test_bench_runs_all_its_paths_and_reports_ratios(tmp_path):
     assert all(rows[k]["estimate_gib"] > 0 for k in rows if k != "a_seed")
     assert rows["e_lora"]["estimate_gib"] < rows["b_frozen"]["estimate_gib"]
     assert "| estimate " in proc.stdout and report["lora_rank"] == 32
-    assert report["partial_layers"] == 2  # (bench's test dims have 2 encoder blocks)
+    assert report["partial_layers"] == wf.TrainConfig.train_encoder_layers  # train's
     a, d = report["rows"]["a_seed"], report["rows"]["d_partial"]
     assert report["partial_speedup"] == pytest.approx(d["utt_per_s"] / a["utt_per_s"])
     assert float(m[4]) == pytest.approx(report["partial_speedup"], abs=0.01)

@@ -5,7 +5,8 @@ what fine-tuning costs (language ID, another language, long-form, decoding loops
 
     # demo: a small JVS-layout corpus and an English set, real `base`, the table
     python whisper_ft.py demo
-    # fine-tune base on JVS (frozen encoder; held-out speakers and sentences: dev, test)
+    # fine-tune base on JVS (the top encoder block trained, the rest frozen and cached;
+    # held-out speakers and sentences: dev, test)
     python whisper_ft.py train --data jvs_ver1/ --out runs/jvs \\
         --retain-data data/demo_en/  # an English set, made by the demo
     python whisper_ft.py train --resume runs/jvs      # after a crash or Ctrl-C
@@ -252,14 +253,16 @@ class TrainConfig:
     model: str = "base"  # whisper name, openai-format .pt, or CTranslate2 model dir
     init: str = "pretrained"  # pretrained | random: same dims, random weights (tests)
     train_encoder: bool = False  # also train the whole encoder, convolutions included
-    train_encoder_layers: int = 0  # also train its top N blocks; those below: cached
+    train_encoder_layers: int = 1  # also train its top N blocks; those below: cached
     spec_augment: bool = False  # time and channel masks on what the trained part reads
     train_prefix: bool = False  # also learn the language/task/notimestamps tokens
     grad_checkpoint: bool = False  # recompute activations in backward: less memory
     lora_rank: int = 0  # train rank-R adapters (LoRA) of what trains, alone (0: off)
     lora_alpha: float = 64.0  # LoRA: the adapters' product is scaled by alpha / rank
     lora_dropout: float = 0.05  # LoRA: dropout on what each adapter reads
-    cuda_graphs: bool = True  # on CUDA: train (frozen encoder) and decode steps graphed
+    cuda_graphs: bool = (
+        True  # on CUDA: train (cached features) and decode steps graphed
+    )
     # optimization
     max_steps: int = 1000  # optimizer updates
     batch_size: int = 16  # utterances per update (before accumulation)
@@ -1957,6 +1960,8 @@ def run_config(
         given = {
             f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default
         }
+    if cfg.train_encoder and "train_encoder_layers" not in given:  # (all: N is moot)
+        cfg = dataclasses.replace(cfg, train_encoder_layers=0)
     paths = ("data", "eval_data", "exclude", "retain_data", "feature_cache", "out")
     absolute = {n: os.path.abspath(getattr(cfg, n)) for n in paths if getattr(cfg, n)}
     if os.path.exists(cfg.model):  # a file or directory, not a whisper name
@@ -4659,10 +4664,10 @@ def bench(args) -> dict:
     del model, seed
     n_top = min(args.train_encoder_layers, dims.n_audio_layer)
     paths = {
-        "b_frozen": {},
+        "b_frozen": dict(train_encoder_layers=0),
         "c_full": dict(train_encoder=True, grad_checkpoint=args.grad_checkpoint),
         "d_partial": dict(train_encoder_layers=n_top),
-        "e_lora": dict(lora_rank=args.lora_rank),
+        "e_lora": dict(lora_rank=args.lora_rank, train_encoder_layers=0),
     }
     for name, options in paths.items():
         peak_gib(device, reset=True)
@@ -5210,6 +5215,9 @@ def cmd_demo(args) -> None:
     recipe = "max_steps lr train_encoder train_encoder_layers spec_augment long_form "
     recipe += "timestamp_rate prompt_rate window_rate"
     recipe = {name: getattr(args, name) for name in recipe.split()}
+    if recipe["train_encoder_layers"] is None:  # (train's default; none with all)
+        n_top = TrainConfig.train_encoder_layers
+        recipe["train_encoder_layers"] = 0 if args.train_encoder else n_top
     check_config(TrainConfig(**recipe))  # (before work)
     corpus = make_demo_corpus(args.corpus)
     hard = make_hard_copy(corpus, f"{args.corpus}_hard")
@@ -5430,12 +5438,7 @@ def add_tool_args(add_parser: Callable) -> None:
     recipe = {"action": argparse.BooleanOptionalAction, "help": "train's option"}
     p.add_argument("--train-encoder", default=TrainConfig.train_encoder, **recipe)
     p.add_argument("--spec-augment", default=TrainConfig.spec_augment, **recipe)
-    p.add_argument(
-        "--train-encoder-layers",
-        type=at_least(0),
-        default=TrainConfig.train_encoder_layers,
-        help="train's option",
-    )
+    p.add_argument("--train-encoder-layers", type=at_least(0), help="train's option")
     for name in "timestamp_rate prompt_rate window_rate".split():
         flag, default = f"--{name.replace('_', '-')}", getattr(TrainConfig, name)
         p.add_argument(flag, type=float, default=default, help="train's option")
