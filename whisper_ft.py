@@ -260,9 +260,7 @@ class TrainConfig:
     lora_rank: int = 0  # train rank-R adapters (LoRA) of what trains, alone (0: off)
     lora_alpha: float = 64.0  # LoRA: the adapters' product is scaled by alpha / rank
     lora_dropout: float = 0.05  # LoRA: dropout on what each adapter reads
-    cuda_graphs: bool = (
-        True  # on CUDA: train (cached features) and decode steps graphed
-    )
+    cuda_graphs: bool = True  # on CUDA: cached train steps and decode steps graphed
     # optimization
     max_steps: int = 1000  # optimizer updates
     batch_size: int = 16  # utterances per update (before accumulation)
