@@ -1289,10 +1289,9 @@ def test_joined_windows_on_the_grid_in_order_and_whole(seconds, n_tokens, seed, 
         t = 0.0
         for j, (i, start, end) in enumerate(window):
             assert round(start * 50) / 50 == start and start >= t + 0.1 - 1e-9
-            if (
-                end is None
-            ):  # cut: the last, a second of it at least; next opens with it
+            if end is None:  # cut: the last, a second of it heard; the next opens
                 assert j == len(window) - 1 and start <= 29.0 + 1e-9
+                assert wf.on_grid(start + utts[i].seconds) > 30  # (by time, not text)
                 assert windows[k + 1][0][0] == i if i in fits else i not in placed
                 continue
             assert round(end * 50) / 50 == end and end <= 30
@@ -4945,6 +4944,60 @@ def test_cli_trains_and_scores_a_layout_on_its_own_split(tiny_run, tmp_path, lay
     ]
     got = eval_line(run_cli("eval", out / "best.pt", device="cpu", num_workers=0))
     assert got["n"] == 1 and got["cer"] == pytest.approx(records[-1]["test_cer"])
+
+
+def test_hub_quirks_repeated_names_unnamed_parts_damage_deep_json(tmp_path):
+    # the Hub keeps a file's name alone: alike for two speakers, two utterances still
+    rows = {
+        "audio": [
+            {"bytes": mp3_bytes(200 + 50 * k), "path": "001.mp3"} for k in range(5)
+        ],
+        "sentence": ["雲。", "星。", "月。", "空。", "海。"],
+        "client_id": ["a", "b", "c", "d", "e"],
+    }
+    table = pa.table(rows)
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    for part, k in (
+        ("train", slice(0, 2)),
+        ("test", slice(2, 3)),
+        ("other", slice(3, 4)),
+        ("validation", slice(4, 5)),
+    ):
+        pq.write_table(
+            table[k], tmp_path / "hub" / "data" / f"{part}-00000-of-00001.parquet"
+        )
+    utts, _ = wf.read_corpus(str(tmp_path / "hub"), TOKENIZERS["multilingual"])
+    assert len(utts) == 5 and len({u.id for u in utts}) == 5
+    # its own split: train on "train" alone, a part it does not name left out
+    cfg = wf.TrainConfig(data=str(tmp_path / "hub"), batch_size=1)
+    train, held, split = wf.load_data(
+        cfg, TINY, TOKENIZERS["multilingual"], tmp_path, lambda m: None
+    )
+    assert sorted(u.speaker for u in train) == ["a", "b"]
+    assert "d" not in {u.speaker for part in held.values() for u in part}
+    # a damaged page: one line naming the file, never a traceback
+    shard = tmp_path / "hub" / "data" / "train-00000-of-00001.parquet"
+    raw = bytearray(shard.read_bytes())
+    raw[4:40] = bytes(255 - b for b in raw[4:40])
+    shard.write_bytes(bytes(raw))
+    wf.open_table.cache_clear(), wf.read_part.cache_clear()
+    with pytest.raises(wf.UserError, match="not a readable table"):
+        wf.read_corpus(str(tmp_path / "hub"), TOKENIZERS["multilingual"])
+    # a JSONL line nested past the parser's depth: a line skipped, not a traceback
+    write_wav(tmp_path / "j" / "a.wav", rate=16000)
+    lines = ['{"audio_filepath": "a.wav", "text": "雲。"}', "[" * 100_000]
+    (tmp_path / "j" / "m.jsonl").write_text("\n".join(lines) + "\n")
+    utts, report = wf.read_corpus(
+        str(tmp_path / "j" / "m.jsonl"), TOKENIZERS["multilingual"]
+    )
+    assert len(utts) == 1 and report.skipped["line not a JSON object"]
+
+
+def test_a_config_from_before_partial_encoders_resumes_frozen(tmp_path):
+    saved = dataclasses.asdict(wf.TrainConfig(data="x"))
+    del saved["train_encoder_layers"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert wf.load_config(tmp_path / "config.json").train_encoder_layers == 0
 
 
 def test_bad_layouts_and_tables_fail_in_one_line(tiny_run, tmp_path, monkeypatch):

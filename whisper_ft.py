@@ -697,7 +697,7 @@ def read_lines_of(files: list[Path], root: Path, report: CorpusReport) -> list[t
             numbered = ((lines[rows.line_num - 1][0], row) for row in rows)
         try:
             for lineno, row in numbered:
-                with contextlib.suppress(ValueError):
+                with contextlib.suppress(ValueError, RecursionError):
                     row = json.loads(row) if isinstance(row, str) else row
                 if not isinstance(row, dict):
                     report.skipped["line not a JSON object"].append(f"{file}:{lineno}")
@@ -775,14 +775,20 @@ def open_table(path: str) -> tuple[list[int], Callable, str]:
 
 
 # part k of a table (see open_table), the last 8 read kept (by each process)
-read_part = functools.lru_cache(maxsize=8)(lambda path, k: open_table(path)[1](k))
+@functools.lru_cache(maxsize=8)
+def read_part(path: str, k: int):
+    try:
+        return open_table(path)[1](k)
+    except (OSError, ValueError) as e:  # (pyarrow's errors: a damaged page, say)
+        raise UserError(f"{path}: not a readable table ({e})") from None
 
 
 def read_tables(files: list[Path], root: Path, report: CorpusReport) -> list[tuple]:
     """read_rows' records of parquet (the Hub's) or Arrow (save_to_disk's) files, a part
     at a time: audio bytes as FILE#ROW (see audio_file), else the file its path names
-    (relative to the table); ids: those paths sans suffix, else FILE:ROW."""
-    records = []
+    (relative to the table); ids: those paths sans suffix (FILE:ROW where none, or one
+    repeats: the Hub keeps a file's name alone, alike for every speaker)."""
+    records, seen = [], set()
     for file in files:
         starts, _, audio = open_table(str(file))
         rel, part = file.relative_to(root), split_of(file.relative_to(root))
@@ -792,6 +798,8 @@ def read_tables(files: list[Path], root: Path, report: CorpusReport) -> list[tup
                 path = a.get("path") and str(file.parent / a["path"])
                 path = f"{file}#{row}" if a.get("bytes") else path
                 name = a.get("path") and os.path.splitext(a["path"])[0]
+                name = name if name not in seen else None
+                seen.add(name)
                 records.append((where, r, path, name or f"{rel}:{row}", part))
     return records
 
@@ -1944,6 +1952,7 @@ def load_config(path: Path) -> TrainConfig:
             raise UserError(f"{path}: {name} {saved[name]!r}: one of {choices}")
     if not saved.get("data"):
         raise UserError(f"{path}: no data (the corpus the run was made from)")
+    saved.setdefault("train_encoder_layers", 0)  # (before it was an option: none)
     return TrainConfig(**saved)
 
 
@@ -2057,10 +2066,13 @@ def load_data(
         dropped = []
         if not (dev and test):  # (--eval-data's, or a corpus' one held-out part: cut)
             dev, test, dropped = split_dev_test(held, cfg.test_fraction)
-        pool = [u for u in utts if u.part not in ("dev", "test")] if own else utts
+        # (a part it does not name, Common Voice's "other" or "invalidated", say, may
+        # hold dev and test speakers, and bad transcripts: left out)
+        pool = [u for u in utts if u.part == "train"] if own else utts
         train = drop_leaks(pool, held)
         kept = {u.id for u in train}
         dropped += [u for u in pool if u.id not in kept]
+        dropped += [u for u in utts if own and u.part not in ("train", "dev", "test")]
         split = {**split_info(train, dev, test, dropped), "eval_data": cfg.eval_data}
         if own:
             log(f"split: the corpus' own train, dev and test parts ({cfg.data})")
@@ -2181,8 +2193,8 @@ def join_windows(
             window.append((i, start, end))
             t, n, k = end, n + n_tokens[i] + 2, k + 1
             continue
-        if window and CHUNK_LENGTH - start >= 1.0 and n < n_body:
-            window.append((i, start, None))
+        if window and end > CHUNK_LENGTH and CHUNK_LENGTH - start >= 1.0 and n < n_body:
+            window.append((i, start, None))  # (cut by the window's end, not by text)
         k += not window  # too long for any window: left out
         if window:
             windows.append(window)
@@ -2357,9 +2369,8 @@ def memory_estimate(run: Run) -> dict[str, int]:
     # block also its cross-attention, and that attention's keys and values of the audio
     per_token = (16 * size + 8) * s
     decoder = t * (per_token + (3 * size + 4) * s) + 2 * a * s * size
-    # (frozen and uncached, the encoder runs without autograd: it keeps nothing)
-    n_encoder = cfg.train_encoder_layers if cached else dims.n_audio_layer
-    n_encoder *= cached or cfg.train_encoder
+    # (the frozen blocks, cached or run below the trained ones, keep nothing)
+    n_encoder = dims.n_audio_layer if cfg.train_encoder else cfg.train_encoder_layers
     blocks = [decoder] * dims.n_text_layer + [a * per_token] * n_encoder
     if cfg.grad_checkpoint:  # a block's input kept each, one block's all at a time
         blocks = (
@@ -2689,8 +2700,8 @@ def collate_tokens(
     n_masked: Sequence[int] = (),
     n_pad_to: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forcing (tokens, labels) of sequences (each `prefix + text tokens +
-    [eot]`), shape = (n_batch, n_ctx) each, n_ctx at least n_pad_to: rows sequence[:-1]
+    """Teacher-forcing (tokens, labels) of sequences (each `[prompt] prefix + text
+    tokens + [eot]`), shape = (n_batch, n_ctx) each, n_ctx at least n_pad_to: rows sequence[:-1]
     then pad_token (any id: causal attention never lets a real position see a later
     pad), and sequence[1:] then IGNORE_INDEX, as are the first n_masked[i] labels of
     row i (0 if not given): the prompt and prefix the model is given, not taught."""
