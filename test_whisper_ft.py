@@ -2307,8 +2307,15 @@ def test_cli_trains_the_top_encoder_blocks_and_whisper_decodes_the_result(
     tiny_run, tiny2, n_top
 ):
     out = tiny_run / f"top{n_top}"
-    options = tiny_train(tiny_run, model=tiny2, max_steps=4, eval_every=2, out=out)
-    run_cli("train", **options, train_encoder_layers=n_top)
+    options = tiny_train(
+        tiny_run,
+        model=tiny2,
+        max_steps=4,
+        eval_every=2,
+        out=out,
+        train_encoder_layers=n_top,
+    )
+    run_cli("train", **options)
     start = torch.load(tiny2, weights_only=True)["model_state_dict"]
     last = final_weights(out)
     changed = {k for k in last if not torch.equal(last[k], start[k])}
