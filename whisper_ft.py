@@ -1585,10 +1585,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 class LoRA(torch.nn.Module):
-    """A low-rank adapter (LoRA, Hu et al. 2021) of one of whisper's Linear layers, added
-    by a forward hook: the layer computes base(x) + alpha / rank * b(a(dropout(x))), its
-    own weights frozen, and stays whisper's module (its state_dict keys whisper's). b
-    starts at zero: at step 0 the model computes what its base computes."""
+    """A low-rank adapter (LoRA, Hu et al. 2021) of one of whisper's Linear layers,
+    added by a forward hook: the layer computes base(x) + alpha / rank *
+    b(a(dropout(x))), its own weights frozen, and stays whisper's module (its state_dict
+    keys whisper's). b starts at zero: at step 0 the model computes what its base does."""
 
     def __init__(self, base: Linear, rank: int, alpha: float, dropout: float):
         super().__init__()
@@ -1605,7 +1605,7 @@ class LoRA(torch.nn.Module):
         return out + self.b(self.a(x)) * self.scale
 
     def delta(self) -> torch.Tensor:
-        """What merging adds to the base's weight, shape = (out_features, in_features)."""
+        """What merging adds to the base's weight: (out_features, in_features)."""
         return self.b.weight @ self.a.weight * self.scale
 
 
@@ -2701,10 +2701,10 @@ def collate_tokens(
     n_pad_to: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forcing (tokens, labels) of sequences (each `[prompt] prefix + text
-    tokens + [eot]`), shape = (n_batch, n_ctx) each, n_ctx at least n_pad_to: rows sequence[:-1]
-    then pad_token (any id: causal attention never lets a real position see a later
-    pad), and sequence[1:] then IGNORE_INDEX, as are the first n_masked[i] labels of
-    row i (0 if not given): the prompt and prefix the model is given, not taught."""
+    tokens + [eot]`), shape = (n_batch, n_ctx) each, n_ctx at least n_pad_to: rows
+    sequence[:-1] then pad_token (any id: causal attention never lets a real position
+    see a later pad), and sequence[1:] then IGNORE_INDEX, as are the first n_masked[i]
+    labels of row i (0 if not given): the prompt and prefix the model is given."""
     n_ctx = max([len(s) - 1 for s in sequences] + [n_pad_to])
     tokens = torch.full((len(sequences), n_ctx), pad_token, dtype=torch.long)
     labels = torch.full_like(tokens, IGNORE_INDEX)
