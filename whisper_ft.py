@@ -1587,8 +1587,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 class LoRA(torch.nn.Module):
     """A low-rank adapter (LoRA, Hu et al. 2021) of one of whisper's Linear layers,
     added by a forward hook: the layer computes base(x) + alpha / rank *
-    b(a(dropout(x))), its own weights frozen, and stays whisper's module (its state_dict
-    keys whisper's). b starts at zero: at step 0 the model computes what its base does."""
+    b(a(dropout(x))), its own weights frozen, and stays whisper's module (its
+    state_dict keys whisper's). b starts at zero: at step 0 the model is its base."""
 
     def __init__(self, base: Linear, rank: int, alpha: float, dropout: float):
         super().__init__()
