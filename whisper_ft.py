@@ -1623,14 +1623,11 @@ def set_trainable(model: Whisper, cfg: TrainConfig) -> Optional[torch.nn.ModuleD
         return None
     model.requires_grad_(False)
     top = [f"encoder.blocks.{i}." for i in range(len(blocks) - n_top, len(blocks))]
-    adapters, lora = torch.nn.ModuleDict(), (
-        cfg.lora_rank,
-        cfg.lora_alpha,
-        cfg.lora_dropout,
-    )
+    adapters = torch.nn.ModuleDict()
     for name, m in model.named_modules():
         if isinstance(m, Linear) and name.startswith(("decoder.blocks.", *top)):
-            adapters[name.replace(".", "/")] = LoRA(m, *lora)
+            lora = LoRA(m, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+            adapters[name.replace(".", "/")] = lora
     return adapters
 
 
@@ -4620,15 +4617,16 @@ def bench_row(measure: Callable, n_trained: int, device: torch.device) -> dict:
         seconds, step_seconds, extras = measure()
     except (OptionError, torch.cuda.OutOfMemoryError) as e:
         why = str(e).splitlines()[0]
-        torch.cuda.empty_cache()  # (what the failed run held, freed by now)
-        return {"does_not_fit": why}
-    return {
-        "utt_per_s": n_trained / seconds,  # (b)-(e): the cache build amortised
-        "seconds": seconds,
-        "peak_gib": peak_gib(device),
-        **extras,
-        "step_utt_per_s": n_trained / step_seconds,
-    }
+    else:
+        return {
+            "utt_per_s": n_trained / seconds,  # (b)-(e): the cache build amortised
+            "seconds": seconds,
+            "peak_gib": peak_gib(device),
+            **extras,
+            "step_utt_per_s": n_trained / step_seconds,
+        }
+    torch.cuda.empty_cache()  # (outside the except: its traceback held the run)
+    return {"does_not_fit": why}
 
 
 def timed_train(cfg: TrainConfig) -> tuple[float, float, dict]:
@@ -5223,11 +5221,8 @@ def cmd_demo(args) -> None:
     # the demo's flags that are train's options by the same names, passed on
     recipe = "max_steps lr train_encoder train_encoder_layers spec_augment long_form "
     recipe += "timestamp_rate prompt_rate window_rate"
-    recipe = {name: getattr(args, name) for name in recipe.split()}
-    if recipe["train_encoder_layers"] is None:  # (train's default; none with all)
-        n_top = TrainConfig.train_encoder_layers
-        recipe["train_encoder_layers"] = 0 if args.train_encoder else n_top
-    check_config(TrainConfig(**recipe))  # (before work)
+    recipe = {k: v for k in recipe.split() if (v := getattr(args, k)) is not None}
+    check_config(run_config(TrainConfig(**recipe), set(recipe))[0])  # (before work)
     corpus = make_demo_corpus(args.corpus)
     hard = make_hard_copy(corpus, f"{args.corpus}_hard")
     retain = make_english_set(args.retain_corpus)
