@@ -3800,13 +3800,13 @@ def test_bench_runs_all_its_paths_and_reports_ratios(tmp_path):
     last = proc.stdout.strip().splitlines()[-1]
     m = re.fullmatch(
         r"frozen_speedup=([\d.]+) full_speedup=([\d.]+) data_speedup=([\d.]+) "
-        r"partial_speedup=([\d.]+) lora_speedup=([\d.]+)",
+        r"partial_speedup=([\d.]+) lora_speedup=([\d.]+) formats_speedup=([\d.]+)",
         last,
     )
     assert m, proc.stdout
     report = json.loads((out / "bench.json").read_text())
     rows = report["rows"]
-    assert set(rows) == {"a_seed", "b_frozen", "c_full", "d_partial", "e_lora"}
+    assert set(rows) == set("a_seed b_frozen c_full d_partial e_lora f_formats".split())
     a, e = rows["a_seed"], rows["e_lora"]
     assert report["lora_speedup"] == pytest.approx(e["utt_per_s"] / a["utt_per_s"])
     assert float(m[5]) == pytest.approx(report["lora_speedup"], abs=0.01)
@@ -3823,12 +3823,20 @@ def test_bench_runs_all_its_paths_and_reports_ratios(tmp_path):
     assert report["frozen_speedup"] == pytest.approx(b["utt_per_s"] / a["utt_per_s"])
     assert float(m[1]) == pytest.approx(report["frozen_speedup"], abs=0.01)
     assert b["cache_gib"] > 0 and report["rows"]["c_full"]["utt_per_s"] > 0
+    # (f) is (d) with issue 19's formats: its joined windows are cached beside (d)'s
+    d, f = report["rows"]["d_partial"], report["rows"]["f_formats"]
+    assert f["cache_gib"] > d["cache_gib"] > 0
+    assert report["formats_speedup"] == pytest.approx(f["utt_per_s"] / a["utt_per_s"])
+    assert float(m[6]) == pytest.approx(report["formats_speedup"], abs=0.01)
+    assert "(f) (d) with --timestamp-rate 0.5 --prompt-rate 0.5 --window-rate 1" in (
+        proc.stdout
+    )
     d = report["data_ms_per_utt"]
     assert report["data_speedup"] == pytest.approx(d["seed"] / d["ours"])
     assert report["decode"]["identical"] and report["decode"]["batch"] == 16
     assert "identical tokens: True" in proc.stdout
     # each of whisper_ft's paths again under the profiler: its ops, most time first
-    for name in ("b_frozen", "c_full", "d_partial", "e_lora"):
+    for name in ("b_frozen", "c_full", "d_partial", "e_lora", "f_formats"):
         assert not (out / name).exists()  # (its last.pt and state.pt: GBs when large)
         path = out / f"profile_{name}.txt"
         assert report["profiles"][name] == str(path)
@@ -3859,6 +3867,7 @@ def test_a_bench_row_that_does_not_fit_is_reported_not_crashed(capsys):
     report = dict(
         device="H100", dims="large-v3", n_utts=64, epochs=1, batch_size=16,
         grad_checkpoint=True, partial_layers=2, lora_rank=32, data_speedup=2.0,
+        formats="--window-rate 1", formats_speedup=None,
         rows={"a_seed": row, "b_frozen": fitted, "c_full": refused},
         frozen_speedup=None, full_speedup=None, partial_speedup=None, lora_speedup=None,
         data_ms_per_utt={"seed": 2.0, "ours": 1.0},
@@ -3875,7 +3884,7 @@ def test_a_bench_row_that_does_not_fit_is_reported_not_crashed(capsys):
     assert frozen.endswith("| estimate 3.00 GiB")
     assert lines[-1] == (
         "frozen_speedup=nan full_speedup=nan data_speedup=2.00 partial_speedup=nan "
-        "lora_speedup=nan"
+        "lora_speedup=nan formats_speedup=nan"
     )
 
 

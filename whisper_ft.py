@@ -4579,9 +4579,13 @@ def decode_costs(
 # what a bench writes in its --out: all it may remove there
 BENCH_FILES = {".bench", "model.pt", "corpus", "bench.json"} | {
     f"{prefix}{run}{suffix}"
-    for run in ("b_frozen", "c_full", "d_partial", "e_lora")
+    for run in ("b_frozen", "c_full", "d_partial", "e_lora", "f_formats")
     for prefix, suffix in [("", ""), ("profile_", ""), ("profile_", ".txt")]
 }
+
+
+# bench's (f): issue 19's mix of the training formats (longer sequences: up to 448)
+FORMATS_MIX = dict(timestamp_rate=0.5, prompt_rate=0.5, window_rate=1.0)
 
 
 def bench_dir(out: Path) -> None:
@@ -4642,7 +4646,8 @@ def timed_train(cfg: TrainConfig) -> tuple[float, float, dict]:
 def bench(args) -> dict:
     """Run (a) the seed recipe, and whisper_ft with (b) the encoder frozen, (c) all of
     it trained, (d) its top --train-encoder-layers blocks trained, (e) LoRA adapters of
-    the decoder (encoder frozen); report. A row that does not fit the GPU says so."""
+    the decoder (encoder frozen), (f) (d) with timestamps, prompts and joined windows
+    (FORMATS_MIX); report. A row that does not fit the GPU says so."""
     device = pick_device(args.device)
     # on a GPU, more and larger batches: else start-up (workers, CUDA) is much of it
     n_utts = args.n_utts or (1024 if device.type == "cuda" else 64)
@@ -4675,6 +4680,7 @@ def bench(args) -> dict:
         "c_full": dict(train_encoder=True, grad_checkpoint=args.grad_checkpoint),
         "d_partial": dict(train_encoder_layers=n_top),
         "e_lora": dict(lora_rank=args.lora_rank, train_encoder_layers=0),
+        "f_formats": dict(train_encoder_layers=n_top, **FORMATS_MIX),
     }
     for name, options in paths.items():
         peak_gib(device, reset=True)
@@ -4720,6 +4726,9 @@ def bench(args) -> dict:
         **speedups,
         "partial_layers": n_top,
         "lora_rank": args.lora_rank,
+        "formats": " ".join(
+            f"--{k.replace('_', '-')} {v:g}" for k, v in FORMATS_MIX.items()
+        ),
         "data_speedup": seed_s / ours_s,
         "decode": decode,
     }
@@ -4763,7 +4772,8 @@ def print_bench(report: dict) -> None:
     print(
         "device {device}, dims {dims}, {n_utts} utts, {epochs} epochs, batch "
         "{batch_size}, grad checkpoint {grad_checkpoint}, (d) trains the top "
-        "{partial_layers} encoder blocks, (e) LoRA rank {lora_rank}".format_map(report)
+        "{partial_layers} encoder blocks, (e) LoRA rank {lora_rank}, (f) (d) with "
+        "{formats}".format_map(report)
     )
     base = report["rows"]["a_seed"].get("utt_per_s", math.nan)
     for name, r in report["rows"].items():
@@ -4790,7 +4800,7 @@ def print_bench(report: dict) -> None:
     )
     for name, path in report.get("profiles", {}).items():
         print(f"profile of {name} (untimed): {path}")
-    names = "frozen full data partial lora".split()  # (nan: a row that does not fit)
+    names = "frozen full data partial lora formats".split()  # (nan: does not fit)
     print(
         " ".join(f"{k}_speedup={report[f'{k}_speedup'] or math.nan:.2f}" for k in names)
     )
@@ -5395,7 +5405,7 @@ def add_tool_args(add_parser: Callable) -> None:
     p.add_argument(
         "--profile",
         action="store_true",
-        help="then (b) to (e) again, shorter and untimed, under torch.profiler: "
+        help="then (b) to (f) again, shorter and untimed, under torch.profiler: "
         "OUT/profile_*.txt",
     )
     p.set_defaults(func=lambda a: print_bench(bench(a)))
