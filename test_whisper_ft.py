@@ -4872,6 +4872,10 @@ def test_kaldi_data_directories_and_their_quirks(tmp_path):
     assert "read as Kaldi data directories (dev/wav.scp, test/wav.scp, train/wav" in (
         report.summary("data")
     )
+    # segments (utterances as spans of recordings): refused, not read as none
+    (test / "segments").write_text("s4_9 rec1 0.0 1.5\n")
+    with pytest.raises(wf.UserError, match=r"test/segments: Kaldi segments: utter"):
+        wf.read_corpus(str(root), TOKENIZERS["multilingual"])
 
 
 def test_jsonl_manifests_and_audiofolder_quirks(tmp_path):
@@ -5052,6 +5056,22 @@ def test_bad_layouts_and_tables_fail_in_one_line(tiny_run, tmp_path, monkeypatch
         "check", data=tmp_path / "k.parquet", model="tiny", text_column="kana"
     )
     assert "1 utterances used, 0 skipped" in proc.stdout
+    # embedded bytes that are not audio: named by FILE#ROW, not by their buffer
+    junk = {"bytes": b"not audio" * 20, "path": "j.wav"}
+    pq.write_table(pa.table({"audio": [junk], "text": ["ア"]}), tmp_path / "j.parquet")
+    with pytest.raises(wf.UserError) as e:
+        wf.load_wave(f"{tmp_path / 'j.parquet'}#0")
+    assert re.fullmatch(
+        rf"{tmp_path}/j.parquet#0: cannot read audio \([^<]+\)", str(e.value)
+    )
+    # where there are no columns (JVS, a TSV list): refused, not ignored
+    (tmp_path / "list.tsv").write_text(f"{tmp_path / 'u.mp3'}\tアメ\n")
+    for data, what in [
+        (tmp_path / "list.tsv", "a TSV list"),
+        (tiny_run / "jvs", "JVS"),
+    ]:
+        with pytest.raises(wf.OptionError, match=rf"^--text-column kana: .* {what}:"):
+            wf.read_corpus(str(data), tok, text_column="kana")
     # no pyarrow: said in one line, with how to install it
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     shutil.copy(tmp_path / "k.parquet", tmp_path / "k2.parquet")  # (open_table caches)

@@ -337,7 +337,8 @@ def load_wave(path: str | os.PathLike) -> torch.Tensor:
     except UserError:
         raise
     except Exception as e:  # soundfile raises LibsndfileError, TypeError, RuntimeError
-        raise UserError(f"{path}: cannot read audio ({e})") from None
+        said = re.sub(r"<_io.BytesIO object at \w+>:? ?", "", str(e))  # (FILE#ROW's)
+        raise UserError(f"{path}: cannot read audio ({said})") from None
     if audio.shape[0] == 0:
         raise UserError(f"{path}: empty audio (0 samples)")
     if not np.isfinite(audio).all():
@@ -719,6 +720,9 @@ def read_kaldi(scps: list[Path], root: Path, report: CorpusReport) -> list[tuple
     records = []
     for scp in scps:
         d, tables = scp.parent, {"wav.scp": {}, "utt2spk": {}, "text": {}}
+        if (d / "segments").exists():  # (wav.scp then names recordings, not utterances)
+            said = "utterances cut from recordings are not read: a file each in wav.scp"
+            raise UserError(f"{d / 'segments'}: Kaldi segments: {said}")
         for name, table in tables.items():  # ID -> (the rest of its line, file:line)
             lines = _read_lines(d / name, report) if (d / name).is_file() else ()
             for n, line in lines:
@@ -825,6 +829,8 @@ def read_dir(root: Path, subsets: Sequence[str], report: CorpusReport, text_colu
             report.layout = f"{name} ({shown}{', ...' * (len(found) > 3)})"
             return read_rows(read(sorted(found), root, report), report, text_column)
     report.layout = "JVS"
+    if text_column:  # (a JVS transcript is `ID:text`)
+        raise OptionError(f"--text-column {text_column}: {root} is JVS: no columns")
     if not (utts := read_jvs(root, subsets, report)) and not report.skipped:
         looked = ", ".join(n for names, _ in LAYOUTS.values() for n in names)
         jvs = f"<speaker>/{'|'.join(subsets)}/{JVS_TRANSCRIPT}"
@@ -855,6 +861,10 @@ def read_corpus(
     elif path.suffix in (".jsonl", ".json", ".parquet", ".arrow"):
         read = read_tables if path.suffix in (".parquet", ".arrow") else read_lines_of
         utts = read_rows(read([path], path.parent, report), report, text_column)
+    elif text_column:  # (a TSV list is `path<TAB>text[<TAB>speaker]`)
+        raise OptionError(
+            f"--text-column {text_column}: {data} is a TSV list: no header"
+        )
     else:
         utts = read_manifest(path, report)
     excluded = set()
