@@ -337,7 +337,9 @@ def load_wave(path: str | os.PathLike) -> torch.Tensor:
     except UserError:
         raise
     except Exception as e:  # soundfile raises LibsndfileError, TypeError, RuntimeError
-        said = re.sub(r"<_io.BytesIO object at \w+>:? ?", "", str(e))  # (FILE#ROW's)
+        said = re.sub(
+            r"(Error opening )?<_io.BytesIO[^>]*>: ", "", str(e)
+        )  # (FILE#ROW)
         raise UserError(f"{path}: cannot read audio ({said})") from None
     if audio.shape[0] == 0:
         raise UserError(f"{path}: empty audio (0 samples)")
