@@ -2805,6 +2805,7 @@ def test_bad_options_are_refused_before_any_work(tiny_run, flags, said, capsys):
         (["transcribe", "x.pt", "a.wav", "--language", "zz"], "zz: not a whisper"),
         (["bench", "--dims", "huge"], "invalid choice: 'huge'"),
         (["bench", "--n-utts", "4", "--batch-size", "8"], "at least 2 batches of 8"),
+        (["bench", "--window-rate", "2"], "--window-rate 2.0: must be in [0, 1]"),
         (["demo", "--lr", "-1"], "-1: must be >= 1e-12"),
     ],
 )
@@ -3792,7 +3793,8 @@ def test_bench_runs_all_its_paths_and_reports_ratios(tmp_path):
     (tmp_path / "no").mkdir()
     (tmp_path / "no" / "pyopenjtalk.py").write_text("raise ImportError('absent')\n")
     out = tmp_path / "bench"
-    flags = ["--grad-checkpoint", "--profile"]
+    flags = ["--grad-checkpoint", "--profile", "--timestamp-rate", "0.5"]
+    flags += ["--prompt-rate", "0.5", "--window-rate", "1"]
     cmd = cli("bench", *flags, n_utts=16, epochs=1, device="cpu", out=out)
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "no")}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
@@ -3823,7 +3825,7 @@ def test_bench_runs_all_its_paths_and_reports_ratios(tmp_path):
     assert report["frozen_speedup"] == pytest.approx(b["utt_per_s"] / a["utt_per_s"])
     assert float(m[1]) == pytest.approx(report["frozen_speedup"], abs=0.01)
     assert b["cache_gib"] > 0 and report["rows"]["c_full"]["utt_per_s"] > 0
-    # (f) is (d) with issue 19's formats: its joined windows are cached beside (d)'s
+    # (f) is (d) with issue 19's formats as the flags say: its windows cached too
     d, f = report["rows"]["d_partial"], report["rows"]["f_formats"]
     assert f["cache_gib"] > d["cache_gib"] > 0
     assert report["formats_speedup"] == pytest.approx(f["utt_per_s"] / a["utt_per_s"])

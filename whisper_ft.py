@@ -4596,8 +4596,9 @@ BENCH_FILES = {".bench", "model.pt", "corpus", "bench.json"} | {
 }
 
 
-# bench's (f): issue 19's mix of the training formats (longer sequences: up to 448)
-FORMATS_MIX = dict(timestamp_rate=0.5, prompt_rate=0.5, window_rate=1.0)
+# issue 19's training formats: (a) to (e) train utterances alone, (f) these as bench's
+# flags say (train's defaults): longer sequences (up to 448 tokens), more to learn
+FORMATS = ("timestamp_rate", "prompt_rate", "window_rate")
 
 
 def bench_dir(out: Path) -> None:
@@ -4659,13 +4660,14 @@ def bench(args) -> dict:
     """Run (a) the seed recipe, and whisper_ft with (b) the encoder frozen, (c) all of
     it trained, (d) its top --train-encoder-layers blocks trained, (e) LoRA adapters of
     the decoder (encoder frozen), (f) (d) with timestamps, prompts and joined windows
-    (FORMATS_MIX); report. A row that does not fit the GPU says so."""
+    (FORMATS); report. A row that does not fit the GPU says so."""
     device = pick_device(args.device)
     # on a GPU, more and larger batches: else start-up (workers, CUDA) is much of it
     n_utts = args.n_utts or (1024 if device.type == "cuda" else 64)
     batch_size = args.batch_size or (16 if device.type == "cuda" else 8)
     if n_utts < 2 * batch_size:  # (its split holds a quarter of them out)
         raise OptionError(f"--n-utts {n_utts}: at least 2 batches of {batch_size}")
+    check_config(TrainConfig(**(formats := {k: getattr(args, k) for k in FORMATS})))
     out = Path(args.out)
     bench_dir(out)
     dims = BENCH_DIMS.get(args.dims) or model_dims(args.dims)
@@ -4692,7 +4694,7 @@ def bench(args) -> dict:
         "c_full": dict(train_encoder=True, grad_checkpoint=args.grad_checkpoint),
         "d_partial": dict(train_encoder_layers=n_top),
         "e_lora": dict(lora_rank=args.lora_rank, train_encoder_layers=0),
-        "f_formats": dict(train_encoder_layers=n_top, **FORMATS_MIX),
+        "f_formats": dict(train_encoder_layers=n_top, **formats),
     }
     for name, options in paths.items():
         peak_gib(device, reset=True)
@@ -4712,7 +4714,7 @@ def bench(args) -> dict:
             device=str(device),
             num_workers=2,
             log_every=max(1, n_steps // 4),
-            **options,
+            **(dict.fromkeys(FORMATS, 0.0) | options),
         )
         rows[name] = bench_row(lambda: timed_train(cfg), n_trained, device)
         if "utt_per_s" in rows[name]:  # (one that does not fit: not profiled)
@@ -4739,7 +4741,7 @@ def bench(args) -> dict:
         "partial_layers": n_top,
         "lora_rank": args.lora_rank,
         "formats": " ".join(
-            f"--{k.replace('_', '-')} {v:g}" for k, v in FORMATS_MIX.items()
+            f"--{k.replace('_', '-')} {v:g}" for k, v in formats.items()
         ),
         "data_speedup": seed_s / ours_s,
         "decode": decode,
@@ -5414,6 +5416,10 @@ def add_tool_args(add_parser: Callable) -> None:
     p.add_argument(
         "--lora-rank", type=at_least(1), default=32, help="(e): its LoRA adapters' rank"
     )
+    for name in FORMATS:
+        default = getattr(TrainConfig, name)
+        flag, said = "--" + name.replace("_", "-"), f"(f): train's (default: {default})"
+        p.add_argument(flag, type=float, default=default, help=said)
     p.add_argument(
         "--profile",
         action="store_true",
