@@ -1526,9 +1526,11 @@ def tiny_train(tiny_run: Path, **options) -> dict:
             lr=1e-3,
             warmup_steps=1,
             long_form=False,  # whisper.transcribe on a random model: slow
-            # the frozen encoder (train's default trains the top block: N > 0 and
-            # --train-encoder have tests of their own)
+            # the frozen encoder, on utterances alone (train's default trains the top
+            # block and joins windows: N > 0, --train-encoder and windows have tests
+            # of their own)
             train_encoder_layers=0,
+            window_rate=0.0,
         )
         | options
     )
@@ -1763,6 +1765,17 @@ def test_cli_sigint_saves_and_resumes(tiny_run):
     assert f"--resume {out}" in stderr
     run_cli("train", resume=out, device="cpu")
     assert_same_weights(tiny_run / "full", out)
+
+
+def test_processes_wait_hours_not_minutes_for_rank_0_s_one_time_work(monkeypatch):
+    # rank 0 alone digests the training audio and writes the joined windows (a default)
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(wf.dist, "init_process_group", lambda *a, **k: seen.update(k))
+    monkeypatch.setattr(wf.dist, "barrier", lambda: None)
+    monkeypatch.setattr(wf.dist, "get_rank", lambda: 1)
+    assert wf._dist_setup("cpu") == (1, 2, torch.device("cpu"))
+    assert seen["timeout"].total_seconds() >= 3600  # (NCCL's default: 600)
 
 
 # (LoRA's dropout off: its masks are drawn per micro-batch, so differ with the split)
@@ -3793,8 +3806,9 @@ def test_bench_runs_all_its_paths_and_reports_ratios(tmp_path):
     (tmp_path / "no").mkdir()
     (tmp_path / "no" / "pyopenjtalk.py").write_text("raise ImportError('absent')\n")
     out = tmp_path / "bench"
+    # (f): train's default formats (joined windows), with timestamps and prompts
     flags = ["--grad-checkpoint", "--profile", "--timestamp-rate", "0.5"]
-    flags += ["--prompt-rate", "0.5", "--window-rate", "1"]
+    flags += ["--prompt-rate", "0.5"]
     cmd = cli("bench", *flags, n_utts=16, epochs=1, device="cpu", out=out)
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "no")}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
@@ -5015,11 +5029,13 @@ def test_hub_quirks_repeated_names_unnamed_parts_damage_deep_json(tmp_path):
     assert len(utts) == 1 and report.skipped["line not a JSON object"]
 
 
-def test_a_config_from_before_partial_encoders_resumes_frozen(tmp_path):
+def test_a_config_from_before_partial_encoders_and_windows_resumes_as_it_ran(tmp_path):
     saved = dataclasses.asdict(wf.TrainConfig(data="x"))
-    del saved["train_encoder_layers"]
+    del saved["train_encoder_layers"], saved["window_rate"]
     (tmp_path / "config.json").write_text(json.dumps(saved))
-    assert wf.load_config(tmp_path / "config.json").train_encoder_layers == 0
+    cfg = wf.load_config(tmp_path / "config.json")
+    assert cfg.train_encoder_layers == 0 < wf.TrainConfig.train_encoder_layers
+    assert cfg.window_rate == 0.0 < wf.TrainConfig.window_rate
 
 
 def test_bad_layouts_and_tables_fail_in_one_line(tiny_run, tmp_path, monkeypatch):

@@ -30,6 +30,7 @@ import contextlib
 import csv
 import ctypes
 import dataclasses
+import datetime
 import errno
 import functools
 import hashlib
@@ -248,7 +249,7 @@ class TrainConfig:
     # what the decoder learns besides <|notimestamps|> clips (drawn once, from seed)
     timestamp_rate: float = 0.0  # share of utterances with whisper's timestamps
     prompt_rate: float = 0.0  # share after <|startofprev|> and the speaker's last text
-    window_rate: float = 0.0  # share of 30-s windows of joined utterances also trained
+    window_rate: float = 1.0  # share of 30-s windows of joined utterances also trained
     # model
     model: str = "base"  # whisper name, openai-format .pt, or CTranslate2 model dir
     init: str = "pretrained"  # pretrained | random: same dims, random weights (tests)
@@ -1753,7 +1754,10 @@ def _dist_setup(device_name: str) -> tuple[int, int, torch.device]:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # rank 0 alone digests the training audio and writes the joined windows while the
+    # others wait: on a large corpus, longer than NCCL's default 10 minutes
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
     dist.barrier()  # (so every rank checks a new --out before any writes there)
     return dist.get_rank(), world, device
 
@@ -1961,7 +1965,8 @@ def load_config(path: Path) -> TrainConfig:
             raise UserError(f"{path}: {name} {saved[name]!r}: one of {choices}")
     if not saved.get("data"):
         raise UserError(f"{path}: no data (the corpus the run was made from)")
-    saved.setdefault("train_encoder_layers", 0)  # (before it was an option: none)
+    # options newer than the run: what the run did without them (defaults since not 0)
+    saved = dict(train_encoder_layers=0, window_rate=0.0) | saved
     return TrainConfig(**saved)
 
 
