@@ -338,9 +338,8 @@ def load_wave(path: str | os.PathLike) -> torch.Tensor:
     except UserError:
         raise
     except Exception as e:  # soundfile raises LibsndfileError, TypeError, RuntimeError
-        said = re.sub(
-            r"(Error opening )?<_io.BytesIO[^>]*>: ", "", str(e)
-        )  # (FILE#ROW)
+        # (soundfile names FILE#ROW's bytes by their buffer: left out)
+        said = re.sub(r"(Error opening )?<_io.BytesIO[^>]*>: ", "", str(e))
         raise UserError(f"{path}: cannot read audio ({said})") from None
     if audio.shape[0] == 0:
         raise UserError(f"{path}: empty audio (0 samples)")
@@ -1965,7 +1964,7 @@ def load_config(path: Path) -> TrainConfig:
             raise UserError(f"{path}: {name} {saved[name]!r}: one of {choices}")
     if not saved.get("data"):
         raise UserError(f"{path}: no data (the corpus the run was made from)")
-    # options newer than the run: what the run did without them (defaults since not 0)
+    # options added since the run was made: what it did without them (not the default)
     saved = dict(train_encoder_layers=0, window_rate=0.0) | saved
     return TrainConfig(**saved)
 
@@ -4664,8 +4663,8 @@ def timed_train(cfg: TrainConfig) -> tuple[float, float, dict]:
 def bench(args) -> dict:
     """Run (a) the seed recipe, and whisper_ft with (b) the encoder frozen, (c) all of
     it trained, (d) its top --train-encoder-layers blocks trained, (e) LoRA adapters of
-    the decoder (encoder frozen), (f) (d) with timestamps, prompts and joined windows
-    (FORMATS); report. A row that does not fit the GPU says so."""
+    the decoder (encoder frozen), (f) (d) with the FORMATS rates bench's flags give
+    (train's defaults); report. A row that does not fit the GPU says so."""
     device = pick_device(args.device)
     # on a GPU, more and larger batches: else start-up (workers, CUDA) is much of it
     n_utts = args.n_utts or (1024 if device.type == "cuda" else 64)
