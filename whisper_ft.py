@@ -3134,6 +3134,8 @@ def train(cfg: TrainConfig, given: Optional[set[str]] = None) -> dict:
         for s, h in handlers.items():
             signal.signal(s, h)
         if run.world > 1:
+            if sys.exc_info()[0] is None:  # (a rank torn down before another's last
+                dist.barrier()  # collective ends can abort: gloo did, under load)
             dist.destroy_process_group()
     return {
         "best_cer": run.best_cer,
