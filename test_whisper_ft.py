@@ -1043,6 +1043,16 @@ def test_feature_cache_is_reused_and_never_stale(tmp_path):
     other.encoder.register_forward_hook(lambda m, i, o: calls.append(len(o)))
     assert not torch.equal(encode(other), again) and calls == [2, 1]
 
+    # a joined window (no file of its own): keyed by its pieces and where they start
+    def window(*starts):
+        pieces = tuple((u.path, start) for u, start in zip(utts, starts))
+        return dataclasses.replace(utts[0], path="w.json:1", pieces=pieces, seconds=2)
+
+    a = wf.encode_audio(other, [window(0.1, 0.7)], 1, 0, torch.float32, cache).rows
+    calls.clear()
+    b = wf.encode_audio(other, [window(0.1, 0.9)], 1, 0, torch.float32, cache).rows
+    assert calls == [1] and not torch.equal(a, b)  # (not a's, read back)
+
 
 def test_features_are_kept_in_the_dtype_steps_compute_in(tmp_path):
     # whisper's decoder casts its activations and weights to the features' dtype: a
@@ -1350,17 +1360,29 @@ def test_cli_trains_timestamps_prompts_windows_and_resumes_bitwise(
     full = tiny_run / "ts_full"
     run_cli("train", **options, out=full)
     split = json.loads((full / "split.json").read_text())
-    windows = json.loads((full / "windows" / "windows.json").read_text())
+    windows = json.loads((full / "windows.json").read_text())
     assert windows and all(len(w) >= 1 for w in windows)
-    # only training utterances in windows; their audio where the plan puts it, exactly
+    assert not (full / "windows").exists()  # (no copy of the audio: joined when read)
+    # only training utterances in windows; the audio a window trains on has each where
+    # windows.json puts it, exactly
     utts = {
         u.id: u
         for u in wf.read_corpus(str(tiny_run / "jvs"), TOKENIZERS["multilingual"])[0]
     }
     members = [m for w in windows for m in w]
     assert {i for i, _, _ in members} <= set(split["train"])
+    train_utts = [utts[i] for i in split["train"]]
+    samples, record = wf.training_samples(
+        train_config({**options, "out": full}),
+        train_utts,
+        TOKENIZERS["multilingual"],
+        TINY.n_text_ctx,
+    )
+    assert json.loads(json.dumps(record)) == windows
+    dataset = wf.AudioDataset(samples)
     for k, window in enumerate(windows):
-        audio = wf.load_wave(full / "windows" / f"{k:06d}.wav")
+        audio = dataset[len(train_utts) + k]
+        assert len(audio) == round((window[-1][2] or 30.0) * wf.SAMPLE_RATE)
         for i, start, end in window:
             wave = wf.load_wave(utts[i].path)
             a = round(start * wf.SAMPLE_RATE)
@@ -1386,7 +1408,7 @@ def test_cli_trains_timestamps_prompts_windows_and_resumes_bitwise(
             }
         )
     )
-    assert not (plain / "windows").exists()
+    assert not (plain / "windows.json").exists()
     assert not torch.equal(
         final_weights(plain)["decoder.ln.weight"],
         final_weights(full)["decoder.ln.weight"],
@@ -1768,7 +1790,7 @@ def test_cli_sigint_saves_and_resumes(tiny_run):
 
 
 def test_processes_wait_hours_not_minutes_for_rank_0_s_one_time_work(monkeypatch):
-    # rank 0 alone digests the training audio and writes the joined windows (a default)
+    # rank 0 alone digests the training audio (split.json) while the others wait
     seen = {}
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(wf.dist, "init_process_group", lambda *a, **k: seen.update(k))

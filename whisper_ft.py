@@ -297,6 +297,11 @@ class OptionError(UserError):
     """A bad option, refused before any work: exit 2, as argparse's own errors."""
 
 
+def flag(name: str) -> str:
+    """The command-line flag of a TrainConfig field: train_encoder -> --train-encoder."""
+    return "--" + name.replace("_", "-")
+
+
 # -----------------------------------------------------------------------------
 # audio
 
@@ -550,6 +555,8 @@ class Utterance:
     tokens: list[int] = field(default_factory=list)  # prefix + target tokens + eot
     seconds: float = 0.0  # the audio's duration
     part: str = ""  # train, dev or test: the corpus' own split ("": it has none)
+    # a joined window's audio: (path, start in s) of each utterance in it (join_audio)
+    pieces: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass
@@ -1051,13 +1058,29 @@ class AudioDataset(torch.utils.data.Dataset):
     """Utterance audio, cut at 30 s; pad_waves batches it, the mel is made on device."""
 
     def __init__(self, utts: Sequence[Utterance]):
-        self.paths = [u.path for u in utts]
+        self.paths = [u.path for u in utts]  # (what its worker processes are given)
+        self.windows = {
+            i: (u.pieces, u.seconds) for i, u in enumerate(utts) if u.pieces
+        }
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return load_wave(self.paths[i])[:N_SAMPLES]  # (n_samples,)
+        window = self.windows.get(i)
+        audio = join_audio(*window) if window else load_wave(self.paths[i])
+        return audio[:N_SAMPLES]  # (n_samples,)
+
+
+def join_audio(pieces: Sequence[tuple[str, float]], seconds: float) -> torch.Tensor:
+    """A joined window's audio, `seconds` long, (n_samples,): each piece (an audio path,
+    its start in s) from its start on, cut at the end; silence between."""
+    audio = torch.zeros(round(seconds * SAMPLE_RATE))
+    for path, start in pieces:
+        a = round(start * SAMPLE_RATE)
+        wave = load_wave(path)[: len(audio) - a]
+        audio[a : a + len(wave)] = wave
+    return audio
 
 
 def pad_waves(waves: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -1193,7 +1216,7 @@ def encode_audio(
     if cache_dir is not None:
         key_dir = Path(cache_dir) / _encoder_key(model, dtype, n_top)
         key_dir.mkdir(parents=True, exist_ok=True)
-        features.paths = [key_dir / f"{_audio_key(u.path)}.npy" for u in utts]
+        features.paths = [key_dir / f"{_audio_key(u.path, u.pieces)}.npy" for u in utts]
     cached = {i for i, path in enumerate(features.paths) if path.is_file()}
     for i in cached if where != "disk" else ():
         features.rows[i] = features.load(i)
@@ -1236,10 +1259,15 @@ def _encoder_key(model: Whisper, dtype: torch.dtype, n_top: int = 0) -> str:
     return h.hexdigest()[:24]
 
 
-def _audio_key(path: str) -> str:
-    st = os.stat(EMBEDDED.sub(r"\1", path))  # (FILE#ROW: its table's)
-    ident = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
-    return hashlib.sha1(ident.encode()).hexdigest()
+def _audio_key(path: str, pieces: Sequence[tuple[str, float]] = ()) -> str:
+    """A file's path, size and time; a joined window's: its pieces' and their starts."""
+
+    def ident(path: str) -> str:
+        st = os.stat(EMBEDDED.sub(r"\1", path))  # (FILE#ROW: its table's)
+        return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+
+    text = repr([(ident(p), start) for p, start in pieces]) if pieces else ident(path)
+    return hashlib.sha1(text.encode()).hexdigest()
 
 
 # -----------------------------------------------------------------------------
@@ -1753,8 +1781,8 @@ def _dist_setup(device_name: str) -> tuple[int, int, torch.device]:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    # rank 0 alone digests the training audio and writes the joined windows while the
-    # others wait: on a large corpus, longer than NCCL's default 10 minutes
+    # rank 0 alone digests the training audio (split.json) while the others wait at
+    # their first collective: on a large corpus, longer than NCCL's default 10 minutes
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
     dist.barrier()  # (so every rank checks a new --out before any writes there)
@@ -1885,7 +1913,7 @@ def out_of_range(values: dict) -> Optional[tuple[str, str]]:
 def check_config(cfg: TrainConfig) -> None:
     """Options that are wrong whatever the data: refused before anything is read."""
     if bad := out_of_range(dataclasses.asdict(cfg)):
-        raise OptionError(f"--{bad[0].replace('_', '-')} {bad[1]}")
+        raise OptionError(f"{flag(bad[0])} {bad[1]}")
     if cfg.language not in whisper.tokenizer.LANGUAGES:
         raise OptionError(f"--language {cfg.language}: not a whisper language code")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
@@ -1909,8 +1937,9 @@ def check_config(cfg: TrainConfig) -> None:
         )
     for name in ("lora_alpha", "lora_dropout"):  # (else silently of no effect)
         if not cfg.lora_rank and getattr(cfg, name) != getattr(TrainConfig, name):
-            flag = "--" + name.replace("_", "-")
-            raise OptionError(f"{flag} {getattr(cfg, name)}: only with --lora-rank")
+            raise OptionError(
+                f"{flag(name)} {getattr(cfg, name)}: only with --lora-rank"
+            )
     if cfg.spec_augment and (cfg.train_encoder or not cfg.cache_features):
         raise OptionError(
             "--spec-augment masks the cached features: not with --train-encoder "
@@ -1996,11 +2025,10 @@ def run_config(
             k for k in given - {"resume"} if getattr(cfg, k) != getattr(saved, k)
         }
         for name in sorted(changed - RESUME_OPTIONS):
-            flag = "--" + name.replace("_", "-")
             raise OptionError(
-                f"{flag} {getattr(cfg, name)}: a resumed run keeps its own "
+                f"{flag(name)} {getattr(cfg, name)}: a resumed run keeps its own "
                 f"({getattr(saved, name)!r}); it may change only "
-                + ", ".join("--" + k.replace("_", "-") for k in sorted(RESUME_OPTIONS))
+                + ", ".join(map(flag, sorted(RESUME_OPTIONS)))
             )
         changes = {k: (getattr(saved, k), getattr(cfg, k)) for k in sorted(changed)}
         cfg = dataclasses.replace(
@@ -2223,9 +2251,9 @@ def training_samples(
 ) -> tuple[list[Utterance], list]:
     """What a run trains on: its utterances, a cfg.timestamp_rate share of them with
     timestamps, a cfg.prompt_rate share after their speaker's preceding text; and a
-    cfg.window_rate share of join_windows' windows, with timestamps, whose audio is
-    cfg.out/windows/ (the second value: what write_windows writes there). Drawn from
-    cfg.seed alone: a resumed run trains on the same samples."""
+    cfg.window_rate share of join_windows' windows, with timestamps, their audio joined
+    when read (join_audio); and the windows as cfg.out/windows.json records them. Drawn
+    from cfg.seed alone: a resumed run trains on the same samples."""
     if not (cfg.timestamp_rate or cfg.prompt_rate or cfg.window_rate):
         return utts, []
     rng = random.Random(f"{cfg.seed}|samples")
@@ -2251,48 +2279,21 @@ def training_samples(
     n_body = n_text_ctx - len(tokenizer.sot_sequence) - 1
     plan = join_windows(utts, list(map(len, text)), cfg.seed, n_body)
     plan = [w for w in plan if rng.random() < cfg.window_rate]
-    root = Path(cfg.out) / "windows"
     for k, window in enumerate(plan):
-        i, seconds = window[0][0], window[-1][2] or CHUNK_LENGTH
-        full = [utts[j] for j, _, end in window if end]
+        i, full = window[0][0], [utts[j] for j, _, end in window if end]
+        where = f"{Path(cfg.out) / 'windows.json'}:{k + 1}"  # (a window has no file)
         u = Utterance(
             id=f"windows/{k:06d}",
-            path=str(root / f"{k:06d}.wav"),
+            path=where,
             text=" ".join(v.text for v in full),
             speaker=utts[i].speaker,
-            source=f"{root}/windows.json:{k + 1}",
+            source=where,
             target="".join(v.target for v in full),
-            seconds=seconds,
+            seconds=window[-1][2] or CHUNK_LENGTH,
+            pieces=tuple((utts[j].path, start) for j, start, _ in window),
         )
         samples.append(sample(u, [(s, e, text[j]) for j, s, e in window], True, i))
-    return samples, [[(utts[j], s, e) for j, s, e in w] for w in plan]
-
-
-def write_windows(
-    root: Path, plan: list[list[tuple[Utterance, float, Optional[float]]]]
-):
-    """Each window's audio, root/NNNNNN.wav (16-bit, 16 kHz): its utterances where plan
-    places them, silence between; root/windows.json records the plan. Files already
-    written for the same plan (a resumed run) are kept: the feature cache knows them."""
-    record = [[[u.id, start, end] for u, start, end in window] for window in plan]
-    if root.is_dir() and (root / "windows.json").is_file():
-        if read_json(root / "windows.json") == record:
-            if all((root / f"{k:06d}.wav").is_file() for k in range(len(plan))):
-                return
-    root.mkdir(exist_ok=True)
-    for k, window in enumerate(tqdm(plan, desc="joined windows", leave=False)):
-        seconds = window[-1][2] or CHUNK_LENGTH
-        audio = torch.zeros(round(seconds * SAMPLE_RATE))
-        for u, start, _ in window:
-            a = round(start * SAMPLE_RATE)
-            wave = load_wave(u.path)[: len(audio) - a]
-            audio[a : a + len(wave)] = wave
-        pcm = (audio * 32768).round().clamp(-32768, 32767).short().numpy()
-        path = root / f"{k:06d}.wav"
-        atomic_write(
-            path, lambda f: soundfile.write(f, pcm, SAMPLE_RATE, "PCM_16", format="WAV")
-        )
-    save_json(root / "windows.json", record)
+    return samples, [[[utts[j].id, s, e] for j, s, e in w] for w in plan]
 
 
 def cache_features(run: Run) -> None:
@@ -2440,10 +2441,10 @@ def setup_run(cfg: TrainConfig, given: Optional[set[str]] = None) -> Run:
     try:
         check_config(cfg)
     except OptionError as e:  # a resumed run's own value: said as config.json's
-        flag, why = str(e).split(" ", 1)
-        if not cfg.resume or (name := flag[2:].replace("-", "_")) in changes:
+        option, why = str(e).split(" ", 1)
+        if not cfg.resume or (name := option[2:].replace("-", "_")) in changes:
             raise
-        raise UserError(f"{out}/config.json: {name} {why} (or give {flag})") from None
+        raise UserError(f"{out}/config.json: {name} {why} (or give {option})") from None
     if not cfg.resume and out.is_dir() and (held := out_files(out)):
         raise UserError(
             f"--out {out}: holds {held}: a new run goes into a new or empty directory "
@@ -2544,10 +2545,8 @@ def load_run_data(
         if not cfg.resume:  # (eval knows a renamed copy of a training clip by these)
             split["train_audio"] = sorted({audio_digest(u.path) for u in train_utts})
             save_json(out / "split.json", split, replace=False)
-        if windows:
-            write_windows(out / "windows", windows)
-    if world > 1 and windows:  # (rank 0 wrote their audio)
-        dist.barrier()
+        if windows:  # (a record: their audio is joined as it is read)
+            save_json(out / "windows.json", windows, bool(cfg.resume))
     return run, saved
 
 
@@ -2611,7 +2610,7 @@ def find_resume_point(
     and starts from step 0 with its config and split), with what changed said; exits at
     once when the run is finished and --max-steps does not extend it."""
     for name, (old, new) in changes.items():
-        log(f"resume: --{name.replace('_', '-')} {old} -> {new}")
+        log(f"resume: {flag(name)} {old} -> {new}")
     saved = read_last_pair(out, log)
     if saved is None:
         log(f"{out} saved no step yet: starting it from step 0, with its config")
@@ -4746,9 +4745,7 @@ def bench(args) -> dict:
         **speedups,
         "partial_layers": n_top,
         "lora_rank": args.lora_rank,
-        "formats": " ".join(
-            f"--{k.replace('_', '-')} {v:g}" for k, v in formats.items()
-        ),
+        "formats": " ".join(f"{flag(k)} {v:g}" for k, v in formats.items()),
         "data_speedup": seed_s / ours_s,
         "decode": decode,
     }
@@ -5058,8 +5055,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
         else:
             kind = {"type": f.type, "choices": CHOICES.get(f.name)}
             kind["metavar"] = f.name.upper()
-        flag = "--" + f.name.replace("_", "-")
-        parser.add_argument(flag, help=helps[f.name] + default, **kind)
+        parser.add_argument(flag(f.name), help=helps[f.name] + default, **kind)
 
 
 def cmd_train(args) -> None:
@@ -5405,9 +5401,9 @@ def add_tool_args(add_parser: Callable) -> None:
         help="test (tiny) or a whisper model name",
     )
     defaults = {"--n-utts": (64, 1024), "--epochs": (3, 10), "--batch-size": (8, 16)}
-    for flag, (cpu, gpu) in defaults.items():  # (0 picks these)
+    for option, (cpu, gpu) in defaults.items():  # (0 picks these)
         said = f"default: {cpu}, GPU {gpu}"
-        p.add_argument(flag, type=at_least(0), default=0, help=said)
+        p.add_argument(option, type=at_least(0), default=0, help=said)
     p.add_argument("--device", type=device_name, default="auto")
     p.add_argument("--out", default="runs/bench", help="corpus, runs and bench.json")
     p.add_argument(
@@ -5424,8 +5420,8 @@ def add_tool_args(add_parser: Callable) -> None:
     )
     for name in FORMATS:
         default = getattr(TrainConfig, name)
-        flag, said = "--" + name.replace("_", "-"), f"(f): train's (default: {default})"
-        p.add_argument(flag, type=float, default=default, help=said)
+        said = f"(f): train's (default: {default})"
+        p.add_argument(flag(name), type=float, default=default, help=said)
     p.add_argument(
         "--profile",
         action="store_true",
@@ -5464,22 +5460,22 @@ def add_tool_args(add_parser: Callable) -> None:
     p.set_defaults(func=cmd_convert)
 
     p = add_parser("demo", help="synthesise a corpus, fine-tune base, CER before/after")
-    for flag, default, said in [
+    for option, default, said in [
         ("--corpus", "data/demo_jvs", "where the corpus is written"),
         ("--retain-corpus", "data/demo_en", "where the English set is"),
         ("--model", "", "default: base (see README)"),
         ("--out", "runs/demo", None),
     ]:
-        p.add_argument(flag, default=default, help=said)
+        p.add_argument(option, default=default, help=said)
     p.add_argument("--max-steps", type=at_least(1), default=100)
     p.add_argument("--lr", type=at_least(1e-12, float), default=TrainConfig.lr)
     recipe = {"action": argparse.BooleanOptionalAction, "help": "train's option"}
     p.add_argument("--train-encoder", default=TrainConfig.train_encoder, **recipe)
     p.add_argument("--spec-augment", default=TrainConfig.spec_augment, **recipe)
     p.add_argument("--train-encoder-layers", type=at_least(0), help="train's option")
-    for name in "timestamp_rate prompt_rate window_rate".split():
-        flag, default = f"--{name.replace('_', '-')}", getattr(TrainConfig, name)
-        p.add_argument(flag, type=float, default=default, help="train's option")
+    for name in FORMATS:
+        default = getattr(TrainConfig, name)
+        p.add_argument(flag(name), type=float, default=default, help="train's option")
     p.add_argument("--long-form", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--device", type=device_name, default="auto")
     p.set_defaults(func=cmd_demo)
