@@ -254,7 +254,7 @@ class TrainConfig:
     model: str = "base"  # whisper name, openai-format .pt, or CTranslate2 model dir
     init: str = "pretrained"  # pretrained | random: same dims, random weights (tests)
     train_encoder: bool = False  # also train the whole encoder, convolutions included
-    train_encoder_layers: int = 1  # also train its top N blocks; those below: cached
+    train_encoder_layers: int = 0  # also train its top N blocks; those below: cached
     spec_augment: bool = False  # time and channel masks on what the trained part reads
     train_prefix: bool = False  # also learn the language/task/notimestamps tokens
     grad_checkpoint: bool = False  # recompute activations in backward: less memory
@@ -2009,8 +2009,6 @@ def run_config(
         given = {
             f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default
         }
-    if cfg.train_encoder and "train_encoder_layers" not in given:  # (all: N is moot)
-        cfg = dataclasses.replace(cfg, train_encoder_layers=0)
     paths = ("data", "eval_data", "exclude", "retain_data", "feature_cache", "out")
     absolute = {n: os.path.abspath(getattr(cfg, n)) for n in paths if getattr(cfg, n)}
     if os.path.exists(cfg.model):  # a file or directory, not a whisper name
@@ -4664,8 +4662,9 @@ def timed_train(cfg: TrainConfig) -> tuple[float, float, dict]:
 def bench(args) -> dict:
     """Run (a) the seed recipe, and whisper_ft with (b) the encoder frozen, (c) all of
     it trained, (d) its top --train-encoder-layers blocks trained, (e) LoRA adapters of
-    the decoder (encoder frozen), (f) (d) with the FORMATS rates bench's flags give
-    (train's defaults); report. A row that does not fit the GPU says so."""
+    the decoder (encoder frozen), (f) train's recipe: its default N, with the FORMATS
+    rates bench's flags give (train's defaults); report. A row that does not fit the
+    GPU says so."""
     device = pick_device(args.device)
     # on a GPU, more and larger batches: else start-up (workers, CUDA) is much of it
     n_utts = args.n_utts or (1024 if device.type == "cuda" else 64)
@@ -4694,12 +4693,13 @@ def bench(args) -> dict:
     rows["a_seed"] = bench_row(lambda: (*seed(), {}), n_trained, device)
     del model, seed
     n_top = min(args.train_encoder_layers, dims.n_audio_layer)
+    recipe = {"train_encoder_layers": TrainConfig.train_encoder_layers, **formats}
     paths = {
         "b_frozen": dict(train_encoder_layers=0),
         "c_full": dict(train_encoder=True, grad_checkpoint=args.grad_checkpoint),
         "d_partial": dict(train_encoder_layers=n_top),
         "e_lora": dict(lora_rank=args.lora_rank, train_encoder_layers=0),
-        "f_formats": dict(train_encoder_layers=n_top, **formats),
+        "f_formats": recipe,
     }
     for name, options in paths.items():
         peak_gib(device, reset=True)
@@ -4745,7 +4745,7 @@ def bench(args) -> dict:
         **speedups,
         "partial_layers": n_top,
         "lora_rank": args.lora_rank,
-        "formats": " ".join(f"{flag(k)} {v:g}" for k, v in formats.items()),
+        "formats": " ".join(f"{flag(k)} {v:g}" for k, v in recipe.items()),
         "data_speedup": seed_s / ours_s,
         "decode": decode,
     }
@@ -4789,8 +4789,8 @@ def print_bench(report: dict) -> None:
     print(
         "device {device}, dims {dims}, {n_utts} utts, {epochs} epochs, batch "
         "{batch_size}, grad checkpoint {grad_checkpoint}, (d) trains the top "
-        "{partial_layers} encoder blocks, (e) LoRA rank {lora_rank}, (f) (d) with "
-        "{formats}".format_map(report)
+        "{partial_layers} encoder blocks, (e) LoRA rank {lora_rank}, (f) train's "
+        "recipe: {formats}".format_map(report)
     )
     base = report["rows"]["a_seed"].get("utt_per_s", math.nan)
     for name, r in report["rows"].items():
