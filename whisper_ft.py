@@ -5,8 +5,8 @@ what fine-tuning costs (language ID, another language, long-form, decoding loops
 
     # demo: a small JVS-layout corpus and an English set, real `base`, the table
     python whisper_ft.py demo
-    # fine-tune base on JVS (the top encoder block trained, the rest frozen and cached;
-    # held-out speakers and sentences: dev, test)
+    # fine-tune base on JVS (the decoder, on the frozen encoder's cached output, of the
+    # utterances and their joined 30-s windows; held-out speakers and sentences)
     python whisper_ft.py train --data jvs_ver1/ --out runs/jvs \\
         --retain-data data/demo_en/  # an English set, made by the demo
     python whisper_ft.py train --resume runs/jvs      # after a crash or Ctrl-C
