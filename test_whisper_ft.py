@@ -1823,6 +1823,7 @@ def test_grad_accumulation_and_two_process_ddp_match_one_batch(tiny_run, lora):
         max_eval=3,
         eval_speakers=0.5,
         weight_decay=0.1,
+        window_rate=1.0,  # (each rank joins the windows it encodes, as it reads them)
         **lora,  # (LoRA: DDP averages the adapters' gradients, StepNet's modules)
     )
     runs = {k: tiny_run / f"{k}{'_lora' * bool(lora)}" for k in ("one", "accum", "ddp")}
@@ -1844,7 +1845,10 @@ def test_grad_accumulation_and_two_process_ddp_match_one_batch(tiny_run, lora):
     assert "read a batch at a time" in proc.stderr
     split = json.loads((runs["ddp"] / "split.json").read_text())
     n_features = len(list((runs["ddp"] / "features").rglob("*.npy")))
-    assert n_features == split["n_train"] + 3 + split["n_test"]  # max_eval's 3
+    n_windows = len(json.loads((runs["ddp"] / "windows.json").read_text()))
+    assert (
+        n_windows and n_features == split["n_train"] + n_windows + 3 + split["n_test"]
+    )
 
     one, init = final_weights(runs["one"]), tiny_model(0).state_dict()
     update = max((one[k] - init[k]).abs().max().item() for k in one)
