@@ -23,6 +23,7 @@ import warnings
 import zipfile
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import jiwer
 import numpy as np
@@ -2680,6 +2681,42 @@ def test_memory_estimate_against_the_cuda_peak_and_refusal(
     assert exit.value.code == 2 and "--batch-size 2: a step needs about" in err
     assert "--grad-checkpoint, --lora-rank 32, a smaller --batch-size" in err
     assert not out.exists()
+
+
+def test_memory_refusal_names_what_would_fit(monkeypatch):
+    # the GPU's answers faked, so that the advice is checked on any machine
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2**30, 2**34))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 2**30)
+    parts = {"weights": 2**30, "activations": 2**31}
+    monkeypatch.setattr(wf, "memory_estimate", lambda run: parts)
+
+    def check(world=1, **options):
+        run = SimpleNamespace(cfg=wf.TrainConfig(**options), world=world)
+        run.device, run.out, run.log = torch.device("cuda"), Path("runs/x"), print
+        try:
+            return wf.check_memory(run)
+        except (wf.OptionError, wf.UserError) as e:
+            return type(e), str(e)
+
+    kind, said = check(batch_size=16)
+    assert kind is wf.OptionError and said.startswith("--batch-size 16: a step needs")
+    assert "about 3.0 GiB (weights 1.00, activations 2.00 GiB), the GPU has 2.0" in said
+    helps = "--grad-accum 2, --grad-checkpoint, --lora-rank 32, a smaller --batch-size"
+    assert said.endswith("try " + helps)
+    _, said = check(batch_size=16, grad_accum=2, grad_checkpoint=True, lora_rank=8)
+    assert said.endswith("try --grad-accum 4, a smaller --batch-size")
+    _, said = check(world=2, batch_size=6)  # 6 would not split into 2 x 2
+    assert said.endswith(
+        "try --grad-checkpoint, --lora-rank 32, a smaller --batch-size"
+    )
+    kind, said = check(batch_size=16, resume="runs/x")  # its recipe is fixed
+    assert kind is wf.UserError and said.startswith("runs/x/config.json: a step of")
+    assert said.endswith(
+        "needs about 3.0 GiB (weights 1.00, activations 2.00 GiB), "
+        "the GPU has 2.0: resume it on a GPU with more free memory"
+    )
+    parts.pop("activations")  # 1 GiB: fits in 2
+    assert check(batch_size=16) is None
 
 
 @pytest.mark.parametrize(

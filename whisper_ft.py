@@ -2401,7 +2401,8 @@ def memory_estimate(run: Run) -> dict[str, int]:
 
 def check_memory(run: Run) -> None:
     """Say what a step will hold at its peak (memory_estimate); on a GPU, refuse a run
-    it would not fit in (OptionError), naming what would make it fit."""
+    it would not fit in, naming what would make it fit: an option of a new run
+    (OptionError), another GPU for a resumed one, whose recipe is fixed (UserError)."""
     parts = memory_estimate(run)
     run.memory_gib = sum(parts.values()) / 2**30
     said = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items())
@@ -2410,14 +2411,22 @@ def check_memory(run: Run) -> None:
         return
     room = torch.cuda.mem_get_info(run.device)[0]
     room += torch.cuda.memory_reserved(run.device)  # (the model, already there)
-    if sum(parts.values()) > room:
-        cfg = run.cfg
-        helps = ["--grad-checkpoint"] * (not cfg.grad_checkpoint)
-        helps += ["--lora-rank 32"] * (not cfg.lora_rank) + ["a smaller --batch-size"]
-        raise OptionError(
-            f"--batch-size {cfg.batch_size}: a step needs about {run.memory_gib:.1f} "
-            f"GiB ({said} GiB), the GPU has {room / 2**30:.1f}: try " + ", ".join(helps)
+    if sum(parts.values()) <= room:
+        return
+    cfg, need = run.cfg, f"about {run.memory_gib:.1f} GiB ({said} GiB)"
+    need += f", the GPU has {room / 2**30:.1f}"
+    if cfg.resume:
+        raise UserError(
+            f"{run.out}/config.json: a step of its recipe needs {need}: "
+            "resume it on a GPU with more free memory"
         )
+    accum = 2 * cfg.grad_accum  # the same update in smaller micro-batches
+    helps = [f"--grad-accum {accum}"] * (cfg.batch_size % (accum * run.world) == 0)
+    helps += ["--grad-checkpoint"] * (not cfg.grad_checkpoint)
+    helps += ["--lora-rank 32"] * (not cfg.lora_rank) + ["a smaller --batch-size"]
+    raise OptionError(
+        f"--batch-size {cfg.batch_size}: a step needs {need}: try " + ", ".join(helps)
+    )
 
 
 def check_base(run: Run, merged: dict) -> None:
