@@ -2699,7 +2699,7 @@ def test_memory_refusal_names_what_would_fit(monkeypatch):
             return type(e), str(e)
 
     kind, said = check(batch_size=16)
-    assert kind is wf.OptionError and said.startswith("--batch-size 16: a step needs")
+    assert kind is wf.DoesNotFit and said.startswith("--batch-size 16: a step needs")
     assert "about 3.0 GiB (weights 1.00, activations 2.00 GiB), the GPU has 2.0" in said
     helps = "--grad-accum 2, --grad-checkpoint, --lora-rank 32, a smaller --batch-size"
     assert said.endswith("try " + helps)
@@ -3937,8 +3937,14 @@ def test_a_bench_row_that_does_not_fit_is_reported_not_crashed(capsys):
     cpu = torch.device("cpu")
     row = wf.bench_row(out_of_memory, 100, cpu)
     assert row == {"does_not_fit": "CUDA out of memory. Tried to allocate 9 GiB"}
-    refused = wf.bench_row(lambda: wf.check_config(wf.TrainConfig(lr=-1)), 100, cpu)
-    assert refused == {"does_not_fit": "--lr -1: must be > 0"}  # (check_memory's kind)
+
+    def refused():
+        raise wf.DoesNotFit("--batch-size 16: a step needs about 90 GiB")
+
+    refused = wf.bench_row(refused, 100, cpu)
+    assert refused == {"does_not_fit": "--batch-size 16: a step needs about 90 GiB"}
+    with pytest.raises(wf.OptionError, match="--lr -1"):  # not a matter of memory
+        wf.bench_row(lambda: wf.check_config(wf.TrainConfig(lr=-1)), 100, cpu)
     fitted = wf.bench_row(lambda: (2.0, 1.0, {"estimate_gib": 3.0}), 100, cpu)
     assert fitted == dict(
         utt_per_s=50.0, seconds=2.0, peak_gib=None, estimate_gib=3.0, step_utt_per_s=100
@@ -3957,7 +3963,7 @@ def test_a_bench_row_that_does_not_fit_is_reported_not_crashed(capsys):
     assert (
         "a_seed    does not fit: CUDA out of memory. Tried to allocate 9 GiB" in lines
     )
-    assert "c_full    does not fit: --lr -1: must be > 0" in lines
+    assert "c_full    does not fit: --batch-size 16: a step needs about 90 GiB" in lines
     frozen = next(s for s in lines if s.startswith("b_frozen "))
     assert frozen.startswith("b_frozen      50.0 utt/s (  nanx)")  # (no seed row)
     assert frozen.endswith("| estimate 3.00 GiB")

@@ -297,6 +297,10 @@ class OptionError(UserError):
     """A bad option, refused before any work: exit 2, as argparse's own errors."""
 
 
+class DoesNotFit(OptionError):
+    """A step that would not fit in the GPU's memory (check_memory's refusal)."""
+
+
 def flag(name: str) -> str:
     """The command-line flag of a TrainConfig field: train_encoder -> --train-encoder."""
     return "--" + name.replace("_", "-")
@@ -2424,7 +2428,7 @@ def check_memory(run: Run) -> None:
     helps = [f"--grad-accum {accum}"] * (cfg.batch_size % (accum * run.world) == 0)
     helps += ["--grad-checkpoint"] * (not cfg.grad_checkpoint)
     helps += ["--lora-rank 32"] * (not cfg.lora_rank) + ["a smaller --batch-size"]
-    raise OptionError(
+    raise DoesNotFit(
         f"--batch-size {cfg.batch_size}: a step needs {need}: try " + ", ".join(helps)
     )
 
@@ -4644,7 +4648,7 @@ def bench_row(measure: Callable, n_trained: int, device: torch.device) -> dict:
     check_memory, or out of memory), a row that says why; the next rows still run."""
     try:
         seconds, step_seconds, extras = measure()
-    except (OptionError, torch.cuda.OutOfMemoryError) as e:
+    except (DoesNotFit, torch.cuda.OutOfMemoryError) as e:
         why = str(e).splitlines()[0]
     else:
         return {
