@@ -1943,9 +1943,20 @@ def buckets_corpus(tiny_run) -> Path:
 
 
 @GPU
-def test_cuda_graphed_steps_are_eager_steps_replayed(tiny_run, buckets_corpus):
+@pytest.mark.parametrize(
+    "recipe",
+    [{}, dict(train_encoder_layers=1, spec_augment=True)],
+    ids=["frozen", "top_block_masked"],
+)
+def test_cuda_graphed_steps_are_eager_steps_replayed(
+    tiny_run, buckets_corpus, tiny2, recipe
+):
+    # (top_block_masked: the top encoder block trained on the cached states below it,
+    # with SpecAugment's masks drawn outside the graphs)
     options = tiny_train(
         tiny_run,
+        **recipe,
+        model=tiny2,
         data=buckets_corpus,
         max_steps=20,
         eval_every=0,
@@ -1956,7 +1967,7 @@ def test_cuda_graphed_steps_are_eager_steps_replayed(tiny_run, buckets_corpus):
     )
     runs = {}
     for graphs in (True, False):
-        out = tiny_run / f"graphs_{graphs}"
+        out = tiny_run / f"graphs_{graphs}_{len(recipe)}"
         result = wf.train(train_config({**options, "cuda_graphs": graphs, "out": out}))
         losses = [r["loss"] for r in read_records(out) if "loss" in r]
         runs[graphs] = (result, losses, final_weights(out))
@@ -2102,8 +2113,10 @@ N_MLP = 4  # of an MLP
         ("cpu", dict(dtype="bf16", grad_checkpoint=True)),  # recomputed in backward
         ("cpu", dict(dtype="bf16", train_encoder=True)),  # no copies: arithmetic-bound
         ("cpu", dict(dtype="bf16", lora_rank=4)),  # the adapters' weights alone
+        ("cpu", dict(dtype="bf16", train_encoder_layers=1)),  # and the encoder block's
         pytest.param("cuda", dict(dtype="bf16"), marks=GPU),  # replayed graphs
         pytest.param("cuda", dict(dtype="bf16", lora_rank=4), marks=GPU),  # dropout
+        pytest.param("cuda", dict(dtype="bf16", train_encoder_layers=1), marks=GPU),
     ],
 )
 def test_weights_kept_in_the_step_dtype_train_as_casts_to_the_bit(
@@ -2138,6 +2151,7 @@ def test_weights_kept_in_the_step_dtype_train_as_casts_to_the_bit(
     # attention, MLP): copied where the decoder alone trains; with LoRA, the a and b
     # weights of each Linear's adapter (10 a block)
     n = 2 * 2 * 10 if "lora_rank" in options else 2 * (2 * N_ATTN + N_MLP)
+    n += (N_ATTN + N_MLP) * options.get("train_encoder_layers", 0)  # (self attention)
     assert n_copies == ([] if "train_encoder" in options else [n])
     (a, losses_a), (b, losses_b) = runs.items()
     assert len(losses_a) == 5 and losses_a == losses_b
@@ -2662,8 +2676,11 @@ def test_memory_estimate_against_the_cuda_peak_and_refusal(
     tiny_run, tiny2, monkeypatch, capsys
 ):
     # unmeasured when written (no GPU): the band is a first guess, to be calibrated
-    for k, options in enumerate([{}, dict(lora_rank=4), dict(train_encoder=True)]):
-        options = tiny_train(tiny_run, model=tiny2, device="cuda", **options)
+    recipes = [{}, dict(lora_rank=4), dict(train_encoder_layers=1)]
+    for k, options in enumerate(recipes + [dict(train_encoder=True)]):
+        options = tiny_train(
+            tiny_run, model=tiny2, device="cuda", target="text", **options
+        )  # (target: no pyopenjtalk, which a GPU machine may lack)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         held = torch.cuda.memory_allocated()
@@ -2675,8 +2692,9 @@ def test_memory_estimate_against_the_cuda_peak_and_refusal(
     monkeypatch.setattr(wf, "memory_estimate", lambda run: huge)
     out = tiny_run / "cuda_refused"
     argv = ["train", "--data", str(tiny_run / "jvs"), "--out", str(out)]
+    argv += ["--model", str(tiny2), "--device", "cuda", "--target", "text"]
     with pytest.raises(SystemExit) as exit:
-        wf.main(argv + ["--model", str(tiny2), "--device", "cuda", "--batch-size", "2"])
+        wf.main(argv + ["--batch-size", "2"])
     err = capsys.readouterr().err
     assert exit.value.code == 2 and "--batch-size 2: a step needs about" in err
     assert "--grad-checkpoint, --lora-rank 32, a smaller --batch-size" in err
