@@ -2418,14 +2418,16 @@ def check_memory(run: Run) -> None:
     if sum(parts.values()) <= room:
         return
     cfg, need = run.cfg, f"about {run.memory_gib:.1f} GiB ({said} GiB)"
-    need += f", the GPU has {room / 2**30:.1f}"
+    need += f", the GPU has {room / 2**30:.1f} GiB free"
     if cfg.resume:
         raise UserError(
             f"{run.out}/config.json: a step of its recipe needs {need}: "
             "resume it on a GPU with more free memory"
         )
-    accum = 2 * cfg.grad_accum  # the same update in smaller micro-batches
-    helps = [f"--grad-accum {accum}"] * (cfg.batch_size % (accum * run.world) == 0)
+    # the same update in micro-batches of half the size: half the activations
+    accum, halved = 2 * cfg.grad_accum, sum(parts.values()) - parts["activations"] / 2
+    splits = cfg.batch_size % (accum * run.world) == 0
+    helps = [f"--grad-accum {accum}"] * (splits and halved <= room)
     helps += ["--grad-checkpoint"] * (not cfg.grad_checkpoint)
     helps += ["--lora-rank 32"] * (not cfg.lora_rank) + ["a smaller --batch-size"]
     raise DoesNotFit(
