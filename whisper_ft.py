@@ -2405,8 +2405,8 @@ def memory_estimate(run: Run) -> dict[str, int]:
 
 def check_memory(run: Run) -> None:
     """Say what a step will hold at its peak (memory_estimate); on a GPU, refuse a run
-    it would not fit in, naming what would make it fit: an option of a new run
-    (OptionError), another GPU for a resumed one, whose recipe is fixed (UserError)."""
+    it would not fit in, naming what would make it fit: options of a new run
+    (DoesNotFit), another GPU for a resumed one, whose recipe is fixed (UserError)."""
     parts = memory_estimate(run)
     run.memory_gib = sum(parts.values()) / 2**30
     said = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items())
