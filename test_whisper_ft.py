@@ -2701,7 +2701,7 @@ def test_memory_estimate_against_the_cuda_peak_and_refusal(
         result = wf.train(dataclasses.replace(cfg, out=str(tiny_run / f"cuda_mem{k}")))
         peak = (torch.cuda.max_memory_allocated() - held) / 2**30
         assert 0.5 < peak / result["memory_gib"] < 2.0, (options, peak, result)
-    huge = {"weights": 2**50, "activations": 0}
+    huge = {"weights": 2**50, "features": 0, "activations": 0}
     monkeypatch.setattr(wf, "memory_estimate", lambda run: huge)
     out = tiny_run / "cuda_refused"
     argv = ["train", "--data", str(tiny_run / "jvs"), "--out", str(out)]
@@ -2718,8 +2718,8 @@ def test_memory_refusal_names_what_would_fit(monkeypatch):
     # the GPU's answers faked, so that the advice is checked on any machine
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2**30, 2**34))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 2**30)
-    parts = {"weights": 2**30, "activations": 2**31}
-    monkeypatch.setattr(wf, "memory_estimate", lambda run: parts)
+    parts = {"weights": 2**30, "features": 0, "activations": 2**31}
+    monkeypatch.setattr(wf, "memory_estimate", lambda run: dict(parts))
 
     def check(world=1, **options):
         run = SimpleNamespace(cfg=wf.TrainConfig(**options), world=world)
@@ -2732,7 +2732,8 @@ def test_memory_refusal_names_what_would_fit(monkeypatch):
     rest = "--grad-checkpoint, --lora-rank 32, a smaller --batch-size"
     kind, said = check(batch_size=16)
     assert kind is wf.DoesNotFit and said.startswith("--batch-size 16: a step needs")
-    need = "about 3.0 GiB (weights 1.00, activations 2.00 GiB), the GPU has 2.0 GiB"
+    need = "about 3.0 GiB (weights 1.00, features 0.00, activations 2.00 GiB), "
+    need += "the GPU has 2.0 GiB"
     assert said.endswith(f"needs {need} free: try --grad-accum 2, {rest}")
     _, said = check(batch_size=16, grad_accum=2, grad_checkpoint=True, lora_rank=8)
     assert said.endswith("try --grad-accum 4, a smaller --batch-size")
@@ -2745,6 +2746,18 @@ def test_memory_refusal_names_what_would_fit(monkeypatch):
     assert check(batch_size=16)[1].endswith(f"free: try {rest}")
     parts.update(weights=2**30, activations=2**30)  # 2 GiB: fits
     assert check(batch_size=16) is None
+    # the cached features would tip it over: kept in RAM instead, and it fits
+    parts.update(features=2**29)
+    run = SimpleNamespace(cfg=wf.TrainConfig(), world=1, device=torch.device("cuda"))
+    run.log = lambda line: lines.append(line)
+    lines = []
+    assert wf.check_memory(run) is None and not run.features_on_gpu
+    assert lines == [
+        "memory: about 2.00 GiB a step (weights 1.00, features 0.00, "
+        "activations 1.00 GiB; an estimate)"
+    ]
+    parts.update(activations=2**30 + 1)  # over, even with the features in RAM
+    assert check(batch_size=16)[0] is wf.DoesNotFit
 
 
 @pytest.mark.parametrize(

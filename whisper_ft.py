@@ -1890,6 +1890,7 @@ class Run:
     feature_seconds: float = 0.0
     feature_gib: float = 0.0
     memory_gib: float = 0.0  # a step's expected peak (memory_estimate)
+    features_on_gpu: bool = True  # where they fit (check_memory: not if a step won't)
 
     @property
     def master(self) -> bool:
@@ -2313,7 +2314,8 @@ def cache_features(run: Run) -> None:
     # they would wait on each other's different gathers
     n_local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     where = "disk" if _any_rank(n_bytes * n_local > ram, device, world) else "ram"
-    if where == "ram" and gpu and n_bytes < torch.cuda.mem_get_info()[0] // 3:
+    on_gpu = gpu and run.features_on_gpu  # (check_memory: not where a step needs it)
+    if where == "ram" and on_gpu and n_bytes < torch.cuda.mem_get_info()[0] // 3:
         where = "device"  # no host-to-device copy a step
     cache_dir = cfg.feature_cache or (str(run.out / "features") * (where == "disk"))
     gib = n_bytes / 2**30
@@ -2404,17 +2406,20 @@ def memory_estimate(run: Run) -> dict[str, int]:
 
 
 def check_memory(run: Run) -> None:
-    """Say what a step will hold at its peak (memory_estimate); on a GPU, refuse a run
-    it would not fit in, naming what would make it fit: options of a new run
+    """Say what a step will hold at its peak (memory_estimate); on a GPU, keep cached
+    features in RAM where on the GPU they would leave a step no room, and refuse a run
+    that does not fit even so, naming what would make it fit: options of a new run
     (DoesNotFit), another GPU for a resumed one, whose recipe is fixed (UserError)."""
-    parts = memory_estimate(run)
+    parts, room = memory_estimate(run), math.inf
+    if run.device.type == "cuda":
+        room = torch.cuda.mem_get_info(run.device)[0]
+        room += torch.cuda.memory_reserved(run.device)  # (the model, already there)
+        if sum(parts.values()) > room >= sum(parts.values()) - parts["features"]:
+            run.features_on_gpu = False  # (RAM holds them: then the step fits)
+            parts = {**parts, "features": 0}
     run.memory_gib = sum(parts.values()) / 2**30
     said = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items())
     run.log(f"memory: about {run.memory_gib:.2f} GiB a step ({said} GiB; an estimate)")
-    if run.device.type != "cuda":
-        return
-    room = torch.cuda.mem_get_info(run.device)[0]
-    room += torch.cuda.memory_reserved(run.device)  # (the model, already there)
     if sum(parts.values()) <= room:
         return
     cfg, need = run.cfg, f"about {run.memory_gib:.1f} GiB ({said} GiB)"
