@@ -38,9 +38,9 @@ import torchaudio
 import whisper
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from whisper.audio import N_SAMPLES, SAMPLE_RATE
 from whisper.model import ModelDimensions, Whisper
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from whisper.tokenizer import get_tokenizer
 
 import whisper_ft as wf
