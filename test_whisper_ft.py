@@ -3905,6 +3905,27 @@ def test_bench_removes_no_directory_but_its_own(tmp_path, capsys):
         assert [p.name for p in out.iterdir()] == [".bench"]
 
 
+def test_a_bench_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    timed_train = wf.timed_train
+
+    def cut(cfg):  # (.gpu/run.sh's timeout, Ctrl-C)
+        if cfg.out.endswith("c_full"):
+            raise KeyboardInterrupt
+        return timed_train(cfg)
+
+    monkeypatch.setattr(wf, "timed_train", cut)
+    out = tmp_path / "bench"
+    with pytest.raises(SystemExit) as e:
+        wf.main(
+            ["bench", "--device", "cpu", "--n-utts", "16", "--epochs", "1"]
+            + ["--out", str(out)]
+        )
+    assert e.value.code == 130
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    assert list(rows) == ["a_seed", "b_frozen"]
+    assert all(row["utt_per_s"] > 0 for row in rows.values())
+
+
 def test_bench_runs_all_its_paths_and_reports_ratios(tmp_path):
     # without pyopenjtalk too, which a GPU machine may lack: its import fails here
     (tmp_path / "no").mkdir()

@@ -4742,6 +4742,7 @@ def bench(args) -> dict:
             **(dict.fromkeys(FORMATS, 0.0) | options),
         )
         rows[name] = bench_row(lambda: timed_train(cfg), n_trained, device)
+        save_json(out / "bench.json", {"rows": rows})  # (a bench cut short: so far)
         if "utt_per_s" in rows[name]:  # (one that does not fit: not profiled)
             cfgs[name] = cfg
     seed = rows["a_seed"].get("utt_per_s")
