@@ -2722,12 +2722,15 @@ def test_memory_refusal_names_what_would_fit(monkeypatch):
     monkeypatch.setattr(wf, "memory_estimate", lambda run: dict(parts))
 
     def check(world=1, **options):
-        run = SimpleNamespace(cfg=wf.TrainConfig(**options), world=world)
-        run.device, run.out, run.log = torch.device("cuda"), Path("runs/x"), print
+        """check_memory's refusal (its type and line), or the run it let through."""
+        run = SimpleNamespace(cfg=wf.TrainConfig(**options), world=world, lines=[])
+        run.device, run.out = torch.device("cuda"), Path("runs/x")
+        run.log = run.lines.append  # (what it says, kept)
         try:
-            return wf.check_memory(run)
+            assert wf.check_memory(run) is None
         except (wf.OptionError, wf.UserError) as e:
             return type(e), str(e)
+        return run
 
     rest = "--grad-checkpoint, --lora-rank 32, a smaller --batch-size"
     kind, said = check(batch_size=16)
@@ -2744,15 +2747,12 @@ def test_memory_refusal_names_what_would_fit(monkeypatch):
     assert said.endswith(f"{need} free: resume it on a GPU with more free memory")
     parts.update(weights=2**31, activations=2**30)  # half the activations: 2.5 GiB
     assert check(batch_size=16)[1].endswith(f"free: try {rest}")
-    parts.update(weights=2**30, activations=2**30)  # 2 GiB: fits
-    assert check(batch_size=16) is None
-    # the cached features would tip it over: kept in RAM instead, and it fits
-    parts.update(features=2**29)
-    run = SimpleNamespace(cfg=wf.TrainConfig(), world=1, device=torch.device("cuda"))
-    run.log = lambda line: lines.append(line)
-    lines = []
-    assert wf.check_memory(run) is None and not run.features_on_gpu
-    assert lines == [
+    parts.update(weights=2**30, features=2**29, activations=2**29)  # 2 GiB: fits
+    run = check(batch_size=16)
+    assert run.features_on_gpu  # (where memory_estimate counted them)
+    parts.update(activations=2**30)  # the features would tip it over: kept in RAM
+    run = check(batch_size=16)
+    assert not run.features_on_gpu and run.lines == [
         "memory: about 2.00 GiB a step (weights 1.00, features 0.00, "
         "activations 1.00 GiB; an estimate)"
     ]

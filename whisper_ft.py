@@ -1890,7 +1890,7 @@ class Run:
     feature_seconds: float = 0.0
     feature_gib: float = 0.0
     memory_gib: float = 0.0  # a step's expected peak (memory_estimate)
-    features_on_gpu: bool = True  # where they fit (check_memory: not if a step won't)
+    features_on_gpu: bool = False  # the cached features kept there (check_memory)
 
     @property
     def master(self) -> bool:
@@ -2314,8 +2314,7 @@ def cache_features(run: Run) -> None:
     # they would wait on each other's different gathers
     n_local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     where = "disk" if _any_rank(n_bytes * n_local > ram, device, world) else "ram"
-    on_gpu = gpu and run.features_on_gpu  # (check_memory: not where a step needs it)
-    if where == "ram" and on_gpu and n_bytes < torch.cuda.mem_get_info()[0] // 3:
+    if where == "ram" and run.features_on_gpu:
         where = "device"  # no host-to-device copy a step
     cache_dir = cfg.feature_cache or (str(run.out / "features") * (where == "disk"))
     gib = n_bytes / 2**30
@@ -2360,7 +2359,7 @@ def memory_estimate(run: Run) -> dict[str, int]:
     weights: the model's and adapters' tensors, and CastWeights' copies of the trained
     Linear ones; grads: of what trains (fp32, and the copies'); optimizer: AdamW's two
     fp32 moments; features: the cached encoder outputs (on a GPU: where they fit in a
-    third of its free memory, as cache_features keeps them); activations: what backward
+    third of its free memory: check_memory keeps them there); activations: what backward
     keeps of one micro-batch of the longest sequences (see below)."""
     cfg, dims, size = run.cfg, run.model.dims, run.dtype.itemsize
     modules = [run.model, *([run.adapters] if run.adapters else [])]
@@ -2406,21 +2405,23 @@ def memory_estimate(run: Run) -> dict[str, int]:
 
 
 def check_memory(run: Run) -> None:
-    """Say what a step will hold at its peak (memory_estimate); on a GPU, keep cached
-    features in RAM where on the GPU they would leave a step no room, and refuse a run
-    that does not fit even so, naming what would make it fit: options of a new run
-    (DoesNotFit), another GPU for a resumed one, whose recipe is fixed (UserError)."""
+    """Say what a step will hold at its peak (memory_estimate); on a GPU, decide where
+    the cached features live (run.features_on_gpu: where memory_estimate put them,
+    unless there they would leave a step no room), and refuse a run that does not fit
+    even so, naming what would make it fit: options of a new run (DoesNotFit), another
+    GPU for a resumed one, whose recipe is fixed (UserError)."""
     parts, room = memory_estimate(run), math.inf
     if run.device.type == "cuda":
         room = torch.cuda.mem_get_info(run.device)[0]
         room += torch.cuda.memory_reserved(run.device)  # (the model, already there)
         if sum(parts.values()) > room >= sum(parts.values()) - parts["features"]:
-            run.features_on_gpu = False  # (RAM holds them: then the step fits)
-            parts = {**parts, "features": 0}
-    run.memory_gib = sum(parts.values()) / 2**30
+            parts = {**parts, "features": 0}  # (RAM holds them: then the step fits)
+        run.features_on_gpu = parts["features"] > 0
+    total = sum(parts.values())
+    run.memory_gib = total / 2**30
     said = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items())
     run.log(f"memory: about {run.memory_gib:.2f} GiB a step ({said} GiB; an estimate)")
-    if sum(parts.values()) <= room:
+    if total <= room:
         return
     cfg, need = run.cfg, f"about {run.memory_gib:.1f} GiB ({said} GiB)"
     need += f", the GPU has {room / 2**30:.1f} GiB free"
@@ -2430,7 +2431,7 @@ def check_memory(run: Run) -> None:
             "resume it on a GPU with more free memory"
         )
     # the same update in micro-batches of half the size: half the activations
-    accum, halved = 2 * cfg.grad_accum, sum(parts.values()) - parts["activations"] / 2
+    accum, halved = 2 * cfg.grad_accum, total - parts["activations"] / 2
     splits = cfg.batch_size % (accum * run.world) == 0
     helps = [f"--grad-accum {accum}"] * (splits and halved <= room)
     helps += ["--grad-checkpoint"] * (not cfg.grad_checkpoint)
