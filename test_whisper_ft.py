@@ -4000,10 +4000,10 @@ def test_a_bench_row_that_does_not_fit_is_reported_not_crashed(capsys):
     row = wf.bench_row(out_of_memory, 100, cpu)
     assert row == {"does_not_fit": "CUDA out of memory. Tried to allocate 9 GiB"}
 
-    def refused():
+    def too_big():
         raise wf.DoesNotFit("--batch-size 16: a step needs about 90 GiB")
 
-    refused = wf.bench_row(refused, 100, cpu)
+    refused = wf.bench_row(too_big, 100, cpu)
     assert refused == {"does_not_fit": "--batch-size 16: a step needs about 90 GiB"}
     with pytest.raises(wf.OptionError, match="--lr -1"):  # not a matter of memory
         wf.bench_row(lambda: wf.check_config(wf.TrainConfig(lr=-1)), 100, cpu)
