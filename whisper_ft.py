@@ -2778,9 +2778,12 @@ def micro_batch(run: Run, idx: list[int]) -> tuple[torch.Tensor, ...]:
 
 def spec_augment(x: torch.Tensor, n_positions: Sequence[int]) -> torch.Tensor:
     """x, shape = (n_batch, n_audio_ctx, n_channels), the hidden states a run trains on,
-    with "deep" SpecAugment: per item, two time spans and two channel bands zeroed, each
-    up to a tenth of n_positions (those holding its audio) or of the channels. Drawn
-    from torch's global RNG, which a run saves: a resume draws the same masks."""
+    with "deep" SpecAugment: per item, two time spans and two channel bands set to the
+    item's mean (per channel, over the n_positions holding its audio), each up to a
+    tenth of n_positions or of the channels. SpecAugment masks with the mean (zero, on
+    its normalised log-mel); whisper's residual stream is not centred, and a zeroed band
+    there moves every position's LayerNorm statistics. Drawn from torch's global RNG,
+    which a run saves: a resume draws the same masks."""
     n, n_ctx, n_channels = x.shape
     n_masks, width = 2, 0.1
     lengths = torch.tensor(n_positions, dtype=torch.float32).clamp(1, n_ctx)[:, None]
@@ -2796,7 +2799,9 @@ def spec_augment(x: torch.Tensor, n_positions: Sequence[int]) -> torch.Tensor:
     keep_time = spans(lengths, n_ctx)[:, :, None]  # (n, n_ctx, 1)
     keep_channels = spans(torch.full((n, 1), float(n_channels)), n_channels)
     keep = to_device(keep_time, x.device) & to_device(keep_channels[:, None], x.device)
-    return x.masked_fill(~keep, 0.0)
+    audio = to_device((torch.arange(n_ctx)[None] < lengths)[:, :, None], x.device)
+    mean = (x * audio).sum(1, keepdim=True, dtype=torch.float32) / audio.sum(1, True)
+    return torch.where(keep, x, mean.to(x.dtype))
 
 
 class CastWeights:
