@@ -2471,6 +2471,8 @@ def test_spec_augment_masks_spans_within_bounds_reproducibly(seed, n_positions):
         assert (at < n).all()  # within the item's audio
         assert len(at) <= 2 * math.floor(0.1 * n)  # two spans of up to 10 %
         assert channels[i].sum() <= 2 * math.floor(0.1 * 40)
+    low = wf.spec_augment(x.bfloat16(), [0] * len(n_positions))  # no audio: 1 position
+    assert low.dtype == torch.bfloat16 and low.isfinite().all()
 
 
 def test_spec_augment_and_top_blocks_resume_bitwise_after_a_kill(
