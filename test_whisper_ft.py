@@ -2927,6 +2927,10 @@ def test_bad_options_are_refused_before_any_work(tiny_run, flags, said, capsys):
         (["bench", "--train-encoder-layers", "0"], "0: must be >= 1"),
         (["transcribe", "x.pt", "a.wav", "--language", "zz"], "zz: not a whisper"),
         (["bench", "--dims", "huge"], "invalid choice: 'huge'"),
+        (
+            ["bench", "--dims", "tiny", "--train-encoder-layers", "5"],
+            "tiny has 4 encoder",
+        ),
         (["bench", "--n-utts", "4", "--batch-size", "8"], "at least 2 batches of 8"),
         (["bench", "--window-rate", "2"], "--window-rate 2.0: must be in [0, 1]"),
         (["demo", "--lr", "-1"], "-1: must be >= 1e-12"),

@@ -4688,9 +4688,8 @@ def timed_train(cfg: TrainConfig) -> tuple[float, float, dict]:
 def bench(args) -> dict:
     """Run (a) the seed recipe, and whisper_ft with (b) the encoder frozen, (c) all of
     it trained, (d) its top --train-encoder-layers blocks trained, (e) LoRA adapters of
-    the decoder (encoder frozen), (f) train's recipe: its default N, with the FORMATS
-    rates bench's flags give (train's defaults); report. A row that does not fit the
-    GPU says so."""
+    the decoder (encoder frozen), (f) train's recipe (its default N, FORMATS as bench's
+    flags give); report. A row that does not fit the GPU says so."""
     device = pick_device(args.device)
     # on a GPU, more and larger batches: else start-up (workers, CUDA) is much of it
     n_utts = args.n_utts or (1024 if device.type == "cuda" else 64)
@@ -4698,9 +4697,14 @@ def bench(args) -> dict:
     if n_utts < 2 * batch_size:  # (its split holds a quarter of them out)
         raise OptionError(f"--n-utts {n_utts}: at least 2 batches of {batch_size}")
     check_config(TrainConfig(**(formats := {k: getattr(args, k) for k in FORMATS})))
+    dims = BENCH_DIMS.get(args.dims) or model_dims(args.dims)
+    if args.train_encoder_layers > dims.n_audio_layer:
+        raise OptionError(
+            f"--train-encoder-layers {args.train_encoder_layers}: {args.dims} has "
+            f"{dims.n_audio_layer} encoder blocks"
+        )
     out = Path(args.out)
     bench_dir(out)
-    dims = BENCH_DIMS.get(args.dims) or model_dims(args.dims)
     model = random_model(dims, seed=0)
     save_checkpoint(model, out / "model.pt")
     corpus = write_bench_corpus(out / "corpus", n_utts)
@@ -4718,12 +4722,11 @@ def bench(args) -> dict:
     seed = functools.partial(seed_recipe, model, utts, batch_size, epochs, lr)
     rows["a_seed"] = bench_row(lambda: (*seed(), {}), n_trained, device)
     del model, seed
-    n_top = min(args.train_encoder_layers, dims.n_audio_layer)
     recipe = {"train_encoder_layers": TrainConfig.train_encoder_layers, **formats}
     paths = {
         "b_frozen": dict(train_encoder_layers=0),
         "c_full": dict(train_encoder=True, grad_checkpoint=args.grad_checkpoint),
-        "d_partial": dict(train_encoder_layers=n_top),
+        "d_partial": dict(train_encoder_layers=args.train_encoder_layers),
         "e_lora": dict(lora_rank=args.lora_rank, train_encoder_layers=0),
         "f_formats": recipe,
     }
