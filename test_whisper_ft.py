@@ -2934,6 +2934,7 @@ def test_bad_options_are_refused_before_any_work(tiny_run, flags, said, capsys):
         (["bench", "--n-utts", "4", "--batch-size", "8"], "at least 2 batches of 8"),
         (["bench", "--window-rate", "2"], "--window-rate 2.0: must be in [0, 1]"),
         (["demo", "--lr", "-1"], "-1: must be >= 1e-12"),
+        (["demo", "--seed", "-1"], "-1: must be >= 0"),
     ],
 )
 def test_other_commands_refuse_bad_options_too(argv, said, capsys):

@@ -5276,7 +5276,7 @@ def cmd_demo(args) -> None:
         raise UserError(f"--out {out}: exists (an earlier demo?): remove it or move")
     # the demo's flags that are train's options by the same names, passed on
     recipe = "max_steps lr train_encoder train_encoder_layers spec_augment long_form "
-    recipe += "timestamp_rate prompt_rate window_rate"
+    recipe += "timestamp_rate prompt_rate window_rate seed"
     recipe = {k: v for k in recipe.split() if (v := getattr(args, k)) is not None}
     check_config(run_config(TrainConfig(**recipe), set(recipe))[0])  # (before work)
     corpus = make_demo_corpus(args.corpus)
@@ -5503,6 +5503,7 @@ def add_tool_args(add_parser: Callable) -> None:
     p.add_argument("--train-encoder", default=TrainConfig.train_encoder, **recipe)
     p.add_argument("--spec-augment", default=TrainConfig.spec_augment, **recipe)
     p.add_argument("--train-encoder-layers", type=at_least(0), help="train's option")
+    p.add_argument("--seed", type=at_least(0), help="train's option (not the corpus')")
     for name in FORMATS:
         default = getattr(TrainConfig, name)
         p.add_argument(flag(name), type=float, default=default, help="train's option")
