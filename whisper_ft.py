@@ -5,8 +5,8 @@ what fine-tuning costs (language ID, another language, long-form, decoding loops
 
     # demo: a small JVS-layout corpus and an English set, real `base`, the table
     python whisper_ft.py demo
-    # fine-tune base on JVS (the decoder, on the frozen encoder's cached output, of the
-    # utterances and their joined 30-s windows; held-out speakers and sentences)
+    # fine-tune base on JVS (the decoder and the encoder's top block, on the cached state
+    # entering it, of the utterances and their joined 30-s windows; held-out speakers)
     python whisper_ft.py train --data jvs_ver1/ --out runs/jvs \\
         --retain-data data/demo_en/  # an English set, made by the demo
     python whisper_ft.py train --resume runs/jvs      # after a crash or Ctrl-C
@@ -254,7 +254,7 @@ class TrainConfig:
     model: str = "base"  # whisper name, openai-format .pt, or CTranslate2 model dir
     init: str = "pretrained"  # pretrained | random: same dims, random weights (tests)
     train_encoder: bool = False  # also train the whole encoder, convolutions included
-    train_encoder_layers: int = 0  # also train its top N blocks; those below: cached
+    train_encoder_layers: int = 1  # also train its top N blocks; those below: cached
     spec_augment: bool = False  # time and channel masks on what the trained part reads
     train_prefix: bool = False  # also learn the language/task/notimestamps tokens
     grad_checkpoint: bool = False  # recompute activations in backward: less memory
@@ -2014,6 +2014,8 @@ def run_config(
         given = {
             f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default
         }
+    if cfg.train_encoder and "train_encoder_layers" not in given:  # (all: N is moot)
+        cfg = dataclasses.replace(cfg, train_encoder_layers=0)
     paths = ("data", "eval_data", "exclude", "retain_data", "feature_cache", "out")
     absolute = {n: os.path.abspath(getattr(cfg, n)) for n in paths if getattr(cfg, n)}
     if os.path.exists(cfg.model):  # a file or directory, not a whisper name
