@@ -1560,9 +1560,9 @@ def tiny_train(tiny_run: Path, **options) -> dict:
             lr=1e-3,
             warmup_steps=1,
             long_form=False,  # whisper.transcribe on a random model: slow
-            # the frozen encoder (train's default), on utterances alone (train's
-            # default also joins windows: N > 0, --train-encoder and windows have tests
-            # of their own)
+            # the frozen encoder, on utterances alone (train's default trains the top
+            # block and joins windows: N > 0, --train-encoder and windows have tests of
+            # their own)
             train_encoder_layers=0,
             window_rate=0.0,
         )

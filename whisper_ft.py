@@ -274,7 +274,7 @@ class TrainConfig:
     # system
     device: str = "auto"  # auto | cuda | mps | cpu
     dtype: str = "auto"  # auto (fp32 off GPUs) | bf16 | fp16 (+GradScaler) | fp32
-    cache_features: bool = True  # frozen encoder: compute its output once per utterance
+    cache_features: bool = True  # the frozen blocks: their output once per utterance
     feature_cache: str = ""  # dir that keeps those outputs across runs and resumes
     feature_ram_gib: float = 0.0  # GiB of RAM for them, all ranks (0: half the free)
     num_workers: int = 2  # audio loading processes
@@ -1055,7 +1055,7 @@ def drop_leaks(train: list[Utterance], evals: list[Utterance]) -> list[Utterance
 
 
 # -----------------------------------------------------------------------------
-# audio batches, and the frozen encoder's features
+# audio batches, and the frozen encoder blocks' features
 
 
 class AudioDataset(torch.utils.data.Dataset):
@@ -2302,7 +2302,7 @@ def training_samples(
 
 
 def cache_features(run: Run) -> None:
-    """The frozen encoder's output for every utterance the run reads, on the GPU, in RAM
+    """The frozen blocks' output for every utterance the run reads, on the GPU, in RAM
     or else on disk, as they fit; each rank encodes every world-th, all share them."""
     cfg, model, device, world = run.cfg, run.model, run.device, run.world
     evals = list(run.evals.values()) if cfg.eval_every > 0 else []  # (0: no evals)
