@@ -4775,7 +4775,7 @@ def bench(args) -> dict:
         "rows": rows,
         "data_ms_per_utt": {"seed": seed_s * 1e3, "ours": ours_s * 1e3},
         **speedups,
-        "partial_layers": n_top,
+        "partial_layers": args.train_encoder_layers,
         "lora_rank": args.lora_rank,
         "formats": " ".join(f"{flag(k)} {v:g}" for k, v in recipe.items()),
         "data_speedup": seed_s / ours_s,
