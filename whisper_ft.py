@@ -1966,6 +1966,15 @@ def check_config(cfg: TrainConfig) -> None:
             )
 
 
+def check_depth(n_top: int, model: str, dims: ModelDimensions) -> None:
+    """Refuse --train-encoder-layers over the depth of `model`'s encoder (OptionError)."""
+    if n_top > dims.n_audio_layer:
+        raise OptionError(
+            f"--train-encoder-layers {n_top}: {model} has {dims.n_audio_layer} "
+            "encoder blocks"
+        )
+
+
 def read_json(path: Path):
     """A JSON file, or one line that says why it is not one."""
     if (why := not_a_file(path)) and why != "not found":
@@ -2517,11 +2526,7 @@ def load_run_data(
 
     saved = find_resume_point(cfg, out, changes, log) if cfg.resume else None
     model = load_model(cfg.model, cfg.init, cfg.seed)
-    if cfg.train_encoder_layers > model.dims.n_audio_layer:
-        raise OptionError(
-            f"--train-encoder-layers {cfg.train_encoder_layers}: {cfg.model} has "
-            f"{model.dims.n_audio_layer} encoder blocks"
-        )
+    check_depth(cfg.train_encoder_layers, cfg.model, model.dims)
     if cfg.lora_rank > model.dims.n_text_state:
         raise OptionError(
             f"--lora-rank {cfg.lora_rank}: over the width of {cfg.model}'s layers "
@@ -4700,11 +4705,7 @@ def bench(args) -> dict:
         raise OptionError(f"--n-utts {n_utts}: at least 2 batches of {batch_size}")
     check_config(TrainConfig(**(formats := {k: getattr(args, k) for k in FORMATS})))
     dims = BENCH_DIMS.get(args.dims) or model_dims(args.dims)
-    if args.train_encoder_layers > dims.n_audio_layer:
-        raise OptionError(
-            f"--train-encoder-layers {args.train_encoder_layers}: {args.dims} has "
-            f"{dims.n_audio_layer} encoder blocks"
-        )
+    check_depth(args.train_encoder_layers, args.dims, dims)
     out = Path(args.out)
     bench_dir(out)
     model = random_model(dims, seed=0)
