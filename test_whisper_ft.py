@@ -4466,6 +4466,27 @@ def test_demo_refuses_its_out_before_synthesising(tmp_path, monkeypatch, capsys)
     assert f"--out {tmp_path / 'old'}: exists" in str(e.value)
 
 
+def test_demo_passes_trains_options_on(tmp_path, monkeypatch):
+    got = {}
+
+    def train(cfg):  # the config train would get, then stop
+        got.update(dataclasses.asdict(cfg))
+        raise SystemExit(0)
+
+    for name in ("make_demo_corpus", "make_hard_copy", "make_english_set"):
+        monkeypatch.setattr(wf, name, lambda *a: tmp_path)
+    monkeypatch.setattr(wf, "train", train)
+    flags = {"seed": 7, "lr": 1e-4, "train_encoder_layers": 2, "max_steps": 5}
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    out = str(tmp_path / "o")
+    with pytest.raises(SystemExit):
+        wf.main(["demo", *argv, "--spec-augment", "--model", "m", "--out", out])
+    assert {k: got[k] for k in flags} == flags and got["spec_augment"]
+    with pytest.raises(SystemExit):  # unset: train's defaults
+        wf.main(["demo", "--model", "m", "--out", out])
+    assert got["seed"] == wf.TrainConfig.seed and not got["spec_augment"]
+
+
 def test_crafted_model_files_fail_in_one_line(tmp_path):
     pytest.importorskip("safetensors")
     model = tiny_model(0)
