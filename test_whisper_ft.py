@@ -1044,6 +1044,21 @@ def test_feature_cache_is_reused_and_never_stale(tmp_path):
     cpu = torch.device("cpu")
     assert torch.equal(disk.take([2, 0], cpu), first[[2, 0]])
     assert torch.equal(disk[1:].take([1], cpu), first[1:][[1]])
+    # a damaged row, cut short or its header lying about its shape, is made again
+    rows = sorted(cache.rglob("*.npy"))
+    rows[0].write_bytes(rows[0].read_bytes()[:-7])
+    rows[1].write_bytes(rows[1].read_bytes().replace(b"(1500,", b"(9500,", 1))
+    assert torch.equal(encode(model), first) and calls == [2]
+    assert all(wf._is_row(row, (1500, 32), torch.float32) for row in rows)
+    # new audio of the same size under the old mtime (cp -p): encoded again
+    st, wave = os.stat(utts[2].path), bytearray(Path(utts[2].path).read_bytes())
+    wave[-400:] = bytes(400)  # (silence: the samples at its end)
+    Path(utts[2].path).write_bytes(wave)
+    os.utime(utts[2].path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    now = os.stat(utts[2].path)
+    assert (now.st_size, now.st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert not torch.equal(encode(model)[2], first[2]) and calls == [1]
+    first = encode(model)
     # new audio in one file: that one alone is encoded again
     write_wav(utts[1].path, seconds=0.7, freq=300.0)
     os.utime(utts[1].path, ns=(1, 1))  # and a different mtime, whatever the clock

@@ -1154,6 +1154,10 @@ class Features:
         return torch.from_numpy(np.load(self.paths[i])).view(self.dtype)
 
     @staticmethod
+    def numpy_dtype(dtype: torch.dtype) -> np.dtype:
+        return np.dtype(np.int16 if dtype == torch.bfloat16 else str(dtype)[6:])
+
+    @staticmethod
     def save(path: Path, row: torch.Tensor) -> None:
         # a cache needs no fsync: a file lost in a crash is computed again
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -1221,7 +1225,7 @@ def encode_audio(
         key_dir = Path(cache_dir) / _encoder_key(model, dtype, n_top)
         key_dir.mkdir(parents=True, exist_ok=True)
         features.paths = [key_dir / f"{_audio_key(u.path, u.pieces)}.npy" for u in utts]
-    cached = {i for i, path in enumerate(features.paths) if path.is_file()}
+    cached = {i for i, p in enumerate(features.paths) if _is_row(p, shape[1:], dtype)}
     for i in cached if where != "disk" else ():
         features.rows[i] = features.load(i)
     todo = [i for i in longest_first(utts) if i not in cached]
@@ -1236,6 +1240,23 @@ def encode_audio(
         for i, row in zip(idx, out if cache_dir is not None else []):
             Features.save(features.paths[i], row)
     return features
+
+
+def _is_row(path: Path, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+    """Whether path is a .npy row as Features.save writes it: this shape and dtype, in
+    a file of exactly that size (its header is not trusted). A cut, garbled or foreign
+    file is not, and is made again: it is ours to replace."""
+    np_dtype = Features.numpy_dtype(dtype)
+    if not path.is_file():  # (opening a FIFO would wait for a writer)
+        return False
+    with contextlib.suppress(OSError, ValueError), open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)  # (np.save writes 1.0, or 2.0)
+        read = getattr(np.lib.format, "read_array_header_%d_%d" % version, None)
+        header = read and read(f, max_header_size=1024)
+        n_bytes = math.prod(shape) * np_dtype.itemsize
+        size = os.fstat(f.fileno()).st_size
+        return header == (shape, False, np_dtype) and size == f.tell() + n_bytes
+    return False
 
 
 def available_ram() -> float:
@@ -1264,11 +1285,14 @@ def _encoder_key(model: Whisper, dtype: torch.dtype, n_top: int = 0) -> str:
 
 
 def _audio_key(path: str, pieces: Sequence[tuple[str, float]] = ()) -> str:
-    """A file's path, size and time; a joined window's: its pieces' and their starts."""
+    """A file's path, size and times; a joined window's: its pieces' and their starts.
+    (ctime too: new content under an old mtime, as `cp -p` or `touch -r` leave it,
+    changes it, and no user can set it back.)"""
 
     def ident(path: str) -> str:
         st = os.stat(EMBEDDED.sub(r"\1", path))  # (FILE#ROW: its table's)
-        return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+        times = f"{st.st_mtime_ns}|{st.st_ctime_ns}"
+        return f"{os.path.abspath(path)}|{st.st_size}|{times}"
 
     text = repr([(ident(p), start) for p, start in pieces]) if pieces else ident(path)
     return hashlib.sha1(text.encode()).hexdigest()
