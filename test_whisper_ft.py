@@ -2916,6 +2916,9 @@ def test_damaged_saves_are_never_trained_on(tiny_run):
             "--train-encoder trains every layer already",
         ),
         (["--spec-augment", "--no-cache-features"], "masks the cached features"),
+        (["--feature-cache", "{tiny}"], "tiny.pt is not a writable directory"),
+        (["--no-cache-features", "--feature-ram-gib", "1"], "nothing is cached with"),
+        (["--train-encoder", "--feature-cache", "c"], "--feature-cache c: nothing is"),
         (["--lora-rank", "-1"], "--lora-rank -1: must be >= 0"),
         (["--lora-dropout", "1"], "--lora-dropout 1.0: must be in [0, 1)"),
         (["--lora-alpha", "16"], "--lora-alpha 16.0: only with --lora-rank"),
@@ -2926,6 +2929,7 @@ def test_bad_options_are_refused_before_any_work(tiny_run, flags, said, capsys):
     argv = ["train", "--data", str(tiny_run / "jvs"), "--out", str(tiny_run / "x")]
     t0 = time.process_time()  # (CPU time: what the wall clock adds is the machine's)
     with pytest.raises(SystemExit) as exit:
+        flags = [flag.replace("{tiny}", str(tiny_run / "tiny.pt")) for flag in flags]
         wf.main(argv + ["--model", str(tiny_run / "tiny.pt"), *flags])
     assert time.process_time() - t0 < 1.0  # no corpus read, no model loaded
     said = said.replace("{tiny}", str(tiny_run / "tiny.pt"))
@@ -2950,6 +2954,18 @@ def test_bad_options_are_refused_before_any_work(tiny_run, flags, said, capsys):
         (["bench", "--window-rate", "2"], "--window-rate 2.0: must be in [0, 1]"),
         (["demo", "--lr", "-1"], "-1: must be >= 1e-12"),
         (["demo", "--seed", "-1"], "-1: must be >= 0"),
+        (
+            [
+                "demo",
+                "--model",
+                "tiny",
+                "--train-encoder-layers",
+                "5",
+                "--out",
+                "/no/o",
+            ],
+            "tiny has 4 encoder",
+        ),
     ],
 )
 def test_other_commands_refuse_bad_options_too(argv, said, capsys):
@@ -4454,6 +4470,9 @@ def test_late_and_misleading_messages(small_run, tiny_run, tmp_path):
     (copy / "config.json").write_text(json.dumps(config | {"device": "gpu"}))
     said = fails("train", resume=copy)
     assert "config.json: device gpu" in said and "give --device" in said
+    # one every check passes, training what state.pt holds no state of
+    (copy / "config.json").write_text(json.dumps(config | {"lora_rank": 4}))
+    assert "state.pt: does not fit what" in fails("train", resume=copy)
     # split.json without test
     split = json.loads((run / "split.json").read_text())
     shutil.copytree(run, tmp_path / "nosplit")
@@ -4495,11 +4514,25 @@ def test_demo_passes_trains_options_on(tmp_path, monkeypatch):
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
     out = str(tmp_path / "o")
     with pytest.raises(SystemExit):
-        wf.main(["demo", *argv, "--spec-augment", "--model", "m", "--out", out])
+        wf.main(["demo", *argv, "--spec-augment", "--model", "tiny", "--out", out])
     assert {k: got[k] for k in flags} == flags and got["spec_augment"]
     with pytest.raises(SystemExit):  # unset: train's defaults
-        wf.main(["demo", "--model", "m", "--out", out])
+        wf.main(["demo", "--model", "tiny", "--out", out])
     assert got["seed"] == wf.TrainConfig.seed and not got["spec_augment"]
+
+
+def test_demo_goes_on_with_its_own_unfinished_outputs(tmp_path):
+    root, user = tmp_path / "c", tmp_path / "u"
+    assert not wf.demo_done(root, "a corpus", "s1")  # begun
+    (root / "jvs001").mkdir()  # and stopped
+    assert not wf.demo_done(root, "a corpus", "s1")  # a rerun goes on
+    (root / "DONE").write_text("s1")
+    assert wf.demo_done(root, "a corpus", "s1")
+    (user / "x").mkdir(parents=True)
+    with pytest.raises(wf.UserError, match="not a corpus the demo made"):
+        wf.demo_done(user, "a corpus", "")
+    assert not wf.demo_done(tmp_path / "new", "a corpus", "")
+    assert not (tmp_path / "new").exists()  # (stamp "": the refusal alone)
 
 
 def test_crafted_model_files_fail_in_one_line(tmp_path):

@@ -1959,6 +1959,15 @@ def check_config(cfg: TrainConfig) -> None:
                     f"--subsets {cfg.subsets}: no speaker of {cfg.data} has a "
                     f"{subset!r} (there are: {', '.join(sorted(found)) or 'none'})"
                 )
+    if cfg.feature_cache:  # (a file, or read-only: found before any work)
+        where = Path(cfg.feature_cache)
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        if not where.is_dir() or not os.access(where, os.W_OK | os.X_OK):
+            raise OptionError(
+                f"--feature-cache {cfg.feature_cache}: {where} is not a writable "
+                "directory"
+            )
     if cfg.train_encoder and cfg.train_encoder_layers:
         raise OptionError(
             f"--train-encoder-layers {cfg.train_encoder_layers}: --train-encoder "
@@ -2049,6 +2058,12 @@ def run_config(
         }
     if cfg.train_encoder and "train_encoder_layers" not in given:  # (all: N is moot)
         cfg = dataclasses.replace(cfg, train_encoder_layers=0)
+    if cfg.train_encoder or not cfg.cache_features:  # (else silently of no effect)
+        for name in sorted(given & {"feature_cache", "feature_ram_gib"}):
+            raise OptionError(
+                f"{flag(name)} {getattr(cfg, name)}: nothing is cached with "
+                "--train-encoder or --no-cache-features"
+            )
     paths = ("data", "eval_data", "exclude", "retain_data", "feature_cache", "out")
     absolute = {n: os.path.abspath(getattr(cfg, n)) for n in paths if getattr(cfg, n)}
     if os.path.exists(cfg.model):  # a file or directory, not a whisper name
@@ -2633,13 +2648,20 @@ def setup_step(run: Run, saved: Optional[tuple[dict, dict]]) -> None:
     run.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     if saved:
         checkpoint, state = saved
-        if run.adapters is None:
-            model.load_state_dict(checkpoint["model_state_dict"])
-        else:  # the base is --model's (frozen), the adapters are state.pt's
-            run.adapters.load_state_dict(state["lora"])
-            check_base(run, checkpoint["model_state_dict"])
         lrs = [group["lr"] for group in run.optimizer.param_groups]
-        run.optimizer.load_state_dict(state["optimizer"])
+        try:  # (what trains is config.json's: edited since, it may not be state.pt's)
+            if run.adapters is None:
+                model.load_state_dict(checkpoint["model_state_dict"])
+            else:  # the base is --model's (frozen), the adapters are state.pt's
+                run.adapters.load_state_dict(state["lora"])
+            run.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise UserError(
+                f"{run.out / 'state.pt'}: does not fit what {run.out / 'config.json'} "
+                f"trains (edited by hand?): {type(e).__name__}"
+            ) from None
+        if run.adapters is not None:
+            check_base(run, checkpoint["model_state_dict"])
         for group, lr in zip(run.optimizer.param_groups, lrs):
             # the saved lr (a CPU tensor, where graphed) would replace the device
             # tensor that the loop sets and a captured step reads
@@ -4886,11 +4908,15 @@ def print_bench(report: dict) -> None:
 
 def demo_done(root: Path, what: str, stamp: str) -> bool:
     """Whether the demo made `root` already from the same inputs: its DONE, written
-    last, holds `stamp`. A user's directory (files but no DONE) is refused."""
+    last, holds `stamp` ("unfinished" till then). A user's directory (files but no
+    DONE) is refused. stamp "": that refusal alone, nothing written."""
     if (root / "DONE").is_file():
         return (root / "DONE").read_text() == stamp
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise UserError(f"{root}: not {what} the demo made: not written over")
+    if stamp:  # begun: after an interruption, a rerun knows it as the demo's
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "DONE").write_text("unfinished")
     return False
 
 
@@ -5305,11 +5331,18 @@ def cmd_demo(args) -> None:
     recipe = "max_steps lr train_encoder train_encoder_layers spec_augment long_form "
     recipe += "timestamp_rate prompt_rate window_rate seed"
     recipe = {k: v for k in recipe.split() if (v := getattr(args, k)) is not None}
-    check_config(run_config(TrainConfig(**recipe), set(recipe))[0])  # (before work)
+    given = run_config(TrainConfig(**recipe), set(recipe))[0]
+    check_config(given)  # then the model and the outputs, all before minutes of work
+    model = args.model or find_base_weights(Path("runs") / "weights" / "base-ct2")
+    named = model in whisper.available_models() and not os.path.exists(model)
+    dims = model_dims(model) if named else load_model(model).dims  # (not downloaded)
+    check_depth(given.train_encoder_layers, model, dims)
+    outputs = {args.corpus: "a corpus", f"{args.corpus}_hard": "a harder copy"}
+    for root, what in (outputs | {args.retain_corpus: "an English set"}).items():
+        demo_done(Path(root), what, "")  # (a user's: refused)
     corpus = make_demo_corpus(args.corpus)
     hard = make_hard_copy(corpus, f"{args.corpus}_hard")
     retain = make_english_set(args.retain_corpus)
-    model = args.model or find_base_weights(Path("runs") / "weights" / "base-ct2")
     cfg = TrainConfig(
         **recipe,
         data=str(corpus),
@@ -5321,8 +5354,9 @@ def cmd_demo(args) -> None:
         warmup_steps=10,
         eval_every=args.max_steps,
         device=args.device,
-        feature_cache=str(Path("runs") / "features"),  # a second demo starts faster
     )
+    if not given.train_encoder:  # a second demo starts faster
+        cfg.feature_cache = str(Path("runs") / "features")
     result = train(cfg)
     # the held-out parts again, as the harder copy sounds: new recording conditions
     cers = [score_parts(cfg, hard, ckpt) for ckpt in (model, str(out / "best.pt"))]
