@@ -2952,6 +2952,7 @@ def test_bad_options_are_refused_before_any_work(tiny_run, flags, said, capsys):
         ),
         (["bench", "--n-utts", "4", "--batch-size", "8"], "at least 2 batches of 8"),
         (["bench", "--window-rate", "2"], "--window-rate 2.0: must be in [0, 1]"),
+        (["bench", "--dims", "tiny", "--lora-rank", "999"], "999: over the width"),
         (["demo", "--lr", "-1"], "-1: must be >= 1e-12"),
         (["demo", "--seed", "-1"], "-1: must be >= 0"),
         (
@@ -3053,6 +3054,8 @@ def test_resume_extends_relocates_and_keeps_its_split(tiny_run, tmp_path, monkey
     same = wf.TrainConfig(resume="run", data="moved", model=str(tiny_run / "tiny.pt"))
     cfg, _, changes = wf.run_config(same, {"resume", "data", "model"})
     assert changes == {} and cfg.data == str(moved) and cfg.out == str(run)
+    with pytest.raises(wf.OptionError, match="own .--no-spec-augment.; it may"):
+        wf.run_config(dataclasses.replace(same, spec_augment=True), {"spec_augment"})
     assert json.loads((run / "config.json").read_text())["max_steps"] == 5
     # other options are the run's own: refused, with what may change
     proc = run_cli("train", resume=run, lr=0.5, max_steps=6, check=False)
@@ -4470,9 +4473,14 @@ def test_late_and_misleading_messages(small_run, tiny_run, tmp_path):
     (copy / "config.json").write_text(json.dumps(config | {"device": "gpu"}))
     said = fails("train", resume=copy)
     assert "config.json: device gpu" in said and "give --device" in said
+    # ... and one no option may change on resume: no hint to give it
+    bad = config | {"spec_augment": True, "cache_features": False}
+    (copy / "config.json").write_text(json.dumps(bad))
+    said = fails("train", resume=copy)
+    assert "config.json: spec_augment masks" in said and "or give" not in said
     # one every check passes, training what state.pt holds no state of
     (copy / "config.json").write_text(json.dumps(config | {"lora_rank": 4}))
-    assert "state.pt: does not fit what" in fails("train", resume=copy)
+    assert "state.pt: does not fit" in fails("train", resume=copy, max_steps=3)
     # split.json without test
     split = json.loads((run / "split.json").read_text())
     shutil.copytree(run, tmp_path / "nosplit")

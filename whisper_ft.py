@@ -301,9 +301,13 @@ class DoesNotFit(OptionError):
     """A step that would not fit in the GPU's memory (check_memory's refusal)."""
 
 
-def flag(name: str) -> str:
-    """The command-line flag of a TrainConfig field: train_encoder -> --train-encoder."""
-    return "--" + name.replace("_", "-")
+def flag(name: str, value=None) -> str:
+    """The command-line flag of a TrainConfig field: train_encoder -> --train-encoder;
+    with a value, as given: --no-train-encoder (False), --lr 0.5."""
+    text = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return text if value else f"--no-{text[2:]}"
+    return text if value is None else f"{text} {value}"
 
 
 # -----------------------------------------------------------------------------
@@ -1999,12 +2003,18 @@ def check_config(cfg: TrainConfig) -> None:
             )
 
 
-def check_depth(n_top: int, model: str, dims: ModelDimensions) -> None:
-    """Refuse --train-encoder-layers over the depth of `model`'s encoder (OptionError)."""
+def check_fits(n_top: int, lora_rank: int, model: str, dims: ModelDimensions) -> None:
+    """Refuse (OptionError) --train-encoder-layers over the depth of `model`'s encoder,
+    or --lora-rank over the width of its layers."""
     if n_top > dims.n_audio_layer:
         raise OptionError(
             f"--train-encoder-layers {n_top}: {model} has {dims.n_audio_layer} "
             "encoder blocks"
+        )
+    if lora_rank > dims.n_text_state:
+        raise OptionError(
+            f"--lora-rank {lora_rank}: over the width of {model}'s layers "
+            f"({dims.n_text_state}): not low-rank"
         )
 
 
@@ -2079,8 +2089,8 @@ def run_config(
         }
         for name in sorted(changed - RESUME_OPTIONS):
             raise OptionError(
-                f"{flag(name)} {getattr(cfg, name)}: a resumed run keeps its own "
-                f"({getattr(saved, name)!r}); it may change only "
+                f"{flag(name, getattr(cfg, name))}: a resumed run keeps its own "
+                f"({flag(name, getattr(saved, name))}); it may change only "
                 + ", ".join(map(flag, sorted(RESUME_OPTIONS)))
             )
         changes = {k: (getattr(saved, k), getattr(cfg, k)) for k in sorted(changed)}
@@ -2513,7 +2523,8 @@ def setup_run(cfg: TrainConfig, given: Optional[set[str]] = None) -> Run:
         option, why = str(e).split(" ", 1)
         if not cfg.resume or (name := option[2:].replace("-", "_")) in changes:
             raise
-        raise UserError(f"{out}/config.json: {name} {why} (or give {option})") from None
+        hint = f" (or give {option})" if name in RESUME_OPTIONS else ""
+        raise UserError(f"{out}/config.json: {name} {why}{hint}") from None
     if not cfg.resume and out.is_dir() and (held := out_files(out)):
         raise UserError(
             f"--out {out}: holds {held}: a new run goes into a new or empty directory "
@@ -2565,12 +2576,7 @@ def load_run_data(
 
     saved = find_resume_point(cfg, out, changes, log) if cfg.resume else None
     model = load_model(cfg.model, cfg.init, cfg.seed)
-    check_depth(cfg.train_encoder_layers, cfg.model, model.dims)
-    if cfg.lora_rank > model.dims.n_text_state:
-        raise OptionError(
-            f"--lora-rank {cfg.lora_rank}: over the width of {cfg.model}'s layers "
-            f"({model.dims.n_text_state}): not low-rank"
-        )
+    check_fits(cfg.train_encoder_layers, cfg.lora_rank, cfg.model, model.dims)
     adapters = set_trainable(model, cfg)
     tokenizer = model_tokenizer(model.dims, cfg.language)
     train_utts, held, split = load_data(cfg, model.dims, tokenizer, out, log)
@@ -4751,7 +4757,7 @@ def bench(args) -> dict:
         raise OptionError(f"--n-utts {n_utts}: at least 2 batches of {batch_size}")
     check_config(TrainConfig(**(formats := {k: getattr(args, k) for k in FORMATS})))
     dims = BENCH_DIMS.get(args.dims) or model_dims(args.dims)
-    check_depth(args.train_encoder_layers, args.dims, dims)
+    check_fits(args.train_encoder_layers, args.lora_rank, args.dims, dims)
     out = Path(args.out)
     bench_dir(out)
     model = random_model(dims, seed=0)
@@ -5336,7 +5342,7 @@ def cmd_demo(args) -> None:
     model = args.model or find_base_weights(Path("runs") / "weights" / "base-ct2")
     named = model in whisper.available_models() and not os.path.exists(model)
     dims = model_dims(model) if named else load_model(model).dims  # (not downloaded)
-    check_depth(given.train_encoder_layers, model, dims)
+    check_fits(given.train_encoder_layers, given.lora_rank, model, dims)
     outputs = {args.corpus: "a corpus", f"{args.corpus}_hard": "a harder copy"}
     for root, what in (outputs | {args.retain_corpus: "an English set"}).items():
         demo_done(Path(root), what, "")  # (a user's: refused)
