@@ -44,6 +44,7 @@ import pickle
 import random
 import re
 import shutil
+import shlex
 import signal
 import struct
 import sys
@@ -301,13 +302,13 @@ class DoesNotFit(OptionError):
     """A step that would not fit in the GPU's memory (check_memory's refusal)."""
 
 
-def flag(name: str, value=None) -> str:
+def flag(name: str, value: object = None) -> str:
     """The command-line flag of a TrainConfig field: train_encoder -> --train-encoder;
     with a value, as given: --no-train-encoder (False), --lr 0.5."""
     text = "--" + name.replace("_", "-")
     if isinstance(value, bool):
         return text if value else f"--no-{text[2:]}"
-    return text if value is None else f"{text} {value}"
+    return text if value is None else f"{text} {shlex.quote(str(value))}"
 
 
 # -----------------------------------------------------------------------------
@@ -1218,7 +1219,7 @@ def encode_audio(
     """encode(model, mel, dtype, n_top) of every utterance, made once, kept `where`:
     "device" (the model's; not with a cache_dir), "ram" (the host's) or "disk" (the
     cache_dir's .npy files alone). Those files are reused by later runs, under keys of
-    what makes them (_encoder_key, _audio_key): a stale one is never read."""
+    what makes them (_encoder_key, _audio_key), and remade where damaged (_is_row)."""
     device, dims = model.device, model.dims
     assert where in ("ram", "disk" if cache_dir else "device")
     shape = (len(utts), dims.n_audio_ctx, dims.n_audio_state)
@@ -1256,7 +1257,7 @@ def _is_row(path: Path, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
     with contextlib.suppress(OSError, ValueError), open(path, "rb") as f:
         version = np.lib.format.read_magic(f)  # (np.save writes 1.0, or 2.0)
         read = getattr(np.lib.format, "read_array_header_%d_%d" % version, None)
-        header = read and read(f, max_header_size=1024)
+        header = read and read(f)
         n_bytes = math.prod(shape) * np_dtype.itemsize
         size = os.fstat(f.fileno()).st_size
         return header == (shape, False, np_dtype) and size == f.tell() + n_bytes
@@ -1289,14 +1290,13 @@ def _encoder_key(model: Whisper, dtype: torch.dtype, n_top: int = 0) -> str:
 
 
 def _audio_key(path: str, pieces: Sequence[tuple[str, float]] = ()) -> str:
-    """A file's path, size and times; a joined window's: its pieces' and their starts.
-    (ctime too: new content under an old mtime, as `cp -p` or `touch -r` leave it,
-    changes it, and no user can set it back.)"""
+    """A file's path, size and time, as rsync's quick check (new content of the same
+    size under a restored mtime goes unseen; a content hash would read every file at
+    each start); a joined window's: its pieces' and their starts."""
 
     def ident(path: str) -> str:
         st = os.stat(EMBEDDED.sub(r"\1", path))  # (FILE#ROW: its table's)
-        times = f"{st.st_mtime_ns}|{st.st_ctime_ns}"
-        return f"{os.path.abspath(path)}|{st.st_size}|{times}"
+        return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
 
     text = repr([(ident(p), start) for p, start in pieces]) if pieces else ident(path)
     return hashlib.sha1(text.encode()).hexdigest()
@@ -1963,14 +1963,13 @@ def check_config(cfg: TrainConfig) -> None:
                     f"--subsets {cfg.subsets}: no speaker of {cfg.data} has a "
                     f"{subset!r} (there are: {', '.join(sorted(found)) or 'none'})"
                 )
-    if cfg.feature_cache:  # (a file, or read-only: found before any work)
+    if cfg.feature_cache:  # (found before any work: a file, or a dangling link)
         where = Path(cfg.feature_cache)
-        while not where.exists() and where != where.parent:
+        while not os.path.lexists(where) and where != where.parent:
             where = where.parent
-        if not where.is_dir() or not os.access(where, os.W_OK | os.X_OK):
+        if not where.is_dir():
             raise OptionError(
-                f"--feature-cache {cfg.feature_cache}: {where} is not a writable "
-                "directory"
+                f"--feature-cache {cfg.feature_cache}: {where} is not a directory"
             )
     if cfg.train_encoder and cfg.train_encoder_layers:
         raise OptionError(
@@ -2661,10 +2660,13 @@ def setup_step(run: Run, saved: Optional[tuple[dict, dict]]) -> None:
             else:  # the base is --model's (frozen), the adapters are state.pt's
                 run.adapters.load_state_dict(state["lora"])
             run.optimizer.load_state_dict(state["optimizer"])
+        except torch.OutOfMemoryError:
+            raise
         except (KeyError, ValueError, RuntimeError) as e:
+            said = (str(e).strip().splitlines() or [""])[0][:120]
             raise UserError(
                 f"{run.out / 'state.pt'}: does not fit what {run.out / 'config.json'} "
-                f"trains (edited by hand?): {type(e).__name__}"
+                f"trains (edited by hand?): {type(e).__name__}: {said}"
             ) from None
         if run.adapters is not None:
             check_base(run, checkpoint["model_state_dict"])
@@ -4917,8 +4919,9 @@ def demo_done(root: Path, what: str, stamp: str) -> bool:
     last, holds `stamp` ("unfinished" till then). A user's directory (files but no
     DONE) is refused. stamp "": that refusal alone, nothing written."""
     if (root / "DONE").is_file():
-        return (root / "DONE").read_text() == stamp
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        if (root / "DONE").read_text() == stamp:
+            return True
+    elif root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise UserError(f"{root}: not {what} the demo made: not written over")
     if stamp:  # begun: after an interruption, a rerun knows it as the demo's
         root.mkdir(parents=True, exist_ok=True)
@@ -5337,12 +5340,12 @@ def cmd_demo(args) -> None:
     recipe = "max_steps lr train_encoder train_encoder_layers spec_augment long_form "
     recipe += "timestamp_rate prompt_rate window_rate seed"
     recipe = {k: v for k in recipe.split() if (v := getattr(args, k)) is not None}
-    given = run_config(TrainConfig(**recipe), set(recipe))[0]
-    check_config(given)  # then the model and the outputs, all before minutes of work
+    asked = run_config(TrainConfig(**recipe), set(recipe))[0]
+    check_config(asked)  # then the model and the outputs, all before minutes of work
     model = args.model or find_base_weights(Path("runs") / "weights" / "base-ct2")
     named = model in whisper.available_models() and not os.path.exists(model)
     dims = model_dims(model) if named else load_model(model).dims  # (not downloaded)
-    check_fits(given.train_encoder_layers, given.lora_rank, model, dims)
+    check_fits(asked.train_encoder_layers, asked.lora_rank, model, dims)
     outputs = {args.corpus: "a corpus", f"{args.corpus}_hard": "a harder copy"}
     for root, what in (outputs | {args.retain_corpus: "an English set"}).items():
         demo_done(Path(root), what, "")  # (a user's: refused)
@@ -5361,7 +5364,7 @@ def cmd_demo(args) -> None:
         eval_every=args.max_steps,
         device=args.device,
     )
-    if not given.train_encoder:  # a second demo starts faster
+    if not asked.train_encoder:  # a second demo starts faster
         cfg.feature_cache = str(Path("runs") / "features")
     result = train(cfg)
     # the held-out parts again, as the harder copy sounds: new recording conditions
