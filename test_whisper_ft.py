@@ -2947,15 +2947,7 @@ def test_bad_options_are_refused_before_any_work(tiny_run, flags, said, capsys):
         (["demo", "--lr", "-1"], "-1: must be >= 1e-12"),
         (["demo", "--seed", "-1"], "-1: must be >= 0"),
         (
-            [
-                "demo",
-                "--model",
-                "tiny",
-                "--train-encoder-layers",
-                "5",
-                "--out",
-                "/no/o",
-            ],
+            "demo --model tiny --train-encoder-layers 5 --out /no/o".split(),
             "tiny has 4 encoder",
         ),
     ],

@@ -43,8 +43,8 @@ import os
 import pickle
 import random
 import re
-import shutil
 import shlex
+import shutil
 import signal
 import struct
 import sys
@@ -1159,7 +1159,7 @@ class Features:
         return torch.from_numpy(np.load(self.paths[i])).view(self.dtype)
 
     @staticmethod
-    def numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    def numpy_dtype(dtype: torch.dtype) -> np.dtype:  # (what save writes a row as)
         return np.dtype(np.int16 if dtype == torch.bfloat16 else str(dtype)[6:])
 
     @staticmethod
