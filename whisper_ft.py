@@ -302,6 +302,11 @@ class DoesNotFit(OptionError):
     """A step that would not fit in the GPU's memory (check_memory's refusal)."""
 
 
+def error_line(e: BaseException, n_chars: int) -> str:
+    """What no check foresaw, in one line: its type and its message's first line."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:n_chars]}"
+
+
 def flag(name: str, value: object = None) -> str:
     """The command-line flag of a TrainConfig field: train_encoder -> --train-encoder;
     with a value, as given: --no-train-encoder (False), --lr 0.5."""
@@ -1344,9 +1349,8 @@ def load_model(spec: str, init: str = "pretrained", seed: int = 0) -> Whisper:
         except UserError:
             raise
         except Exception as e:  # a reader met what no check of its foresaw
-            said = (str(e).strip().splitlines() or [""])[0][:160]
             raise UserError(
-                f"{spec}: not a readable model ({type(e).__name__}: {said})"
+                f"{spec}: not a readable model ({error_line(e, 160)})"
             ) from None
         check_model(spec, dims, state)
     elif spec not in whisper.available_models():  # (a FIFO or a device: never read)
@@ -2663,10 +2667,9 @@ def setup_step(run: Run, saved: Optional[tuple[dict, dict]]) -> None:
         except torch.OutOfMemoryError:
             raise
         except (KeyError, ValueError, RuntimeError) as e:
-            said = (str(e).strip().splitlines() or [""])[0][:120]
             raise UserError(
                 f"{run.out / 'state.pt'}: does not fit what {run.out / 'config.json'} "
-                f"trains (edited by hand?): {type(e).__name__}: {said}"
+                f"trains (edited by hand?): {error_line(e, 120)}"
             ) from None
         if run.adapters is not None:
             check_base(run, checkpoint["model_state_dict"])
@@ -5399,7 +5402,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"\n{args.command}: interrupted", file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None
     except Exception as e:  # what no check foresaw: still one line, and the way on
-        said = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        said = error_line(e, 200)
         raise SystemExit(f"error: {args.command}: {said} (--debug: the traceback)")
 
 
